@@ -1,0 +1,76 @@
+"""Drop-in replacements for atropos' `tokenize_for_trainer` and `tokenize_for_trainer_multistep`.
+
+Same arguments, same output (quirks included), computed by the Rust core. The core for a
+transformers tokenizer is built once and cached per tokenizer object and template, so a loop of
+single calls does not re-parse the tokenizer each time.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from ._tokenizer import ChatTokenizer, Conversation
+
+_lock = threading.Lock()
+_cache: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], ChatTokenizer]] = weakref.WeakKeyDictionary()
+
+
+def _template_key(template: Any) -> Any:
+    if isinstance(template, dict):
+        return tuple(sorted(template.items()))
+    return template
+
+
+def core_for(tokenizer: Any) -> ChatTokenizer:
+    """The cached `ChatTokenizer` for a transformers tokenizer (or the argument itself)."""
+    if isinstance(tokenizer, ChatTokenizer):
+        return tokenizer
+    # The template and vocabulary size are part of the key: either can change on a live tokenizer.
+    key = (_template_key(getattr(tokenizer, "chat_template", None)), len(tokenizer))
+    with _lock:
+        per_tok = _cache.get(tokenizer)
+        if per_tok is not None and key in per_tok:
+            return per_tok[key]
+    core = ChatTokenizer.from_transformers(tokenizer)
+    with _lock:
+        _cache.setdefault(tokenizer, {})[key] = core
+    return core
+
+
+def _with_messages(out: dict[str, Any], chat: Conversation, include_messages: bool) -> dict[str, Any]:
+    if include_messages:
+        out["messages"] = chat
+    return out
+
+
+def tokenize_for_trainer(
+    tokenizer: Any,
+    chat: Conversation,
+    include_messages: bool = False,
+    train_on_all_assistant_turns: bool = False,
+    finish_reason: str = "",
+    **template_kwargs: Any,
+) -> dict[str, Any]:
+    """atropos' `tokenize_for_trainer`: `{"tokens", "masks"}` (+ `"messages"`), exactly.
+
+    Extra keyword arguments go to the chat template, as `apply_chat_template` passes them.
+    """
+    mode = "all" if train_on_all_assistant_turns else "last"
+    out = core_for(tokenizer).tokenize_for_trainer(chat, mode=mode, finish_reason=finish_reason, **template_kwargs)
+    return _with_messages(out, chat, include_messages)
+
+
+def tokenize_for_trainer_multistep(
+    tokenizer: Any,
+    chat: Conversation,
+    include_messages: bool = False,
+    finish_reason: str = "",
+    **template_kwargs: Any,
+) -> dict[str, Any]:
+    """atropos' `tokenize_for_trainer_multistep`: only the last assistant/agent turn is trained."""
+    out = core_for(tokenizer).tokenize_for_trainer(
+        chat, mode="multistep", finish_reason=finish_reason, **template_kwargs
+    )
+    return _with_messages(out, chat, include_messages)

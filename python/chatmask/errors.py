@@ -1,0 +1,42 @@
+"""The exceptions chatmask raises. Every one derives from :class:`ChatMaskError`.
+
+Errors about a row of a batch name the row in their message and carry it as ``.row``.
+"""
+
+from __future__ import annotations
+
+
+class ChatMaskError(Exception):
+    """Base class of every chatmask error."""
+
+    row: int | None = None
+
+
+class TemplateError(ChatMaskError, ValueError):
+    """The chat template failed while rendering, or called ``raise_exception``."""
+
+
+class TemplateSyntaxError(TemplateError):
+    """The chat template does not compile; the message gives the line."""
+
+
+class ConversationError(ChatMaskError, ValueError):
+    """The conversation cannot be labelled (empty prefix, missing role, failed broadcast)."""
+
+
+class ConversationTypeError(ChatMaskError, TypeError):
+    """The conversation, a message or a value in it has the wrong type."""
+
+
+class TokenizerError(ChatMaskError, ValueError):
+    """A tokenizer could not be loaded or used."""
+
+
+__all__ = [
+    "ChatMaskError",
+    "ConversationError",
+    "ConversationTypeError",
+    "TemplateError",
+    "TemplateSyntaxError",
+    "TokenizerError",
+]

@@ -1,0 +1,146 @@
+//! Encoding with the `tokenizers` crate, and exact token counts of texts that share a prefix
+//! with an already encoded text.
+//!
+//! The tokenizer splits its input at added tokens before it normalizes and pre-tokenizes, so the
+//! tokens before an added token depend only on the text before it. To count the tokens of a text
+//! `P` that agrees with an encoded text `F` on its first `k` bytes, take an added token of `F`
+//! that starts at byte `a` with `a + max_added_len <= k` (so the added-token matcher cannot have
+//! decided differently anywhere up to `a`), keep `F`'s tokens before it, and encode only
+//! `P[a..]`. The tail starts with the added token itself, which keeps the context the
+//! pre-tokenizer sees (a Metaspace `prepend_scheme: first` only fires at offset 0, which neither
+//! the tail's second segment nor `F`'s has).
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// A tokenizer, with what the prefix arithmetic needs to know about its added tokens.
+pub struct Encoder {
+    tokenizer: Tokenizer,
+    /// `added_content[id]` is the content of added token `id`, if it is one.
+    added_content: Vec<Option<Box<str>>>,
+    /// The longest added token, in bytes.
+    max_added_len: usize,
+}
+
+/// A text encoded once, with the positions of its added tokens.
+pub struct Encoded {
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// (byte offset in `text`, token index) of each added token, in order.
+    anchors: Vec<(usize, usize)>,
+}
+
+/// The tokens of another text, as a shared prefix of an [`Encoded`] plus a re-encoded tail.
+pub struct PrefixTokens<'a> {
+    full: &'a Encoded,
+    shared: usize,
+    tail: Vec<u32>,
+}
+
+impl PrefixTokens<'_> {
+    pub fn len(&self) -> usize {
+        self.shared + self.tail.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Token `i` of the other text.
+    pub fn get(&self, i: usize) -> u32 {
+        if i < self.shared {
+            self.full.ids[i]
+        } else {
+            self.tail[i - self.shared]
+        }
+    }
+
+    /// How many tokens were re-encoded (the rest came from the shared prefix).
+    pub fn tail_len(&self) -> usize {
+        self.tail.len()
+    }
+}
+
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len().min(b.len());
+    // Compare in chunks first: the common case is a long shared prefix.
+    let mut i = 0;
+    while i + 16 <= n && a[i..i + 16] == b[i..i + 16] {
+        i += 16;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}
+
+impl Encoder {
+    /// Wraps a tokenizer. Truncation and padding are switched off, as transformers does when
+    /// `apply_chat_template` encodes.
+    pub fn new(mut tokenizer: Tokenizer) -> Result<Encoder> {
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .with_padding(None);
+        let decoder = tokenizer.get_added_tokens_decoder();
+        let max_id = decoder.keys().copied().max().map_or(0, |m| m as usize + 1);
+        let mut added_content = vec![None; max_id];
+        let mut max_added_len = 0;
+        for (id, token) in decoder {
+            max_added_len = max_added_len.max(token.content.len());
+            added_content[id as usize] = Some(token.content.clone().into_boxed_str());
+        }
+        Ok(Encoder { tokenizer, added_content, max_added_len })
+    }
+
+    pub fn from_json(json: &str) -> Result<Encoder> {
+        let tokenizer: Tokenizer = json
+            .parse()
+            .map_err(|e: tokenizers::Error| Error::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
+        Encoder::new(tokenizer)
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Token ids of `text`, without special tokens added around it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes `text` and records where its added tokens are.
+    pub fn encode_full(&self, text: String) -> Result<Encoded> {
+        let enc = self.tokenizer.encode(text.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut anchors = Vec::new();
+        for (idx, (&id, &(start, end))) in enc.get_ids().iter().zip(enc.get_offsets()).enumerate() {
+            let Some(Some(content)) = self.added_content.get(id as usize) else { continue };
+            // Only trust an added token whose offsets really cover its text.
+            if text.get(start..end).is_some_and(|s| s.contains(&**content)) {
+                anchors.push((start, idx));
+            }
+        }
+        Ok(Encoded { ids: enc.get_ids().to_vec(), text, anchors })
+    }
+
+    /// The tokens of `other`, reusing `full`'s tokens up to an added token both texts share.
+    pub fn prefix_tokens<'a>(&self, full: &'a Encoded, other: &str) -> Result<PrefixTokens<'a>> {
+        if other == full.text {
+            return Ok(PrefixTokens { full, shared: full.ids.len(), tail: Vec::new() });
+        }
+        let common = common_prefix_len(&full.text, other);
+        let safe_end = common.saturating_sub(self.max_added_len);
+        // Last anchor starting at or before `safe_end`.
+        let n_ok = full.anchors.partition_point(|&(byte, _)| byte <= safe_end);
+        let (byte, shared) = if n_ok == 0 || common < self.max_added_len { (0, 0) } else { full.anchors[n_ok - 1] };
+        let tail = self.encode(&other[byte..])?;
+        Ok(PrefixTokens { full, shared, tail })
+    }
+}

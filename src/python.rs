@@ -1,0 +1,360 @@
+//! The `chatmask._core` extension module: conversions between Python and the core, nothing else.
+//!
+//! Python values become template values the way transformers' `_plain_template_data` builds
+//! them; core errors become the `chatmask.errors` hierarchy; heavy work runs with the GIL
+//! released.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use minijinja::value::Value;
+use numpy::IntoPyArray;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+use crate::batch::{self, OnError};
+use crate::chat::Conversation;
+use crate::core::{ChatTokenizer, TemplateArgs, TemplateSources};
+use crate::error::Error;
+use crate::label::Mode;
+
+/// Deeper nesting than this is refused rather than risking the stack.
+const MAX_DEPTH: usize = 256;
+
+static ERRORS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+
+fn error_class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+    let module = ERRORS.get_or_try_init(py, || py.import("chatmask.errors").map(Bound::unbind))?;
+    module.bind(py).getattr(name)
+}
+
+/// Converts a core error into the matching `chatmask.errors` exception, naming the row if any.
+fn to_pyerr(py: Python<'_>, err: &Error, row: Option<usize>) -> PyErr {
+    let class = match err {
+        Error::TemplateSyntax { .. } => "TemplateSyntaxError",
+        Error::TemplateRender { .. } | Error::TemplateRaised(_) => "TemplateError",
+        Error::EmptyConversation | Error::MissingRole { .. } | Error::Broadcast { .. } | Error::EmptyTokens => {
+            "ConversationError"
+        }
+        Error::InvalidInput(_) => "ConversationTypeError",
+        Error::Tokenizer(_) | Error::Config(_) => "TokenizerError",
+    };
+    let message = match row {
+        Some(r) => format!("row {r}: {err}"),
+        None => err.to_string(),
+    };
+    match error_class(py, class).and_then(|cls| cls.call1((message.clone(),))) {
+        Ok(exc) => {
+            if let Some(r) = row {
+                let _ = exc.setattr("row", r);
+            }
+            PyErr::from_value(exc)
+        }
+        Err(e) => e,
+    }
+}
+
+fn core_err(py: Python<'_>) -> impl Fn(Error) -> PyErr + '_ {
+    move |e| to_pyerr(py, &e, None)
+}
+
+/// A Python value as plain template data (transformers' `_plain_template_data`).
+fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, Error> {
+    if depth > MAX_DEPTH {
+        return Err(Error::InvalidInput(format!("input nested deeper than {MAX_DEPTH} levels")));
+    }
+    if obj.is_none() {
+        return Ok(Value::from(()));
+    }
+    if let Ok(b) = obj.cast::<PyBool>() {
+        return Ok(Value::from(b.is_true()));
+    }
+    if let Ok(i) = obj.cast::<PyInt>() {
+        if let Ok(v) = i.extract::<i64>() {
+            return Ok(Value::from(v));
+        }
+        return i
+            .extract::<i128>()
+            .map(Value::from)
+            .map_err(|_| Error::InvalidInput(format!("integer {i} is too large")));
+    }
+    if let Ok(f) = obj.cast::<PyFloat>() {
+        return Ok(Value::from(f.value()));
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return s
+            .to_str()
+            .map(Value::from)
+            .map_err(|_| Error::InvalidInput("string is not valid Unicode (lone surrogate)".into()));
+    }
+    if let Ok(d) = obj.cast::<PyDict>() {
+        let mut pairs = Vec::with_capacity(d.len());
+        for (k, v) in d.iter() {
+            pairs.push((to_value(&k, depth + 1)?, to_value(&v, depth + 1)?));
+        }
+        return Ok(Value::from_pairs(pairs));
+    }
+    if let Ok(l) = obj.cast::<PyList>() {
+        return l.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>().map(Value::from);
+    }
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        return t.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>().map(Value::from);
+    }
+    let ty = obj.get_type();
+    let type_name = ty.name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into());
+    // Mappings, numpy scalars and pydantic models, as transformers unwraps them.
+    if obj.hasattr("items").unwrap_or(false) && obj.hasattr("keys").unwrap_or(false) {
+        let items = obj.call_method0("items").map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let mut pairs = Vec::new();
+        for item in items.try_iter().map_err(|e| Error::InvalidInput(e.to_string()))? {
+            let item = item.map_err(|e| Error::InvalidInput(e.to_string()))?;
+            let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) =
+                item.extract().map_err(|e: PyErr| Error::InvalidInput(e.to_string()))?;
+            pairs.push((to_value(&k, depth + 1)?, to_value(&v, depth + 1)?));
+        }
+        return Ok(Value::from_pairs(pairs));
+    }
+    let module = ty.module().map(|m| m.to_string()).unwrap_or_default();
+    if module == "numpy" && obj.hasattr("item").unwrap_or(false) {
+        if let Ok(item) = obj.call_method0("item") {
+            return to_value(&item, depth + 1);
+        }
+    }
+    if let Ok(dump) = obj.getattr("model_dump") {
+        if dump.is_callable() {
+            if let Ok(plain) = dump.call0() {
+                return to_value(&plain, depth + 1);
+            }
+        }
+    }
+    Ok(Value::from(format!("<{type_name}>")))
+}
+
+/// A conversation: a list (or tuple) of message dicts.
+fn to_conversation(chat: &Bound<'_, PyAny>) -> Result<Conversation, Error> {
+    let messages: Vec<Bound<'_, PyAny>> = if let Ok(l) = chat.cast::<PyList>() {
+        l.iter().collect()
+    } else if let Ok(t) = chat.cast::<PyTuple>() {
+        t.iter().collect()
+    } else {
+        let name = chat.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        return Err(Error::InvalidInput(format!("a conversation must be a list of message dicts, not {name}")));
+    };
+    let values = messages.iter().map(|m| to_value(m, 1)).collect::<Result<Vec<_>, _>>()?;
+    Conversation::new(values)
+}
+
+fn kwargs_to_values(kwargs: Option<&Bound<'_, PyDict>>) -> Result<Vec<(String, Value)>, Error> {
+    let mut out = Vec::new();
+    if let Some(d) = kwargs {
+        for (k, v) in d.iter() {
+            let key: String = k.extract().map_err(|_| Error::InvalidInput("keyword names must be str".into()))?;
+            out.push((key, to_value(&v, 1)?));
+        }
+    }
+    Ok(out)
+}
+
+fn ids_list<'py>(py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
+    PyList::new(py, ids)
+}
+
+/// The compiled core: a tokenizer with its chat templates.
+#[pyclass(name = "ChatTokenizer", module = "chatmask._core", frozen)]
+pub struct PyChatTokenizer {
+    inner: Arc<ChatTokenizer>,
+}
+
+impl PyChatTokenizer {
+    fn args(&self, py: Python<'_>, chat_template: Option<&str>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<TemplateArgs> {
+        let values = kwargs_to_values(kwargs).map_err(core_err(py))?;
+        self.inner.template_args(chat_template, values).map_err(core_err(py))
+    }
+}
+
+#[pymethods]
+impl PyChatTokenizer {
+    /// Loads a local tokenizer directory (tokenizer.json, tokenizer_config.json, chat_template.jinja).
+    #[staticmethod]
+    fn from_pretrained(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| ChatTokenizer::from_dir(&path)).map_err(core_err(py))?;
+        Ok(PyChatTokenizer { inner: Arc::new(inner) })
+    }
+
+    /// Builds the core from a serialized tokenizer, a template (a string, or a dict of named
+    /// templates) and the named special tokens.
+    #[staticmethod]
+    #[pyo3(signature = (tokenizer_json, chat_template=None, special_tokens=None))]
+    fn from_parts(
+        py: Python<'_>,
+        tokenizer_json: String,
+        chat_template: Option<&Bound<'_, PyAny>>,
+        special_tokens: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let mut sources = TemplateSources::default();
+        if let Some(t) = chat_template {
+            if let Ok(s) = t.extract::<String>() {
+                sources.default = Some(s);
+            } else if let Ok(d) = t.cast::<PyDict>() {
+                for (k, v) in d.iter() {
+                    sources.named.push((k.extract()?, v.extract()?));
+                }
+            } else if !t.is_none() {
+                return Err(PyTypeError::new_err("chat_template must be a str or a dict of named templates"));
+            }
+        }
+        let mut specials = Vec::new();
+        if let Some(d) = special_tokens {
+            for (k, v) in d.iter() {
+                specials.push((k.extract::<String>()?, v.str()?.to_string()));
+            }
+        }
+        let inner = py.detach(|| ChatTokenizer::new(&tokenizer_json, sources, specials)).map_err(core_err(py))?;
+        Ok(PyChatTokenizer { inner: Arc::new(inner) })
+    }
+
+    #[getter]
+    fn eos_token_id(&self) -> Option<u32> {
+        self.inner.eos_token_id
+    }
+
+    #[getter]
+    fn special_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.inner.special_tokens() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    #[getter]
+    fn has_chat_template(&self) -> bool {
+        self.inner.has_template()
+    }
+
+    /// Token ids of `text` (no special tokens added).
+    fn encode<'py>(&self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyList>> {
+        let ids = py.detach(|| self.inner.encoder.encode(text)).map_err(core_err(py))?;
+        ids_list(py, &ids)
+    }
+
+    /// The template source that would be used.
+    #[pyo3(signature = (chat_template=None, has_tools=false))]
+    fn template_source(&self, py: Python<'_>, chat_template: Option<&str>, has_tools: bool) -> PyResult<String> {
+        self.inner.template_source(chat_template, has_tools).map_err(core_err(py))
+    }
+
+    /// Renders a conversation to text.
+    #[pyo3(signature = (conversation, add_generation_prompt=false, chat_template=None, **kwargs))]
+    fn render(
+        &self,
+        py: Python<'_>,
+        conversation: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<String> {
+        let conv = to_conversation(conversation).map_err(core_err(py))?;
+        let args = self.args(py, chat_template, kwargs)?;
+        let inner = &self.inner;
+        py.detach(|| inner.render(&conv, conv.len(), add_generation_prompt, &args)).map_err(core_err(py))
+    }
+
+    /// One conversation labelled as the reference would: `(tokens, masks)` as lists of int.
+    #[pyo3(signature = (conversation, mode="last", finish_reason="", chat_template=None, **kwargs))]
+    fn label<'py>(
+        &self,
+        py: Python<'py>,
+        conversation: &Bound<'py, PyAny>,
+        mode: &str,
+        finish_reason: &str,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let mode = Mode::parse(mode).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let conv = to_conversation(conversation).map_err(core_err(py))?;
+        let args = self.args(py, chat_template, kwargs)?;
+        let finish_length = finish_reason == "length";
+        let inner = &self.inner;
+        let out = py.detach(|| inner.label(&conv, mode, finish_length, &args)).map_err(core_err(py))?;
+        Ok((ids_list(py, &out.tokens)?, PyList::new(py, &out.masks)?))
+    }
+
+    /// Labels many conversations in parallel with the GIL released. Returns a dict of flat
+    /// numpy arrays and the list of `(row, message)` errors.
+    #[pyo3(signature = (conversations, mode="last", finish_reason=None, num_threads=None, on_error="raise", ids_dtype="int32", chat_template=None, **kwargs))]
+    #[allow(clippy::too_many_arguments)]
+    fn tokenize_batch<'py>(
+        &self,
+        py: Python<'py>,
+        conversations: &Bound<'py, PyAny>,
+        mode: &str,
+        finish_reason: Option<&Bound<'py, PyAny>>,
+        num_threads: Option<usize>,
+        on_error: &str,
+        ids_dtype: &str,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let mode = Mode::parse(mode).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let on_error = match on_error {
+            "raise" => OnError::Raise,
+            "skip" => OnError::Skip,
+            other => return Err(PyValueError::new_err(format!("on_error must be 'raise' or 'skip', not {other:?}"))),
+        };
+        if !matches!(ids_dtype, "int32" | "int64" | "uint32") {
+            return Err(PyValueError::new_err(format!("ids_dtype must be int32, int64 or uint32, not {ids_dtype:?}")));
+        }
+        let rows: Vec<batch::Row> = conversations.try_iter()?.map(|c| c.map_err(|e| Error::InvalidInput(e.to_string())).and_then(|c| to_conversation(&c))).collect();
+        let finish: Vec<bool> = match finish_reason {
+            None => vec![false; rows.len()],
+            Some(f) if f.is_none() => vec![false; rows.len()],
+            Some(f) => {
+                if let Ok(s) = f.extract::<String>() {
+                    vec![s == "length"; rows.len()]
+                } else {
+                    let per_row: Vec<Option<String>> = f.extract()?;
+                    if per_row.len() != rows.len() {
+                        return Err(PyValueError::new_err(format!(
+                            "finish_reason has {} entries for {} conversations",
+                            per_row.len(),
+                            rows.len()
+                        )));
+                    }
+                    per_row.into_iter().map(|s| s.as_deref() == Some("length")).collect()
+                }
+            }
+        };
+        let args = self.args(py, chat_template, kwargs)?;
+        let inner = &self.inner;
+        let finish_length = |i: usize| finish[i];
+        let out = py
+            .detach(|| batch::run(inner, rows, mode, &finish_length, &args, on_error, num_threads))
+            .map_err(|(row, e)| to_pyerr(py, &e, Some(row)))?;
+        let d = PyDict::new(py);
+        match ids_dtype {
+            "int32" => d.set_item("input_ids", out.input_ids.iter().map(|&x| x as i32).collect::<Vec<_>>().into_pyarray(py))?,
+            "int64" => d.set_item("input_ids", out.input_ids.iter().map(|&x| x as i64).collect::<Vec<_>>().into_pyarray(py))?,
+            _ => d.set_item("input_ids", out.input_ids.into_pyarray(py))?,
+        }
+        d.set_item("labels", out.labels.into_pyarray(py))?;
+        d.set_item("offsets", out.offsets.into_pyarray(py))?;
+        d.set_item("label_offsets", out.label_offsets.into_pyarray(py))?;
+        d.set_item("rows", out.rows.into_pyarray(py))?;
+        let errors = PyList::empty(py);
+        for (row, e) in &out.errors {
+            errors.append((row, e.to_string()))?;
+        }
+        d.set_item("errors", errors)?;
+        Ok(d)
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyChatTokenizer>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! The chat-template engine: minijinja configured to render like transformers' Jinja2 sandbox.
+//!
+//! One [`ChatTemplate`] per template source. It knows nothing about tokens.
+
+mod methods;
+pub mod pyfmt;
+
+use std::fmt;
+use std::sync::Arc;
+
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, Error as JinjaError, ErrorKind, State};
+
+use crate::error::Error;
+use pyfmt::JsonStyle;
+
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// Raised by the template's `raise_exception(...)`; carried as the source of a minijinja error
+/// so the message reaches the user unchanged.
+#[derive(Debug)]
+struct TemplateRaised(String);
+
+impl fmt::Display for TemplateRaised {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TemplateRaised {}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    pub source: Arc<str>,
+}
+
+/// Rewrites `{% generation %}...{% endgeneration %}` (transformers' AssistantTracker tag, which
+/// minijinja cannot parse) into a filter block; whitespace-control markers are kept.
+fn rewrite_generation_tags(source: &str) -> String {
+    use std::sync::OnceLock;
+    static OPEN: OnceLock<regex::Regex> = OnceLock::new();
+    static CLOSE: OnceLock<regex::Regex> = OnceLock::new();
+    let open = OPEN.get_or_init(|| regex::Regex::new(r"\{%([-+]?)\s*generation\s*([-+]?)%\}").unwrap());
+    let close = CLOSE.get_or_init(|| regex::Regex::new(r"\{%([-+]?)\s*endgeneration\s*([-+]?)%\}").unwrap());
+    let s = open.replace_all(source, "{%${1} filter _chatmask_generation ${2}%}");
+    close.replace_all(&s, "{%${1} endfilter ${2}%}").into_owned()
+}
+
+/// Jinja2 reads template source with universal newlines.
+fn normalize_newlines(source: &str) -> String {
+    source.replace("\r\n", "\n").replace('\r', "\n")
+}
+
+fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
+    let indent: Option<Value> = kwargs.get("indent")?;
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => match (v.as_i64(), v.as_str()) {
+            (Some(n), _) => Some(" ".repeat(n.max(0) as usize)),
+            (None, Some(s)) => Some(s.to_string()),
+            _ => return Err(JinjaError::new(ErrorKind::InvalidOperation, "tojson: indent must be int or str")),
+        },
+    };
+    let separators: Option<Value> = kwargs.get("separators")?;
+    let separators = match separators {
+        Some(v) if !v.is_none() => {
+            let parts: Vec<Value> = v.try_iter()?.collect();
+            match parts.as_slice() {
+                [a, b] => Some((pyfmt::py_str(a), pyfmt::py_str(b))),
+                _ => return Err(JinjaError::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
+            }
+        }
+        _ => None,
+    };
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let style = JsonStyle::new(indent, separators, sort_keys.unwrap_or(false), ensure_ascii.unwrap_or(false));
+    pyfmt::json_dumps(value, &style).map(Value::from)
+}
+
+fn python_string(value: &Value) -> String {
+    pyfmt::py_str(value)
+}
+
+fn trim(value: &Value, chars: Option<String>) -> String {
+    let s = pyfmt::py_str(value);
+    methods::py_strip(&s, chars.as_deref(), true, true).to_string()
+}
+
+fn join(state: &State, value: &Value, sep: Option<String>, attribute: Option<String>) -> Result<String, JinjaError> {
+    let _ = state;
+    let sep = sep.unwrap_or_default();
+    let mut parts = Vec::new();
+    for item in value.try_iter()? {
+        let item = match &attribute {
+            Some(attr) => item.get_attr(attr)?,
+            None => item,
+        };
+        parts.push(pyfmt::py_str(&item));
+    }
+    Ok(parts.join(&sep))
+}
+
+/// Jinja2's `iterable` test: None is not iterable there (minijinja iterates it as empty).
+fn is_iterable(value: &Value) -> bool {
+    !value.is_none() && (value.is_undefined() || value.try_iter().is_ok())
+}
+
+fn raise_exception(message: Value) -> Result<Value, JinjaError> {
+    let text = pyfmt::py_str(&message);
+    Err(JinjaError::new(ErrorKind::InvalidOperation, text.clone()).with_source(TemplateRaised(text)))
+}
+
+fn strftime_now(format: String) -> Result<String, JinjaError> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&format))
+        .map_err(|_| JinjaError::new(ErrorKind::InvalidOperation, format!("strftime_now: bad format {format:?}")))?;
+    Ok(out)
+}
+
+/// `{% generation %}` blocks render their body unchanged; span tracking is layered on later.
+fn generation_block(value: Value) -> Value {
+    value
+}
+
+fn build_environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .expect("default delimiters are valid"),
+    );
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
+    env.set_unknown_method_callback(methods::unknown_method);
+    env.set_formatter(|out, _state, value| {
+        if !value.is_undefined() {
+            out.write_str(&pyfmt::py_str(value)).map_err(JinjaError::from)?;
+        }
+        Ok(())
+    });
+    env.add_filter("tojson", tojson);
+    env.add_filter("string", python_string);
+    env.add_filter("trim", trim);
+    env.add_filter("join", join);
+    env.add_filter("_chatmask_generation", generation_block);
+    env.add_test("iterable", is_iterable);
+    env.add_function("raise_exception", raise_exception);
+    env.add_function("strftime_now", strftime_now);
+    env
+}
+
+/// Maps a minijinja error to ours, keeping `raise_exception` messages and line numbers.
+pub fn render_error(err: &JinjaError) -> Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(raised) = e.downcast_ref::<TemplateRaised>() {
+            return Error::TemplateRaised(raised.0.clone());
+        }
+        source = e.source();
+    }
+    let detail = err.detail().map(str::to_string).unwrap_or_else(|| err.kind().to_string());
+    Error::TemplateRender { detail, line: err.line() }
+}
+
+impl ChatTemplate {
+    /// Compiles a template source as transformers would see it.
+    pub fn compile(source: &str) -> Result<ChatTemplate, Error> {
+        let mut env = build_environment();
+        let prepared = rewrite_generation_tags(&normalize_newlines(source));
+        env.add_template_owned(TEMPLATE_NAME, prepared).map_err(|e| Error::TemplateSyntax {
+            detail: e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string()),
+            line: e.line(),
+        })?;
+        Ok(ChatTemplate { env, source: Arc::from(source) })
+    }
+
+    /// Whether the template has `{% generation %}` blocks.
+    pub fn has_generation_blocks(&self) -> bool {
+        regex::Regex::new(r"\{%-?\s*generation\s*-?%\}").map_or(false, |re| re.is_match(&self.source))
+    }
+
+    /// Renders with a full context (messages, tools, add_generation_prompt, special tokens, ...).
+    pub fn render(&self, ctx: &Value) -> Result<String, Error> {
+        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| render_error(&e))?;
+        tmpl.render(ctx).map_err(|e| render_error(&e))
+    }
+}
+
+/// Builds the render context the way transformers' `render_jinja_template` calls `render`:
+/// the named special tokens, then the caller's keyword arguments, then the fixed names.
+pub fn render_context(
+    messages: Value,
+    add_generation_prompt: bool,
+    base: &[(String, Value)],
+) -> Value {
+    let mut pairs: Vec<(Value, Value)> = Vec::with_capacity(base.len() + 4);
+    pairs.push((Value::from("messages"), messages));
+    pairs.push((Value::from("add_generation_prompt"), Value::from(add_generation_prompt)));
+    for (k, v) in base {
+        if k != "messages" && k != "add_generation_prompt" {
+            pairs.push((Value::from(k.as_str()), v.clone()));
+        }
+    }
+    Value::from_pairs(pairs)
+}
+
+/// Whether a value is a non-map, non-sequence (a check the loaders use for message shape).
+pub fn is_map(v: &Value) -> bool {
+    v.kind() == ValueKind::Map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(src: &str, messages: Value, base: &[(String, Value)]) -> Result<String, Error> {
+        ChatTemplate::compile(src)?.render(&render_context(messages, false, base))
+    }
+
+    fn msgs(pairs: &[(&str, &str)]) -> Value {
+        Value::from(
+            pairs
+                .iter()
+                .map(|(r, c)| Value::from_pairs(vec![("role", Value::from(*r)), ("content", Value::from(*c))]))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn python_printing_and_whitespace_control() {
+        let src = "{% for m in messages %}\n  {% if m.role == 'user' %}\n{{ m.content|trim }}|{{ none }}|{{ [1, 'a'] }}\n  {% endif %}\n{% endfor %}";
+        let out = render(src, msgs(&[("user", " hi\u{1c} ")]), &[]).unwrap();
+        assert_eq!(out, "hi|None|[1, 'a']\n");
+    }
+
+    #[test]
+    fn raise_exception_message_passes_through() {
+        let err = render("{{ raise_exception('roles must alternate') }}", msgs(&[]), &[]).unwrap_err();
+        assert!(matches!(err, Error::TemplateRaised(ref m) if m == "roles must alternate"), "{err:?}");
+    }
+
+    #[test]
+    fn generation_tags_render_their_body() {
+        let out = render("{%- generation -%}A{%- endgeneration %}B", msgs(&[]), &[]).unwrap();
+        assert_eq!(out, "AB");
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let err = ChatTemplate::compile("ok\n{% if %}").err().expect("must fail");
+        assert!(matches!(err, Error::TemplateSyntax { line: Some(2), .. }), "{err:?}");
+    }
+}
