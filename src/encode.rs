@@ -144,3 +144,44 @@ impl Encoder {
         Ok(PrefixTokens { full, shared, tail })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::demo::{self, DemoKind};
+
+    /// Texts that share prefixes with a chat in the ways templates produce: cut anywhere,
+    /// cut at and around special tokens, and changed after a common prefix.
+    fn variants(full: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let cuts: Vec<usize> = (0..=full.len()).filter(|&i| full.is_char_boundary(i)).collect();
+        for &c in cuts.iter().step_by(3) {
+            out.push(full[..c].to_string());
+            out.push(format!("{}<|im_end|>\n", &full[..c]));
+            out.push(format!("{} tail ▁x<|im_start|>assistant\n", &full[..c]));
+        }
+        out
+    }
+
+    #[test]
+    fn prefix_tokens_equal_plain_encoding() {
+        let chat = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n  Hello  there é 👋<|im_end|>\n\
+                    <|im_start|>assistant\n<think>\nx\n</think>\n\nHi!<|im_end|>\n<|im_start|>user\nok<|im_end|>\n";
+        for kind in [DemoKind::ByteLevel, DemoKind::Metaspace] {
+            let tok = demo::chat_tokenizer(kind).unwrap();
+            let enc = &tok.encoder;
+            let full = enc.encode_full(chat.to_string()).unwrap();
+            assert_eq!(full.ids, enc.encode(chat).unwrap());
+            let mut compared = 0;
+            let mut reused = 0;
+            for v in variants(chat) {
+                let want = enc.encode(&v).unwrap();
+                let got = enc.prefix_tokens(&full, &v).unwrap();
+                let got_ids: Vec<u32> = (0..got.len()).map(|i| got.get(i)).collect();
+                assert_eq!(got_ids, want, "{kind:?} on {v:?}");
+                compared += 1;
+                reused += usize::from(got.tail_len() < want.len());
+            }
+            assert!(compared > 100 && reused > compared / 2, "{kind:?}: {reused} of {compared} reused a prefix");
+        }
+    }
+}

@@ -140,3 +140,49 @@ pub fn label(
     }
     Ok(Labeled { tokens, masks })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::{self, DemoKind};
+
+    fn run(texts: &[(usize, bool, &str)], roles: &[Role], mode: Mode) -> Result<Labeled> {
+        let tok = demo::chat_tokenizer(DemoKind::ByteLevel).unwrap();
+        let render = |n: usize, g: bool| {
+            Ok(texts.iter().find(|(m, gen, _)| *m == n && *gen == g).map(|t| t.2.to_string()).expect("scripted render"))
+        };
+        label(&tok.encoder, &render, roles, mode, false, tok.eos_token_id)
+    }
+
+    const U: Role = Role::Other;
+    const A: Role = Role::Unmasked;
+
+    #[test]
+    fn last_mode_masks_can_outgrow_tokens() {
+        // The prefix (with generation prompt) renders longer than the whole chat.
+        let out = run(&[(2, false, "<|im_start|>"), (1, true, "<|im_start|><|im_end|><|im_end|>")], &[U, A], Mode::Last).unwrap();
+        assert_eq!(out.tokens.len(), 1);
+        assert_eq!(out.masks, vec![IGNORE; 3]);
+    }
+
+    #[test]
+    fn all_mode_follows_numpy_broadcasting() {
+        let full = "<|im_start|><|im_end|>";
+        // rhs of length 1 broadcasts over an lhs of length 1 after clipping: fine.
+        let ok = run(&[(2, false, full), (1, true, "<|im_start|>"), (2, false, full)], &[U, A], Mode::All).unwrap();
+        assert_eq!(ok.masks.len(), 2);
+        assert_eq!(ok.masks[0], IGNORE);
+        // turn render longer than the chat: rhs 2 tokens into a clipped lhs of 1 -> broadcast error.
+        let texts = [(3, false, full), (1, true, "<|im_start|>"), (2, false, "<|im_start|><|im_end|><|im_end|>")];
+        let err = run(&texts, &[U, A, U], Mode::All).unwrap_err();
+        assert_eq!(err, Error::Broadcast { from: 2, into: 1 });
+    }
+
+    #[test]
+    fn empty_prefix_and_missing_role_raise_like_the_reference() {
+        let full = "<|im_start|>";
+        assert_eq!(run(&[(1, false, full)], &[A], Mode::All).unwrap_err(), Error::EmptyConversation);
+        assert_eq!(run(&[(1, false, full)], &[A], Mode::Last).unwrap_err(), Error::EmptyConversation);
+        assert_eq!(run(&[(2, false, full)], &[U, Role::Missing], Mode::Multistep).unwrap_err(), Error::MissingRole { message: 1 });
+    }
+}

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod chat;
 pub mod core;
+pub mod demo;
 pub mod encode;
 pub mod error;
 pub mod label;

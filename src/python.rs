@@ -17,6 +17,7 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use crate::batch::{self, OnError};
 use crate::chat::Conversation;
 use crate::core::{ChatTokenizer, TemplateArgs, TemplateSources};
+use crate::demo;
 use crate::error::Error;
 use crate::label::Mode;
 
@@ -240,6 +241,19 @@ impl PyChatTokenizer {
         ids_list(py, &ids)
     }
 
+    /// Decodes ids to text; with `per_token`, one string per id.
+    #[pyo3(signature = (ids, per_token=false))]
+    fn decode<'py>(&self, py: Python<'py>, ids: Vec<u32>, per_token: bool) -> PyResult<Bound<'py, PyAny>> {
+        let tok = self.inner.encoder.tokenizer();
+        let decode = |chunk: &[u32]| tok.decode(chunk, false).map_err(|e| Error::Tokenizer(e.to_string()));
+        if per_token {
+            let pieces = ids.iter().map(|id| decode(std::slice::from_ref(id))).collect::<Result<Vec<_>, _>>();
+            Ok(PyList::new(py, pieces.map_err(core_err(py))?)?.into_any())
+        } else {
+            Ok(PyString::new(py, &decode(&ids).map_err(core_err(py))?).into_any())
+        }
+    }
+
     /// The template source that would be used.
     #[pyo3(signature = (chat_template=None, has_tools=false))]
     fn template_source(&self, py: Python<'_>, chat_template: Option<&str>, has_tools: bool) -> PyResult<String> {
@@ -352,9 +366,25 @@ impl PyChatTokenizer {
     }
 }
 
+/// The demo tokenizer's `tokenizer.json` ("bytelevel" or "metaspace"), trained on the demo data.
+#[pyfunction]
+#[pyo3(signature = (kind="bytelevel"))]
+fn demo_tokenizer_json(py: Python<'_>, kind: &str) -> PyResult<String> {
+    let kind = match kind {
+        "bytelevel" => demo::DemoKind::ByteLevel,
+        "metaspace" => demo::DemoKind::Metaspace,
+        other => return Err(PyValueError::new_err(format!("kind must be 'bytelevel' or 'metaspace', not {other:?}"))),
+    };
+    py.detach(|| demo::tokenizer_json(kind)).map_err(core_err(py))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatTokenizer>()?;
+    m.add_function(wrap_pyfunction!(demo_tokenizer_json, m)?)?;
+    m.add("DEMO_CONVERSATIONS_JSON", demo::CONVERSATIONS_JSON)?;
+    m.add("DEMO_CHAT_TEMPLATE", demo::CHAT_TEMPLATE)?;
+    m.add("DEMO_EOS_TOKEN", demo::EOS_TOKEN)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -72,6 +72,29 @@ def _run(fn):
         return None, e
 
 
+def raised_alike(want: Exception, got: Exception) -> str | None:
+    """None if chatmask raised the counterpart of the reference's exception, else why not.
+
+    A template error must be a chatmask TemplateError with the template's message; the reference's
+    own failures (empty prefix, missing role, numpy broadcast) must be ConversationErrors.
+    """
+    import jinja2
+
+    import chatmask
+
+    if isinstance(want, jinja2.TemplateError):
+        if not isinstance(got, chatmask.TemplateError):
+            return f"reference raised a template error {want!r}, chatmask {got!r}"
+        if str(want) and str(want) not in str(got):
+            return f"template message {str(want)!r} not in {str(got)!r}"
+        return None
+    if not isinstance(got, chatmask.ConversationError):
+        return f"reference raised {want!r}, chatmask {got!r}"
+    if isinstance(want, ValueError) and "empty conversation" in str(want) and str(want) != str(got):
+        return f"message {str(got)!r} != {str(want)!r}"
+    return None
+
+
 def compare_row(tok, name: str, row_id: str, row: dict, modes=MODES, finish_reasons=FINISH_REASONS) -> Tally:
     """Compare every mode and finish_reason on one row, element by element."""
     import chatmask
@@ -98,10 +121,12 @@ def compare_row(tok, name: str, row_id: str, row: dict, modes=MODES, finish_reas
         tally.cases += 1
         where = f"{name} {row_id} mode={mode} finish={finish!r}"
         if want_err is not None or got_err is not None:
-            if want_err is not None and got_err is not None:
-                tally.both_raised += 1
-            else:
+            if want_err is None or got_err is None:
                 tally.mismatches.append(f"{where}: reference raised {want_err!r}, chatmask raised {got_err!r}")
+            elif (why := raised_alike(want_err, got_err)) is not None:
+                tally.mismatches.append(f"{where}: both raised, but {why}")
+            else:
+                tally.both_raised += 1
             continue
         if set(want) != set(got):
             tally.mismatches.append(f"{where}: keys {sorted(want)} != {sorted(got)}")

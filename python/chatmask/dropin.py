@@ -27,6 +27,11 @@ def core_for(tokenizer: Any) -> ChatTokenizer:
     """The cached `ChatTokenizer` for a transformers tokenizer (or the argument itself)."""
     if isinstance(tokenizer, ChatTokenizer):
         return tokenizer
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise TypeError(
+            "tokenizer must be a transformers fast tokenizer (with .backend_tokenizer) or a "
+            f"chatmask.ChatTokenizer, not {type(tokenizer).__name__}"
+        )
     # The template and vocabulary size are part of the key: either can change on a live tokenizer.
     key = (_template_key(getattr(tokenizer, "chat_template", None)), len(tokenizer))
     with _lock:

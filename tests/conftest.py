@@ -1,0 +1,55 @@
+"""Shared test setup: where the ../shared fixtures are, and whether missing ones fail or skip.
+
+Under ``CI=true`` a missing fixture is a failure; elsewhere tests that need ../shared are
+skipped, and the core suite (demo tokenizer, no fixtures) still runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _parity import CONVERSATIONS_DIR, SHARED, TOKENIZERS_DIR  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# Collected by the parity tests and printed at the end of the run.
+PARITY_TOTALS = {"cases": 0, "tokens_compared": 0, "both_raised": 0, "mismatches": 0}
+
+
+def require_shared(*parts: str) -> Path:
+    """The path under ../shared, or skip (fail under CI=true) when it is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        message = f"fixture missing: {path}"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: fixtures are required)")
+        pytest.skip(message)
+    return path
+
+
+def fixture_names() -> list[str]:
+    if TOKENIZERS_DIR.exists():
+        return sorted(p.name for p in TOKENIZERS_DIR.iterdir() if (p / "tokenizer.json").exists())
+    # Collected anyway so a missing ../shared fails under CI instead of collecting nothing.
+    return ["qwen3"]
+
+
+def conversation_file_names() -> list[str]:
+    if CONVERSATIONS_DIR.exists():
+        return sorted(p.name for p in CONVERSATIONS_DIR.glob("*.jsonl"))
+    return ["alpaca_single_turn.jsonl"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY_TOTALS["cases"]:
+        t = PARITY_TOTALS
+        terminalreporter.write_line(
+            f"parity vs reference: {t['cases']} cases, {t['tokens_compared']} tokens+labels compared element "
+            f"by element, {t['both_raised']} raised alike, {t['mismatches']} mismatches"
+        )
