@@ -34,8 +34,31 @@ pub enum OnError {
     Skip,
 }
 
+/// One input row: the conversation, and template arguments of its own (a row's `tools`).
+pub struct RowInput {
+    pub conversation: Conversation,
+    pub overrides: Vec<(String, minijinja::value::Value)>,
+}
+
 /// A row that could not even be converted carries its error in.
-pub type Row = std::result::Result<Conversation, Error>;
+pub type Row = std::result::Result<RowInput, Error>;
+
+/// The shared template arguments, and how to build a row's own when it has overrides.
+pub struct BatchArgs<'a> {
+    pub shared: TemplateArgs,
+    pub chat_template: Option<&'a str>,
+    pub kwargs: Vec<(String, minijinja::value::Value)>,
+}
+
+fn label_row(tok: &ChatTokenizer, row: RowInput, mode: Mode, finish_length: bool, args: &BatchArgs<'_>) -> Result<Labeled> {
+    if row.overrides.is_empty() {
+        return tok.label(&row.conversation, mode, finish_length, &args.shared);
+    }
+    let mut kwargs = args.kwargs.clone();
+    kwargs.extend(row.overrides);
+    let own = tok.template_args(args.chat_template, kwargs)?;
+    tok.label(&row.conversation, mode, finish_length, &own)
+}
 
 /// A thread pool owned by this process. Rebuilt after `fork()`: a child inherits the pool's
 /// bookkeeping but not its threads, and would wait on them forever.
@@ -73,7 +96,7 @@ pub fn run(
     rows: Vec<Row>,
     mode: Mode,
     finish_length: &(dyn Fn(usize) -> bool + Sync),
-    args: &TemplateArgs,
+    args: &BatchArgs<'_>,
     on_error: OnError,
     num_threads: Option<usize>,
 ) -> std::result::Result<BatchOutput, (usize, Error)> {
@@ -88,7 +111,7 @@ pub fn run(
             chunk
                 .into_par_iter()
                 .enumerate()
-                .map(|(i, row)| row.and_then(|conv| tok.label(&conv, mode, finish_length(base + i), args)))
+                .map(|(i, row)| row.and_then(|r| label_row(tok, r, mode, finish_length(base + i), args)))
                 .collect()
         });
         for (i, result) in labeled.into_iter().enumerate() {

@@ -14,6 +14,8 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 
+const WORD_CACHE_CAPACITY: usize = 200_000;
+
 /// A tokenizer, with what the prefix arithmetic needs to know about its added tokens.
 pub struct Encoder {
     tokenizer: Tokenizer,
@@ -80,6 +82,10 @@ impl Encoder {
     /// Wraps a tokenizer. Truncation and padding are switched off, as transformers does when
     /// `apply_chat_template` encodes.
     pub fn new(mut tokenizer: Tokenizer) -> Result<Encoder> {
+        // A corpus has far more distinct words than the default 10k-entry BPE word cache holds.
+        let mut model = tokenizer.get_model().clone();
+        model.resize_cache(WORD_CACHE_CAPACITY);
+        tokenizer.with_model(model);
         tokenizer
             .with_truncation(None)
             .map_err(|e| Error::Tokenizer(e.to_string()))?

@@ -147,6 +147,29 @@ fn to_conversation(chat: &Bound<'_, PyAny>) -> Result<Conversation, Error> {
     Conversation::new(values)
 }
 
+/// A batch row: a list of messages, or a mapping with "messages" and optionally the row's own
+/// "tools" and "documents".
+fn to_row(row: &Bound<'_, PyAny>) -> batch::Row {
+    let Ok(d) = row.cast::<PyDict>() else {
+        return to_conversation(row).map(|conversation| batch::RowInput { conversation, overrides: Vec::new() });
+    };
+    let messages = d
+        .get_item("messages")
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::InvalidInput("row has no 'messages'".into()))?;
+    let conversation = to_conversation(&messages)?;
+    let mut overrides = Vec::new();
+    for key in ["tools", "documents"] {
+        if let Some(v) = d.get_item(key).ok().flatten() {
+            if !v.is_none() {
+                overrides.push((key.to_string(), to_value(&v, 1)?));
+            }
+        }
+    }
+    Ok(batch::RowInput { conversation, overrides })
+}
+
 fn kwargs_to_values(kwargs: Option<&Bound<'_, PyDict>>) -> Result<Vec<(String, Value)>, Error> {
     let mut out = Vec::new();
     if let Some(d) = kwargs {
@@ -321,7 +344,10 @@ impl PyChatTokenizer {
         if !matches!(ids_dtype, "int32" | "int64" | "uint32") {
             return Err(PyValueError::new_err(format!("ids_dtype must be int32, int64 or uint32, not {ids_dtype:?}")));
         }
-        let rows: Vec<batch::Row> = conversations.try_iter()?.map(|c| c.map_err(|e| Error::InvalidInput(e.to_string())).and_then(|c| to_conversation(&c))).collect();
+        let rows: Vec<batch::Row> = conversations
+            .try_iter()?
+            .map(|c| c.map_err(|e| Error::InvalidInput(e.to_string())).and_then(|c| to_row(&c)))
+            .collect();
         let finish: Vec<bool> = match finish_reason {
             None => vec![false; rows.len()],
             Some(f) if f.is_none() => vec![false; rows.len()],
@@ -341,7 +367,9 @@ impl PyChatTokenizer {
                 }
             }
         };
-        let args = self.args(py, chat_template, kwargs)?;
+        let values = kwargs_to_values(kwargs).map_err(core_err(py))?;
+        let shared = self.inner.template_args(chat_template, values.clone()).map_err(core_err(py))?;
+        let args = batch::BatchArgs { shared, chat_template, kwargs: values };
         let inner = &self.inner;
         let finish_length = |i: usize| finish[i];
         let out = py

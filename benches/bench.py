@@ -1,0 +1,245 @@
+"""chatmask speed against the reference and the `tokenizers` floor, in one process.
+
+For each fixture tokenizer, on the same conversations (a mix of every ../shared conversation
+file), it times:
+
+* the reference (atropos' code on transformers 5, through ../shared/reference/oracle.py);
+* the chatmask drop-in called in a loop (one thread);
+* `ChatTokenizer.tokenize_batch` with 1 thread and with all threads;
+* the floor: Python `tokenizers` `encode_batch(texts, add_special_tokens=False)` of the same
+  conversations, pre-rendered (rendering not timed), sequential and parallel.
+
+Each figure is the median of --repeats runs; ratios are geometric means over the tokenizers.
+
+    python benches/bench.py [--per-file 64] [--repeats 5] [--write-readme] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import _parity  # noqa: E402
+
+import chatmask  # noqa: E402
+
+DATE = "26 Jul 2024"
+MAX_CHARS = 6000  # keeps the mix near the ~500 tokens per conversation the issues quote
+
+
+def kwargs_of(row):
+    kw = {"date_string": DATE}
+    if row.get("tools"):
+        kw["tools"] = row["tools"]
+    return kw
+
+
+def build_mix(tok, per_file):
+    """Rows the reference labels without raising, `per_file` from each file, small enough to mix."""
+    ref = _parity.oracle()
+    rows = []
+    for path in _parity.conversation_files():
+        taken = 0
+        for row in ref.read_conversations(path):
+            if taken >= per_file:
+                break
+            if sum(len(str(m.get("content", ""))) for m in row["messages"]) > MAX_CHARS:
+                continue
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    ref.reference(tok, row["messages"], "all", **kwargs_of(row))
+            except Exception:
+                continue
+            rows.append(row)
+            taken += 1
+    return rows
+
+
+def median_seconds(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_tokenizer(name, per_file, repeats, threads):
+    from tokenizers import Tokenizer
+
+    ref = _parity.oracle()
+    tok = ref.load_tokenizer(name)
+    core = chatmask.ChatTokenizer.from_transformers(tok)
+    rows = build_mix(tok, per_file)
+    chats = [r["messages"] for r in rows]
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False, **kwargs_of(r)) for r in rows]
+    fast = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    n_tokens = sum(len(e.ids) for e in fast.encode_batch(texts, add_special_tokens=False))
+
+    def reference(mode):
+        with contextlib.redirect_stdout(io.StringIO()):
+            for r in rows:
+                ref.reference(tok, r["messages"], mode, **kwargs_of(r))
+
+    def dropin(mode):
+        for r in rows:
+            chatmask.tokenize_for_trainer(tok, r["messages"], train_on_all_assistant_turns=mode == "all", **kwargs_of(r))
+
+    def batch(mode, n):
+        core.tokenize_batch(rows, mode=mode, num_threads=n, date_string=DATE)
+
+    def floor(parallel):
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"
+        fast.encode_batch(texts, add_special_tokens=False)
+
+    dropin("last")  # builds and caches the core outside the timings
+    t = {
+        "ref_last": median_seconds(lambda: reference("last"), repeats),
+        "ref_all": median_seconds(lambda: reference("all"), repeats),
+        "dropin_last": median_seconds(lambda: dropin("last"), repeats),
+        "dropin_all": median_seconds(lambda: dropin("all"), repeats),
+        "batch1_last": median_seconds(lambda: batch("last", 1), repeats),
+        "batch1_all": median_seconds(lambda: batch("all", 1), repeats),
+        "batchN_last": median_seconds(lambda: batch("last", threads), repeats),
+        "batchN_all": median_seconds(lambda: batch("all", threads), repeats),
+        "floor1": median_seconds(lambda: floor(False), repeats),
+        "floorN": median_seconds(lambda: floor(True), repeats),
+    }
+    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    return {"name": name, "conversations": len(rows), "tokens": n_tokens, "seconds": t, "chats": len(chats)}
+
+
+RATIOS = {
+    "drop-in / reference, last-turn (1 thread)": ("ref_last", "dropin_last"),
+    "drop-in / reference, all-turns (1 thread)": ("ref_all", "dropin_all"),
+    "batch all cores / floor all cores, last-turn": ("floorN", "batchN_last"),
+    "batch all cores / floor all cores, all-turns": ("floorN", "batchN_all"),
+    "batch 1 thread / floor 1 thread, last-turn": ("floor1", "batch1_last"),
+    "batch all cores / batch 1 thread, last-turn": ("batch1_last", "batchN_last"),
+    "batch all cores / batch 1 thread, all-turns": ("batch1_all", "batchN_all"),
+}
+
+
+def speedup(result, slow, fast):
+    return result["seconds"][slow] / result["seconds"][fast]
+
+
+def geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def memory_check(name, n_rows):
+    """Peak-RSS growth of tokenize_batch over n_rows conversations vs the bytes it returns (subprocess)."""
+    code = f"""
+import resource, sys, json
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+import _parity, chatmask
+tok = _parity.oracle().load_tokenizer({name!r})
+core = chatmask.ChatTokenizer.from_transformers(tok)
+rows = [r for p in _parity.conversation_files() for i, r in zip(range(64), _parity.oracle().read_conversations(p))]
+rows = (rows * ({n_rows} // len(rows) + 1))[:{n_rows}]
+core.tokenize_batch(rows[:100], mode="all", on_error="skip", date_string="26 Jul 2024")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+b = core.tokenize_batch(rows, mode="all", on_error="skip", date_string="26 Jul 2024")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out = sum(a.nbytes for a in (b.input_ids, b.labels, b.offsets, b.label_offsets, b.rows))
+print(json.dumps({{"rows": {n_rows}, "growth": after - before, "returned": out}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}, {platform.system()}"
+
+
+def table(results, threads, memory):
+    lines = [
+        f"Machine: {machine()}. {threads} threads for 'all cores'. Medians of the repeats; "
+        f"conversations/s (c/s) on the same mix for every column.",
+        "",
+        "| tokenizer | convs | avg tokens | reference last c/s | reference all c/s | drop-in last c/s | drop-in all c/s "
+        "| batch 1t last c/s | batch all last c/s | batch all all-turns c/s | floor 1t c/s | floor all c/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        s, n = r["seconds"], r["conversations"]
+        cps = lambda k: f"{n / s[k]:,.0f}"  # noqa: E731
+        lines.append(
+            f"| {r['name']} | {n} | {r['tokens'] / n:,.0f} | {cps('ref_last')} | {cps('ref_all')} | {cps('dropin_last')} "
+            f"| {cps('dropin_all')} | {cps('batch1_last')} | {cps('batchN_last')} | {cps('batchN_all')} "
+            f"| {cps('floor1')} | {cps('floorN')} |"
+        )
+    lines += ["", "| ratio (geometric mean over the tokenizers) | value |", "|---|---:|"]
+    for label, (slow, fast) in RATIOS.items():
+        lines.append(f"| {label} | {geomean([speedup(r, slow, fast) for r in results]):.2f}x |")
+    if memory:
+        lines.append(
+            f"| peak-RSS growth of tokenize_batch over {memory['rows']:,} conversations / bytes returned "
+            f"| {memory['growth'] / memory['returned']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def write_readme(text):
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start in body and end in body:
+        head, rest = body.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-file", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokenizers", default=None)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--memory", action="store_true", help="also measure peak RSS over 100k conversations")
+    ap.add_argument("--write-readme", action="store_true")
+    args = ap.parse_args(argv)
+    names = args.tokenizers.split(",") if args.tokenizers else _parity.fixture_tokenizers()
+    results = []
+    for name in names:
+        r = bench_tokenizer(name, args.per_file, args.repeats, args.threads)
+        results.append(r)
+        print(json.dumps({"name": name, "conversations": r["conversations"], "tokens": r["tokens"],
+                          **{k: round(r["conversations"] / v, 1) for k, v in r["seconds"].items()}}), flush=True)
+    memory = memory_check(names[0], 100_000) if args.memory else None
+    text = table(results, args.threads, memory)
+    print(text)
+    if args.write_readme:
+        write_readme(text)
+
+
+if __name__ == "__main__":
+    main()
