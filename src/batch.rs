@@ -1,18 +1,24 @@
 //! Many conversations at once: rayon over rows, per-row errors, flat output buffers.
 //!
-//! Rows are labelled in chunks so the per-row vectors of one chunk are the only transient
-//! memory besides the flat output. Output order is input order whatever the thread count.
+//! The caller feeds rows in chunks: while the pool labels one chunk, the caller converts the
+//! next (holding the GIL only for that) and appends the finished chunk to the flat output. So
+//! the only transient memory is a couple of chunks of per-row vectors, and conversion overlaps
+//! compute. Output order is input order whatever the thread count.
 
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+use minijinja::value::Value;
 use rayon::prelude::*;
 
 use crate::chat::Conversation;
 use crate::core::{ChatTokenizer, TemplateArgs};
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, Error, Result};
 use crate::label::{Labeled, Mode};
 
-const CHUNK_ROWS: usize = 2048;
+/// Rows per chunk: enough work per chunk to keep every thread busy, small enough that
+/// converting the first chunk (the part that cannot overlap) is short.
+pub const CHUNK_ROWS: usize = 256;
 
 /// Flat results: row `i` of the output is `input_ids[offsets[i]..offsets[i+1]]` and
 /// `labels[label_offsets[i]..label_offsets[i+1]]`. Labels have their own offsets because the
@@ -34,30 +40,32 @@ pub enum OnError {
     Skip,
 }
 
-/// One input row: the conversation, and template arguments of its own (a row's `tools`).
+/// One input row: the conversation, its own template arguments (a row's `tools`), and
+/// whether its finish reason is "length".
 pub struct RowInput {
     pub conversation: Conversation,
-    pub overrides: Vec<(String, minijinja::value::Value)>,
+    pub overrides: Vec<(String, Value)>,
+    pub finish_length: bool,
 }
 
 /// A row that could not even be converted carries its error in.
 pub type Row = std::result::Result<RowInput, Error>;
 
-/// The shared template arguments, and how to build a row's own when it has overrides.
-pub struct BatchArgs<'a> {
+/// The shared template arguments, and what a row with overrides needs to build its own.
+pub struct BatchArgs {
     pub shared: TemplateArgs,
-    pub chat_template: Option<&'a str>,
-    pub kwargs: Vec<(String, minijinja::value::Value)>,
+    pub chat_template: Option<String>,
+    pub kwargs: Vec<(String, Value)>,
 }
 
-fn label_row(tok: &ChatTokenizer, row: RowInput, mode: Mode, finish_length: bool, args: &BatchArgs<'_>) -> Result<Labeled> {
+fn label_row(tok: &ChatTokenizer, row: RowInput, mode: Mode, args: &BatchArgs) -> Result<Labeled> {
     if row.overrides.is_empty() {
-        return tok.label(&row.conversation, mode, finish_length, &args.shared);
+        return tok.label(&row.conversation, mode, row.finish_length, &args.shared);
     }
     let mut kwargs = args.kwargs.clone();
     kwargs.extend(row.overrides);
-    let own = tok.template_args(args.chat_template, kwargs)?;
-    tok.label(&row.conversation, mode, finish_length, &own)
+    let own = tok.template_args(args.chat_template.as_deref(), kwargs)?;
+    tok.label(&row.conversation, mode, row.finish_length, &own)
 }
 
 /// A thread pool owned by this process. Rebuilt after `fork()`: a child inherits the pool's
@@ -89,33 +97,71 @@ pub fn resolve_threads(num_threads: Option<usize>) -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Labels every row. With `OnError::Raise` the first failing row (in input order) is returned
-/// as `Err((row, error))`.
-pub fn run(
-    tok: &ChatTokenizer,
-    rows: Vec<Row>,
+/// A chunk submitted to the pool; `wait` blocks until it is labelled.
+pub struct Pending {
+    first_row: usize,
+    results: mpsc::Receiver<Vec<Result<Labeled>>>,
+}
+
+impl Pending {
+    pub fn wait(self) -> (usize, Vec<Result<Labeled>>) {
+        // The sender only disappears if the worker panicked; report that as row errors.
+        let results = self.results.recv().unwrap_or_default();
+        (self.first_row, results)
+    }
+}
+
+/// Labels chunks of rows on a private pool and collects them, in order, into a [`BatchOutput`].
+pub struct BatchRunner {
+    tok: Arc<ChatTokenizer>,
+    args: Arc<BatchArgs>,
     mode: Mode,
-    finish_length: &(dyn Fn(usize) -> bool + Sync),
-    args: &BatchArgs<'_>,
     on_error: OnError,
-    num_threads: Option<usize>,
-) -> std::result::Result<BatchOutput, (usize, Error)> {
-    let pool = pool(resolve_threads(num_threads)).map_err(|e| (0, e))?;
-    let mut out = BatchOutput { offsets: vec![0], label_offsets: vec![0], ..Default::default() };
-    let mut rows = rows;
-    let mut base = 0;
-    while !rows.is_empty() {
-        let rest = rows.split_off(rows.len().min(CHUNK_ROWS));
-        let chunk = std::mem::replace(&mut rows, rest);
-        let labeled: Vec<Result<Labeled>> = pool.install(|| {
-            chunk
-                .into_par_iter()
-                .enumerate()
-                .map(|(i, row)| row.and_then(|r| label_row(tok, r, mode, finish_length(base + i), args)))
-                .collect()
+    pool: Arc<rayon::ThreadPool>,
+    pub out: BatchOutput,
+    next_row: usize,
+}
+
+impl BatchRunner {
+    pub fn new(tok: Arc<ChatTokenizer>, args: BatchArgs, mode: Mode, on_error: OnError, num_threads: Option<usize>) -> Result<Self> {
+        Ok(BatchRunner {
+            tok,
+            args: Arc::new(args),
+            mode,
+            on_error,
+            pool: pool(resolve_threads(num_threads))?,
+            out: BatchOutput { offsets: vec![0], label_offsets: vec![0], ..Default::default() },
+            next_row: 0,
+        })
+    }
+
+    /// Starts labelling the next rows in the background.
+    pub fn submit(&mut self, chunk: Vec<Row>) -> Pending {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let (tok, args, mode) = (self.tok.clone(), self.args.clone(), self.mode);
+        let expected = chunk.len();
+        let pool = self.pool.clone();
+        self.pool.spawn(move || {
+            let labeled: Vec<Result<Labeled>> = pool.install(|| {
+                chunk
+                    .into_par_iter()
+                    .map(|row| row.and_then(|r| catch_panic(|| label_row(&tok, r, mode, &args))))
+                    .collect()
+            });
+            debug_assert_eq!(labeled.len(), expected);
+            let _ = tx.send(labeled);
         });
+        let pending = Pending { first_row: self.next_row, results: rx };
+        self.next_row += expected;
+        pending
+    }
+
+    /// Appends a finished chunk. With `OnError::Raise` the first failing row (in input order)
+    /// is returned as `Err((row, error))`.
+    pub fn collect(&mut self, first_row: usize, labeled: Vec<Result<Labeled>>) -> std::result::Result<(), (usize, Error)> {
+        let out = &mut self.out;
         for (i, result) in labeled.into_iter().enumerate() {
-            let row = base + i;
+            let row = first_row + i;
             match result {
                 Ok(l) => {
                     out.input_ids.extend_from_slice(&l.tokens);
@@ -124,11 +170,10 @@ pub fn run(
                     out.label_offsets.push(out.labels.len() as i64);
                     out.rows.push(row as i64);
                 }
-                Err(e) if on_error == OnError::Raise => return Err((row, e)),
+                Err(e) if self.on_error == OnError::Raise => return Err((row, e)),
                 Err(e) => out.errors.push((row, e)),
             }
         }
-        base += CHUNK_ROWS;
+        Ok(())
     }
-    Ok(out)
 }

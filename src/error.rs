@@ -26,6 +26,8 @@ pub enum Error {
     Tokenizer(String),
     /// A tokenizer directory or config is missing or malformed.
     Config(String),
+    /// A bug in chatmask (a caught panic), reported instead of crashing the interpreter.
+    Internal(String),
 }
 
 impl fmt::Display for Error {
@@ -51,6 +53,7 @@ impl fmt::Display for Error {
             Error::EmptyTokens => f.write_str("list index out of range (the chat rendered to no tokens)"),
             Error::Tokenizer(msg) => write!(f, "tokenizer error: {msg}"),
             Error::Config(msg) => f.write_str(msg),
+            Error::Internal(msg) => write!(f, "internal error in chatmask (please report): {msg}"),
         }
     }
 }
@@ -58,3 +61,16 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Runs `f`, turning a panic into [`Error::Internal`]: a panic must never unwind into Python
+/// or abort a worker thread.
+pub fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        Err(Error::Internal(msg))
+    })
+}

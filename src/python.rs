@@ -18,7 +18,7 @@ use crate::batch::{self, OnError};
 use crate::chat::Conversation;
 use crate::core::{ChatTokenizer, TemplateArgs, TemplateSources};
 use crate::demo;
-use crate::error::Error;
+use crate::error::{catch_panic, Error};
 use crate::label::Mode;
 
 /// Deeper nesting than this is refused rather than risking the stack.
@@ -41,6 +41,7 @@ fn to_pyerr(py: Python<'_>, err: &Error, row: Option<usize>) -> PyErr {
         }
         Error::InvalidInput(_) => "ConversationTypeError",
         Error::Tokenizer(_) | Error::Config(_) => "TokenizerError",
+        Error::Internal(_) => "ChatMaskError",
     };
     let message = match row {
         Some(r) => format!("row {r}: {err}"),
@@ -151,7 +152,11 @@ fn to_conversation(chat: &Bound<'_, PyAny>) -> Result<Conversation, Error> {
 /// "tools" and "documents".
 fn to_row(row: &Bound<'_, PyAny>) -> batch::Row {
     let Ok(d) = row.cast::<PyDict>() else {
-        return to_conversation(row).map(|conversation| batch::RowInput { conversation, overrides: Vec::new() });
+        return to_conversation(row).map(|conversation| batch::RowInput {
+            conversation,
+            overrides: Vec::new(),
+            finish_length: false,
+        });
     };
     let messages = d
         .get_item("messages")
@@ -167,7 +172,7 @@ fn to_row(row: &Bound<'_, PyAny>) -> batch::Row {
             }
         }
     }
-    Ok(batch::RowInput { conversation, overrides })
+    Ok(batch::RowInput { conversation, overrides, finish_length: false })
 }
 
 fn kwargs_to_values(kwargs: Option<&Bound<'_, PyDict>>) -> Result<Vec<(String, Value)>, Error> {
@@ -315,7 +320,9 @@ impl PyChatTokenizer {
         let args = self.args(py, chat_template, kwargs)?;
         let finish_length = finish_reason == "length";
         let inner = &self.inner;
-        let out = py.detach(|| inner.label(&conv, mode, finish_length, &args)).map_err(core_err(py))?;
+        let out = py
+            .detach(|| catch_panic(|| inner.label(&conv, mode, finish_length, &args)))
+            .map_err(core_err(py))?;
         Ok((ids_list(py, &out.tokens)?, PyList::new(py, &out.masks)?))
     }
 
@@ -344,40 +351,75 @@ impl PyChatTokenizer {
         if !matches!(ids_dtype, "int32" | "int64" | "uint32") {
             return Err(PyValueError::new_err(format!("ids_dtype must be int32, int64 or uint32, not {ids_dtype:?}")));
         }
-        let rows: Vec<batch::Row> = conversations
-            .try_iter()?
-            .map(|c| c.map_err(|e| Error::InvalidInput(e.to_string())).and_then(|c| to_row(&c)))
-            .collect();
-        let finish: Vec<bool> = match finish_reason {
-            None => vec![false; rows.len()],
-            Some(f) if f.is_none() => vec![false; rows.len()],
-            Some(f) => {
-                if let Ok(s) = f.extract::<String>() {
-                    vec![s == "length"; rows.len()]
-                } else {
-                    let per_row: Vec<Option<String>> = f.extract()?;
-                    if per_row.len() != rows.len() {
-                        return Err(PyValueError::new_err(format!(
-                            "finish_reason has {} entries for {} conversations",
-                            per_row.len(),
-                            rows.len()
-                        )));
-                    }
-                    per_row.into_iter().map(|s| s.as_deref() == Some("length")).collect()
+        enum Finish<'a> {
+            All(bool),
+            PerRow(Bound<'a, PyAny>),
+        }
+        let finish = match finish_reason {
+            None => Finish::All(false),
+            Some(f) if f.is_none() => Finish::All(false),
+            Some(f) => match f.extract::<String>() {
+                Ok(s) => Finish::All(s == "length"),
+                Err(_) => Finish::PerRow(f.clone()),
+            },
+        };
+        let finish_of = |i: usize| -> PyResult<bool> {
+            match &finish {
+                Finish::All(b) => Ok(*b),
+                Finish::PerRow(seq) => {
+                    let item = seq.get_item(i).map_err(|_| {
+                        PyValueError::new_err(format!("finish_reason has no entry for conversation {i}"))
+                    })?;
+                    Ok(item.extract::<Option<String>>()?.as_deref() == Some("length"))
                 }
             }
         };
         let values = kwargs_to_values(kwargs).map_err(core_err(py))?;
         let shared = self.inner.template_args(chat_template, values.clone()).map_err(core_err(py))?;
-        let args = batch::BatchArgs { shared, chat_template, kwargs: values };
-        let inner = &self.inner;
-        let finish_length = |i: usize| finish[i];
-        let out = py
-            .detach(|| batch::run(inner, rows, mode, &finish_length, &args, on_error, num_threads))
-            .map_err(|(row, e)| to_pyerr(py, &e, Some(row)))?;
+        let args = batch::BatchArgs { shared, chat_template: chat_template.map(str::to_string), kwargs: values };
+        let mut runner =
+            batch::BatchRunner::new(self.inner.clone(), args, mode, on_error, num_threads).map_err(core_err(py))?;
+        // Convert a chunk (GIL held) while the pool labels the previous one (GIL not needed).
+        let mut rows_in = conversations.try_iter()?;
+        let mut pending: Option<batch::Pending> = None;
+        let mut n_rows = 0;
+        loop {
+            let mut chunk = Vec::with_capacity(batch::CHUNK_ROWS);
+            for item in rows_in.by_ref().take(batch::CHUNK_ROWS) {
+                let finish_length = finish_of(n_rows)?;
+                n_rows += 1;
+                chunk.push(
+                    item.map_err(|e| Error::InvalidInput(e.to_string()))
+                        .and_then(|c| to_row(&c))
+                        .map(|mut r| {
+                            r.finish_length = finish_length;
+                            r
+                        }),
+                );
+            }
+            let submitted = (!chunk.is_empty()).then(|| runner.submit(chunk));
+            if let Some(p) = pending.take() {
+                let (first, labeled) = py.detach(|| p.wait());
+                runner.collect(first, labeled).map_err(|(row, e)| to_pyerr(py, &e, Some(row)))?;
+            }
+            match submitted {
+                Some(p) => pending = Some(p),
+                None => break,
+            }
+        }
+        if let Finish::PerRow(seq) = &finish {
+            if seq.len()? != n_rows {
+                return Err(PyValueError::new_err(format!(
+                    "finish_reason has {} entries for {n_rows} conversations",
+                    seq.len()?
+                )));
+            }
+        }
+        let out = runner.out;
         let d = PyDict::new(py);
         match ids_dtype {
-            "int32" => d.set_item("input_ids", out.input_ids.iter().map(|&x| x as i32).collect::<Vec<_>>().into_pyarray(py))?,
+            // Token ids are below 2^31, so the int32 cast is exact (and done in place).
+            "int32" => d.set_item("input_ids", out.input_ids.into_iter().map(|x| x as i32).collect::<Vec<_>>().into_pyarray(py))?,
             "int64" => d.set_item("input_ids", out.input_ids.iter().map(|&x| x as i64).collect::<Vec<_>>().into_pyarray(py))?,
             _ => d.set_item("input_ids", out.input_ids.into_pyarray(py))?,
         }
