@@ -9,7 +9,8 @@ file), it times:
 * the floor: Python `tokenizers` `encode_batch(texts, add_special_tokens=False)` of the same
   conversations, pre-rendered (rendering not timed), sequential and parallel.
 
-Each figure is the median of --repeats runs; ratios are geometric means over the tokenizers.
+Each figure is the median of --repeats rounds (the methods are interleaved round-robin, so machine
+noise hits them alike); ratios are geometric means over the tokenizers.
 
     python benches/bench.py [--per-file 64] [--repeats 5] [--write-readme] [--memory]
 """
@@ -68,15 +69,6 @@ def build_mix(tok, per_file):
     return rows
 
 
-def median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def bench_tokenizer(name, per_file, repeats, threads):
     from tokenizers import Tokenizer
 
@@ -106,18 +98,26 @@ def bench_tokenizer(name, per_file, repeats, threads):
         fast.encode_batch(texts, add_special_tokens=False)
 
     dropin("last")  # builds and caches the core outside the timings
-    t = {
-        "ref_last": median_seconds(lambda: reference("last"), repeats),
-        "ref_all": median_seconds(lambda: reference("all"), repeats),
-        "dropin_last": median_seconds(lambda: dropin("last"), repeats),
-        "dropin_all": median_seconds(lambda: dropin("all"), repeats),
-        "batch1_last": median_seconds(lambda: batch("last", 1), repeats),
-        "batch1_all": median_seconds(lambda: batch("all", 1), repeats),
-        "batchN_last": median_seconds(lambda: batch("last", threads), repeats),
-        "batchN_all": median_seconds(lambda: batch("all", threads), repeats),
-        "floor1": median_seconds(lambda: floor(False), repeats),
-        "floorN": median_seconds(lambda: floor(True), repeats),
+    methods = {
+        "ref_last": lambda: reference("last"),
+        "ref_all": lambda: reference("all"),
+        "dropin_last": lambda: dropin("last"),
+        "dropin_all": lambda: dropin("all"),
+        "batch1_last": lambda: batch("last", 1),
+        "batch1_all": lambda: batch("all", 1),
+        "batchN_last": lambda: batch("last", threads),
+        "batchN_all": lambda: batch("all", threads),
+        "floor1": lambda: floor(False),
+        "floorN": lambda: floor(True),
     }
+    # Round-robin over the methods, so a noisy stretch of the machine hits all of them alike.
+    samples = {k: [] for k in methods}
+    for _ in range(repeats):
+        for k, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+    t = {k: statistics.median(v) for k, v in samples.items()}
     os.environ.pop("TOKENIZERS_PARALLELISM", None)
     return {"name": name, "conversations": len(rows), "tokens": n_tokens, "seconds": t, "chats": len(chats)}
 

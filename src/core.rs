@@ -11,7 +11,8 @@ use crate::chat::Conversation;
 use crate::encode::Encoder;
 use crate::error::{Error, Result};
 use crate::label::{self, Labeled, Mode};
-use crate::template::{render_context, ChatTemplate};
+use crate::spans::{for_each_string, strip_markers, token_mask, MarkerPicker};
+use crate::template::{render_context, ChatTemplate, MARKERS_VAR};
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`: the named special tokens every template sees.
 pub const SPECIAL_TOKEN_NAMES: [&str; 7] =
@@ -224,8 +225,42 @@ impl ChatTokenizer {
         args.template.render(&render_context(conv.prefix(n), add_generation_prompt, &args.base))
     }
 
-    /// The reference's tokens and masks for one conversation.
+    /// Renders `conversation[:n]` and returns the text with the `{% generation %}` spans (code points).
+    pub fn render_with_spans(
+        &self,
+        conv: &Conversation,
+        n: usize,
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<(String, Vec<(usize, usize)>)> {
+        if n == 0 {
+            return Err(Error::EmptyConversation);
+        }
+        let mut picker = MarkerPicker::default();
+        picker.see(&args.template.source);
+        for value in conv.messages[..n].iter().chain(args.base.iter().map(|(_, v)| v)) {
+            for_each_string(value, &mut |s| picker.see(s));
+        }
+        let (start, end) = picker.pick()?;
+        let mut base = args.base.clone();
+        base.push((MARKERS_VAR.to_string(), Value::from(format!("{start}{end}"))));
+        let marked = args.template.render(&render_context(conv.prefix(n), add_generation_prompt, &base))?;
+        strip_markers(&marked, (start, end))
+    }
+
+    /// Token ids of the rendered conversation and transformers' `assistant_masks` (bugs fixed).
+    pub fn assistant_mask(&self, conv: &Conversation, add_generation_prompt: bool, args: &TemplateArgs) -> Result<(Vec<u32>, Vec<u8>)> {
+        let (text, spans) = self.render_with_spans(conv, conv.len(), add_generation_prompt, args)?;
+        let (ids, offsets) = self.encoder.encode_with_char_offsets(&text)?;
+        Ok((ids, token_mask(&offsets, &spans)))
+    }
+
+    /// The reference's tokens and masks for one conversation (or generation-block labels).
     pub fn label(&self, conv: &Conversation, mode: Mode, finish_length: bool, args: &TemplateArgs) -> Result<Labeled> {
+        if mode == Mode::Generation {
+            let (ids, mask) = self.assistant_mask(conv, false, args)?;
+            return Ok(label::label_generation(ids, &mask, finish_length, self.eos_token_id));
+        }
         let render = |n: usize, gen: bool| self.render(conv, n, gen, args);
         label::label(&self.encoder, &render, &conv.roles, mode, finish_length, self.eos_token_id)
     }

@@ -122,6 +122,12 @@ impl Encoder {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids and each token's `(start, end)` in code points, as transformers' `char_to_token` sees them.
+    pub fn encode_with_char_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.tokenizer.encode_char_offsets(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     /// Encodes `text` and records where its added tokens are.
     pub fn encode_full(&self, text: String) -> Result<Encoded> {
         let enc = self.tokenizer.encode(text.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;

@@ -20,6 +20,9 @@ pub enum Mode {
     All,
     /// `tokenize_for_trainer_multistep`
     Multistep,
+    /// Labels from the template's `{% generation %}` blocks: exact where prefix renders are
+    /// not prefixes of the full render (where the count-based modes are wrong).
+    Generation,
 }
 
 impl Mode {
@@ -28,8 +31,9 @@ impl Mode {
             "last" => Ok(Mode::Last),
             "all" => Ok(Mode::All),
             "multistep" => Ok(Mode::Multistep),
+            "generation" => Ok(Mode::Generation),
             other => Err(Error::InvalidInput(format!(
-                "mode must be 'last', 'all' or 'multistep', not {other:?}"
+                "mode must be 'last', 'all', 'multistep' or 'generation', not {other:?}"
             ))),
         }
     }
@@ -103,6 +107,9 @@ pub fn label(
                 }
             }
         }
+        Mode::Generation => {
+            return Err(Error::Internal("generation labels come from label_generation".into()));
+        }
         Mode::Multistep => {
             masks = vec![IGNORE; total];
             let mut target = None;
@@ -139,6 +146,17 @@ pub fn label(
         }
     }
     Ok(Labeled { tokens, masks })
+}
+
+/// Labels from an assistant mask: the token where the mask is set, IGNORE elsewhere.
+/// `finish_length` drops a trailing eos, as the reference's multistep mode does.
+pub fn label_generation(mut tokens: Vec<u32>, mask: &[u8], finish_length: bool, eos: Option<u32>) -> Labeled {
+    let mut masks: Vec<i64> = tokens.iter().zip(mask).map(|(&t, &m)| if m != 0 { t as i64 } else { IGNORE }).collect();
+    if finish_length && tokens.last().is_some_and(|&t| Some(t) == eos) {
+        tokens.pop();
+        masks.pop();
+    }
+    Labeled { tokens, masks }
 }
 
 #[cfg(test)]

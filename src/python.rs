@@ -304,6 +304,41 @@ impl PyChatTokenizer {
         py.detach(|| inner.render(&conv, conv.len(), add_generation_prompt, &args)).map_err(core_err(py))
     }
 
+    /// Token ids and transformers' `assistant_masks` from `{% generation %}` blocks.
+    #[pyo3(signature = (conversation, add_generation_prompt=false, chat_template=None, **kwargs))]
+    fn assistant_mask<'py>(
+        &self,
+        py: Python<'py>,
+        conversation: &Bound<'py, PyAny>,
+        add_generation_prompt: bool,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let conv = to_conversation(conversation).map_err(core_err(py))?;
+        let args = self.args(py, chat_template, kwargs)?;
+        let inner = &self.inner;
+        let (ids, mask) = py
+            .detach(|| catch_panic(|| inner.assistant_mask(&conv, add_generation_prompt, &args)))
+            .map_err(core_err(py))?;
+        Ok((ids_list(py, &ids)?, PyList::new(py, &mask)?))
+    }
+
+    /// Renders and returns `(text, spans)`: the `{% generation %}` spans in code points.
+    #[pyo3(signature = (conversation, add_generation_prompt=false, chat_template=None, **kwargs))]
+    fn render_with_spans(
+        &self,
+        py: Python<'_>,
+        conversation: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<(String, Vec<(usize, usize)>)> {
+        let conv = to_conversation(conversation).map_err(core_err(py))?;
+        let args = self.args(py, chat_template, kwargs)?;
+        let inner = &self.inner;
+        py.detach(|| inner.render_with_spans(&conv, conv.len(), add_generation_prompt, &args)).map_err(core_err(py))
+    }
+
     /// One conversation labelled as the reference would: `(tokens, masks)` as lists of int.
     #[pyo3(signature = (conversation, mode="last", finish_reason="", chat_template=None, **kwargs))]
     fn label<'py>(
@@ -436,6 +471,12 @@ impl PyChatTokenizer {
     }
 }
 
+/// The thread count a batch uses when `num_threads` is None (`RAYON_NUM_THREADS`, else all cores).
+#[pyfunction]
+fn default_threads() -> usize {
+    batch::resolve_threads(None)
+}
+
 /// The demo tokenizer's `tokenizer.json` ("bytelevel" or "metaspace"), trained on the demo data.
 #[pyfunction]
 #[pyo3(signature = (kind="bytelevel"))]
@@ -452,6 +493,7 @@ fn demo_tokenizer_json(py: Python<'_>, kind: &str) -> PyResult<String> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatTokenizer>()?;
     m.add_function(wrap_pyfunction!(demo_tokenizer_json, m)?)?;
+    m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add("DEMO_CONVERSATIONS_JSON", demo::CONVERSATIONS_JSON)?;
     m.add("DEMO_CHAT_TEMPLATE", demo::CHAT_TEMPLATE)?;
     m.add("DEMO_EOS_TOKEN", demo::EOS_TOKEN)?;

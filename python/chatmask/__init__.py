@@ -4,6 +4,7 @@
 functions; :class:`ChatTokenizer` is the compiled core with single and batch APIs.
 """
 
+from . import demo
 from ._core import __version__
 from ._tokenizer import ChatTokenizer
 from .batch import TokenizedBatch
@@ -27,6 +28,7 @@ __all__ = [
     "TokenizedBatch",
     "TokenizerError",
     "__version__",
+    "demo",
     "tokenize_for_trainer",
     "tokenize_for_trainer_multistep",
 ]

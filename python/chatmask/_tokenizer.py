@@ -12,7 +12,7 @@ from .errors import TokenizerError
 Message = Mapping[str, Any]
 Conversation = Sequence[Message]
 
-MODES = ("last", "all", "multistep")
+MODES = ("last", "all", "multistep", "generation")
 
 
 def _split_template_kwargs(kwargs: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
@@ -82,10 +82,29 @@ class ChatTokenizer:
         documents: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = False,
         tokenize: bool = True,
+        return_assistant_tokens_mask: bool = False,
         chat_template: str | None = None,
         **kwargs: Any,
-    ) -> str | list[int]:
-        """transformers' `apply_chat_template` with list semantics: the text, or its token ids."""
+    ) -> str | list[int] | dict[str, list[int]]:
+        """transformers' `apply_chat_template` with list semantics: the text, or its token ids.
+
+        With ``return_assistant_tokens_mask=True`` it returns ``{"input_ids", "assistant_masks"}``,
+        the mask from the template's ``{% generation %}`` blocks (all zeros without them), with
+        transformers' two known bugs fixed: a span whose first character maps to no token no
+        longer drops every later span, and a span ending in token 0 no longer marks to the end.
+        """
+        if return_assistant_tokens_mask:
+            if not tokenize:
+                raise ValueError("return_assistant_tokens_mask=True requires tokenize=True")
+            ids, mask = self._core.assistant_mask(
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+                tools=tools,
+                documents=documents,
+                **kwargs,
+            )
+            return {"input_ids": ids, "assistant_masks": mask}
         text = self._core.render(
             conversation,
             add_generation_prompt=add_generation_prompt,
@@ -99,7 +118,11 @@ class ChatTokenizer:
     def tokenize_for_trainer(
         self, chat: Conversation, mode: str = "last", finish_reason: str = "", **template_kwargs: Any
     ) -> dict[str, list[int]]:
-        """The reference's `{"tokens", "masks"}` for one conversation; `mode` is last, all or multistep."""
+        """The reference's `{"tokens", "masks"}` for one conversation.
+
+        `mode` is ``last``, ``all``, ``multistep`` (the reference's three), or ``generation``:
+        labels from the template's ``{% generation %}`` blocks.
+        """
         chat_template, kwargs = _split_template_kwargs(template_kwargs)
         tokens, masks = self._core.label(
             chat,

@@ -122,9 +122,17 @@ fn strftime_now(format: String) -> Result<String, JinjaError> {
     Ok(out)
 }
 
-/// `{% generation %}` blocks render their body unchanged; span tracking is layered on later.
-fn generation_block(value: Value) -> Value {
-    value
+/// The context variable holding the two marker characters while spans are tracked.
+pub const MARKERS_VAR: &str = "__chatmask_generation_markers";
+
+/// `{% generation %}` blocks render their body, wrapped in the span markers when tracking.
+fn generation_block(state: &State, value: Value) -> Value {
+    let markers = state.lookup(MARKERS_VAR);
+    let mut chars = markers.as_ref().and_then(|m| m.as_str()).map(|m| m.chars()).into_iter().flatten();
+    match (chars.next(), chars.next()) {
+        (Some(start), Some(end)) => Value::from(format!("{start}{}{end}", pyfmt::py_str(&value))),
+        _ => value,
+    }
 }
 
 fn build_environment() -> Environment<'static> {
