@@ -89,6 +89,19 @@ fn pool(num_threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     Ok(built)
 }
 
+/// After `fork()`, the `tokenizers` crate's global rayon pool (which its trainer and batch
+/// helpers use) has no threads in the child; switch that parallelism off there, as the
+/// Python `tokenizers` package does, instead of deadlocking. Our own pool is rebuilt by pid.
+pub fn install_fork_handler() {
+    extern "C" fn in_child() {
+        tokenizers::utils::parallelism::set_parallelism(false);
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| unsafe {
+        libc::pthread_atfork(None, None, Some(in_child));
+    });
+}
+
 /// Thread count: the argument, else `RAYON_NUM_THREADS`, else every core.
 pub fn resolve_threads(num_threads: Option<usize>) -> usize {
     num_threads

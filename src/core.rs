@@ -65,15 +65,19 @@ impl ChatTokenizer {
             .iter()
             .find(|(k, _)| k == "eos_token")
             .and_then(|(_, v)| encoder.token_to_id(v));
-        let tok = ChatTokenizer { encoder, sources, special_tokens, eos_token_id, compiled: Mutex::new(HashMap::new()) };
-        // Compile the model's own templates up front, so a broken template fails at load time.
-        if let Some(src) = tok.sources.default.clone() {
-            tok.compile(&src)?;
-        }
-        for (_, src) in tok.sources.named.clone() {
-            tok.compile(&src)?;
-        }
-        Ok(tok)
+        // Templates compile lazily: one minijinja cannot compile may still render through the
+        // Python fallback, which the caller decides on with `compile_error`.
+        Ok(ChatTokenizer { encoder, sources, special_tokens, eos_token_id, compiled: Mutex::new(HashMap::new()) })
+    }
+
+    /// Why minijinja cannot compile this template source, if it cannot.
+    pub fn compile_error(&self, source: &str) -> Option<Error> {
+        self.compile(source).err()
+    }
+
+    /// Every template source the tokenizer carries.
+    pub fn template_sources(&self) -> Vec<String> {
+        self.sources.default.iter().cloned().chain(self.sources.named.iter().map(|(_, s)| s.clone())).collect()
     }
 
     /// Loads a local tokenizer directory with transformers 5's precedence: `chat_template.jinja`
@@ -251,8 +255,18 @@ impl ChatTokenizer {
     /// Token ids of the rendered conversation and transformers' `assistant_masks` (bugs fixed).
     pub fn assistant_mask(&self, conv: &Conversation, add_generation_prompt: bool, args: &TemplateArgs) -> Result<(Vec<u32>, Vec<u8>)> {
         let (text, spans) = self.render_with_spans(conv, conv.len(), add_generation_prompt, args)?;
-        let (ids, offsets) = self.encoder.encode_with_char_offsets(&text)?;
-        Ok((ids, token_mask(&offsets, &spans)))
+        self.mask_from_spans(&text, &spans)
+    }
+
+    /// Token ids of `text` and the assistant mask of the given spans (code points).
+    pub fn mask_from_spans(&self, text: &str, spans: &[(usize, usize)]) -> Result<(Vec<u32>, Vec<u8>)> {
+        let (ids, offsets) = self.encoder.encode_with_char_offsets(text)?;
+        Ok((ids, token_mask(&offsets, spans)))
+    }
+
+    /// Labels with renders from elsewhere (the Jinja2 fallback): `render(n, add_generation_prompt)`.
+    pub fn label_with(&self, roles: &[crate::chat::Role], render: &label::RenderFn<'_>, mode: Mode, finish_length: bool) -> Result<Labeled> {
+        label::label(&self.encoder, render, roles, mode, finish_length, self.eos_token_id)
     }
 
     /// The reference's tokens and masks for one conversation (or generation-block labels).

@@ -339,6 +339,63 @@ impl PyChatTokenizer {
         py.detach(|| inner.render_with_spans(&conv, conv.len(), add_generation_prompt, &args)).map_err(core_err(py))
     }
 
+    /// Why minijinja cannot compile a template (None if it can): the caller's cue to fall back.
+    #[pyo3(signature = (chat_template=None, has_tools=false))]
+    fn compile_error(&self, py: Python<'_>, chat_template: Option<&str>, has_tools: bool) -> PyResult<Option<PyErr>> {
+        let source = self.inner.template_source(chat_template, has_tools).map_err(core_err(py))?;
+        Ok(self.inner.compile_error(&source).map(|e| to_pyerr(py, &e, None)))
+    }
+
+    /// A construct in this template source that minijinja renders differently from Jinja2, if any.
+    #[staticmethod]
+    fn unsupported_construct(source: &str) -> Option<&'static str> {
+        crate::template::unsupported_construct(source)
+    }
+
+    /// Every template source the tokenizer carries (default and named).
+    fn template_sources(&self) -> Vec<String> {
+        self.inner.template_sources()
+    }
+
+    /// Token ids of `text` and the assistant mask of `spans` (code points), for spans rendered elsewhere.
+    fn mask_from_spans<'py>(
+        &self,
+        py: Python<'py>,
+        text: &str,
+        spans: Vec<(usize, usize)>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let (ids, mask) = py.detach(|| self.inner.mask_from_spans(text, &spans)).map_err(core_err(py))?;
+        Ok((ids_list(py, &ids)?, PyList::new(py, &mask)?))
+    }
+
+    /// Labels one conversation with renders from a Python callable `render(n, add_generation_prompt)`
+    /// (the Jinja2 fallback); encoding and labelling stay here. A render that raises is a
+    /// TemplateError carrying its message.
+    #[pyo3(signature = (conversation, render, mode="last", finish_reason=""))]
+    fn label_with<'py>(
+        &self,
+        py: Python<'py>,
+        conversation: &Bound<'py, PyAny>,
+        render: &Bound<'py, PyAny>,
+        mode: &str,
+        finish_reason: &str,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let mode = Mode::parse(mode).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        if mode == Mode::Generation {
+            return Err(PyValueError::new_err("mode='generation' with a Python renderer goes through mask_from_spans"));
+        }
+        let conv = to_conversation(conversation).map_err(core_err(py))?;
+        let call = |n: usize, gen: bool| -> Result<String, Error> {
+            render
+                .call1((n, gen))
+                .and_then(|v| v.extract::<String>())
+                .map_err(|e| Error::TemplateRaised(e.value(py).to_string()))
+        };
+        let out = catch_panic(|| self.inner.label_with(&conv.roles, &call, mode, finish_reason == "length"))
+            .map_err(core_err(py))?;
+        Ok((ids_list(py, &out.tokens)?, PyList::new(py, &out.masks)?))
+    }
+
     /// One conversation labelled as the reference would: `(tokens, masks)` as lists of int.
     #[pyo3(signature = (conversation, mode="last", finish_reason="", chat_template=None, **kwargs))]
     fn label<'py>(
@@ -492,6 +549,7 @@ fn demo_tokenizer_json(py: Python<'_>, kind: &str) -> PyResult<String> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatTokenizer>()?;
+    batch::install_fork_handler();
     m.add_function(wrap_pyfunction!(demo_tokenizer_json, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add("DEMO_CONVERSATIONS_JSON", demo::CONVERSATIONS_JSON)?;

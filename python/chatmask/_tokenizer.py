@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from . import _core
+from ._fallback import JinjaRenderer
 from .batch import TokenizedBatch
-from .errors import TokenizerError
+from .errors import ChatMaskError, TemplateError, TokenizerError
 
 Message = Mapping[str, Any]
 Conversation = Sequence[Message]
@@ -21,13 +26,96 @@ def _split_template_kwargs(kwargs: dict[str, Any]) -> tuple[str | None, dict[str
     return kwargs.pop("chat_template", None), kwargs
 
 
+DEFAULT_VERIFY = 8
+
+
 class ChatTokenizer:
-    """A tokenizer and its chat template(s), compiled once and used from any thread."""
+    """A tokenizer and its chat template(s), compiled once and used from any thread.
 
-    render_backend = "minijinja"
+    Templates render natively (minijinja). A template minijinja cannot compile renders through
+    transformers' Jinja2 environment instead, with a warning; so does one whose native render
+    differs from Jinja2 on any of the first `verify` conversations (checked only when
+    transformers is already imported, since chatmask never imports it on its own).
+    `render_backend` says which path the default template takes.
+    """
 
-    def __init__(self, core: _core.ChatTokenizer) -> None:
+    def __init__(self, core: _core.ChatTokenizer, verify: int = DEFAULT_VERIFY) -> None:
         self._core = core
+        self._fallback: dict[str, JinjaRenderer] = {}
+        self._verify_left = verify
+        for source in core.template_sources():
+            self._renderer_for(source)
+
+    @property
+    def render_backend(self) -> str:
+        """``"minijinja"`` or ``"jinja2"`` (the exact fallback) for the default template."""
+        try:
+            source = self._core.template_source()
+        except ChatMaskError:
+            return "minijinja"
+        return "jinja2" if source in self._fallback else "minijinja"
+
+    def _renderer_for(self, source: str, reason: str | None = None) -> JinjaRenderer | None:
+        """The Jinja2 renderer if `source` must take the exact path, else None (native)."""
+        if source in self._fallback:
+            return self._fallback[source]
+        error = None
+        if reason is None:
+            error = self._core.compile_error(source)
+            if error is not None:
+                reason = f"minijinja cannot compile it ({error})"
+            else:
+                reason = _core.ChatTokenizer.unsupported_construct(source)
+                if reason is None:
+                    return None
+        try:
+            renderer = JinjaRenderer(source, self.special_tokens)
+        except ImportError:
+            if error is not None:
+                raise error from None
+            return None
+        except Exception:
+            if error is not None:
+                raise error from None  # Jinja2 cannot compile it either: a real syntax error
+            raise
+        warnings.warn(
+            f"chatmask: rendering a chat template with Jinja2 (transformers' environment) because {reason}; "
+            "tokenizing and labelling still run in Rust",
+            stacklevel=3,
+        )
+        self._fallback[source] = renderer
+        return renderer
+
+    def _verify(self, chat: Conversation, source: str, kwargs: dict[str, Any]) -> JinjaRenderer | None:
+        """Renders `chat` both ways while verification lasts; on a difference, switch to Jinja2."""
+        if self._verify_left <= 0 or "transformers" not in sys.modules:
+            return None
+        self._verify_left -= 1
+        try:
+            exact = JinjaRenderer(source, self.special_tokens)
+        except Exception:
+            return None
+        for generation_prompt in (False, True):
+            try:
+                ours = self._core.render(chat, add_generation_prompt=generation_prompt, chat_template=source, **kwargs)
+            except TemplateError:
+                ours = None
+            except ChatMaskError:
+                return None  # bad input, not a template difference: the caller raises it
+            try:
+                theirs = exact.render(chat, add_generation_prompt=generation_prompt, **kwargs)
+            except Exception:
+                theirs = None
+            if ours != theirs:
+                return self._renderer_for(source, "its minijinja render differed from Jinja2 on a verified conversation")
+        return None
+
+    def _route(self, chat: Conversation, chat_template: str | None, kwargs: dict[str, Any]) -> JinjaRenderer | None:
+        source = self._core.template_source(chat_template, kwargs.get("tools") is not None)
+        renderer = self._renderer_for(source)
+        if renderer is None and self._verify_left > 0:
+            renderer = self._verify(chat, source, kwargs)
+        return renderer
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> ChatTokenizer:
@@ -93,6 +181,18 @@ class ChatTokenizer:
         transformers' two known bugs fixed: a span whose first character maps to no token no
         longer drops every later span, and a span ending in token 0 no longer marks to the end.
         """
+        kwargs = {**kwargs, "tools": tools, "documents": documents}
+        renderer = self._route(conversation, chat_template, kwargs)
+        if renderer is not None:
+            if return_assistant_tokens_mask:
+                if not tokenize:
+                    raise ValueError("return_assistant_tokens_mask=True requires tokenize=True")
+                text, spans = renderer.render_with_spans(conversation, add_generation_prompt, **kwargs)
+                ids, mask = self._core.mask_from_spans(text, spans)
+                return {"input_ids": ids, "assistant_masks": mask}
+            text = renderer.render(conversation, add_generation_prompt, **kwargs)
+            return self._core.encode(text) if tokenize else text
+        del kwargs["tools"], kwargs["documents"]
         if return_assistant_tokens_mask:
             if not tokenize:
                 raise ValueError("return_assistant_tokens_mask=True requires tokenize=True")
@@ -124,13 +224,22 @@ class ChatTokenizer:
         labels from the template's ``{% generation %}`` blocks.
         """
         chat_template, kwargs = _split_template_kwargs(template_kwargs)
-        tokens, masks = self._core.label(
-            chat,
-            mode=mode,
-            finish_reason="length" if finish_reason == "length" else "",
-            chat_template=chat_template,
-            **kwargs,
-        )
+        finish = "length" if finish_reason == "length" else ""
+        renderer = self._route(chat, chat_template, kwargs)
+        if renderer is None:
+            tokens, masks = self._core.label(chat, mode=mode, finish_reason=finish, chat_template=chat_template, **kwargs)
+        elif mode == "generation":
+            text, spans = renderer.render_with_spans(chat, False, **kwargs)
+            tokens, mask = self._core.mask_from_spans(text, spans)
+            masks = [t if m else -100 for t, m in zip(tokens, mask)]
+            if finish and tokens and tokens[-1] == self.eos_token_id:
+                tokens, masks = tokens[:-1], masks[:-1]
+        else:
+
+            def render(n: int, add_generation_prompt: bool) -> str:
+                return renderer.render(chat[:n], add_generation_prompt, **kwargs)
+
+            tokens, masks = self._core.label_with(chat, render, mode=mode, finish_reason=finish)
         return {"tokens": tokens, "masks": masks}
 
     def tokenize_batch(
@@ -147,6 +256,8 @@ class ChatTokenizer:
         chat_template, kwargs = _split_template_kwargs(template_kwargs)
         if not isinstance(conversations, (list, tuple)):
             conversations = list(conversations)
+        if self._needs_python_rendering(conversations, chat_template, kwargs):
+            return self._tokenize_rows(conversations, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs)
         arrays = self._core.tokenize_batch(
             conversations,
             mode=mode,
@@ -158,3 +269,55 @@ class ChatTokenizer:
             **kwargs,
         )
         return TokenizedBatch(**arrays)
+
+    def _needs_python_rendering(self, rows: Sequence[Any], chat_template: str | None, kwargs: dict[str, Any]) -> bool:
+        """Whether any template the batch uses takes the Jinja2 path (verifying the first rows)."""
+        for row in rows[: max(self._verify_left, 1)]:
+            chat, row_kwargs = _row_parts(row, kwargs)
+            if isinstance(chat, (list, tuple)) and self._route(chat, chat_template, row_kwargs) is not None:
+                return True
+        return bool(self._fallback)
+
+    def _tokenize_rows(self, rows, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs) -> TokenizedBatch:
+        """The batch, one row at a time, for templates on the Jinja2 path (rendering needs the GIL)."""
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        ids, labels, rows_out, errors = [], [], [], []
+        for i, row in enumerate(rows):
+            finish = finish_reason if isinstance(finish_reason, str) else finish_reason[i]
+            try:
+                chat, row_kwargs = _row_parts(row, kwargs)
+                out = self.tokenize_for_trainer(chat, mode, finish or "", chat_template=chat_template, **row_kwargs)
+            except ChatMaskError as e:
+                if on_error == "raise":
+                    e.row = i
+                    e.args = (f"row {i}: {e}",)
+                    raise
+                errors.append((i, str(e)))
+                continue
+            ids.append(out["tokens"])
+            labels.append(out["masks"])
+            rows_out.append(i)
+
+        def flat(parts, dtype):
+            return np.fromiter((x for p in parts for x in p), dtype=dtype)
+
+        def offsets(parts):
+            return np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
+
+        return TokenizedBatch(
+            input_ids=flat(ids, np.dtype(ids_dtype)),
+            labels=flat(labels, np.int64),
+            offsets=offsets(ids),
+            label_offsets=offsets(labels),
+            rows=np.array(rows_out, dtype=np.int64),
+            errors=errors,
+        )
+
+
+def _row_parts(row: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A batch row's messages and template kwargs (a mapping row may carry its own tools/documents)."""
+    if isinstance(row, Mapping):
+        extra = {k: row[k] for k in ("tools", "documents") if row.get(k) is not None}
+        return row.get("messages"), {**kwargs, **extra}
+    return row, kwargs

@@ -5,10 +5,11 @@
 mod methods;
 pub mod pyfmt;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::value::{Kwargs, Rest, Value, ValueKind, ValueOrKwargs};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, State};
 
 use crate::error::Error;
@@ -50,6 +51,114 @@ fn rewrite_generation_tags(source: &str) -> String {
 /// Jinja2 reads template source with universal newlines.
 fn normalize_newlines(source: &str) -> String {
     source.replace("\r\n", "\n").replace('\r', "\n")
+}
+
+/// Jinja2's `trim_blocks` does not eat the newline right after `{% raw %}`; minijinja's does,
+/// so that newline is doubled for minijinja to eat one.
+fn keep_newline_after_raw(source: &str) -> String {
+    use std::sync::OnceLock;
+    static RAW: OnceLock<regex::Regex> = OnceLock::new();
+    let raw = RAW.get_or_init(|| regex::Regex::new(r"(\{%[-+]?\s*raw\s*%\})\n").unwrap());
+    raw.replace_all(source, "${1}\n\n").into_owned()
+}
+
+/// Constructs minijinja renders differently from Jinja2 that a template cannot be checked for
+/// at run time. A `|safe` result meeting `+` is the one seen on the Hub: Jinja2's Markup
+/// HTML-escapes the other operand, minijinja concatenates.
+pub fn unsupported_construct(source: &str) -> Option<&'static str> {
+    use std::sync::OnceLock;
+    static SAFE_PLUS: OnceLock<regex::Regex> = OnceLock::new();
+    let safe_plus = SAFE_PLUS.get_or_init(|| {
+        regex::Regex::new(
+            r"\|\s*safe\s*\)?\s*\+|\+\s*\(?\s*[^{}%+]{0,80}\|\s*safe\b|\|\s*safe\b[^{}%]{0,120}?\)\s*\+",
+        )
+        .unwrap()
+    });
+    safe_plus
+        .is_match(source)
+        .then_some("it adds a `|safe` string with `+`, which Jinja2 HTML-escapes (Markup) and minijinja does not")
+}
+
+/// Python's `str.splitlines()` (without keepends).
+fn py_splitlines(s: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    let mut chars = s.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let is_break = matches!(c, '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}' | '\u{2028}' | '\u{2029}');
+        if is_break {
+            lines.push(&s[start..i]);
+            let mut next = i + c.len_utf8();
+            if c == '\r' {
+                if let Some(&(j, '\n')) = chars.peek() {
+                    chars.next();
+                    next = j + 1;
+                }
+            }
+            start = next;
+        }
+    }
+    if start < s.len() {
+        lines.push(&s[start..]);
+    }
+    lines
+}
+
+/// Jinja2's `indent(width=4, first=False, blank=False)`, trailing-newline quirk included.
+fn indent(
+    value: &Value,
+    width: Option<Value>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<String, JinjaError> {
+    let width = match width {
+        Some(w) => Some(w),
+        None => kwargs.get::<Option<Value>>("width")?,
+    };
+    let first = first.or(kwargs.get::<Option<bool>>("first")?);
+    let blank = blank.or(kwargs.get::<Option<bool>>("blank")?);
+    kwargs.assert_all_used()?;
+    let indention = match &width {
+        Some(w) if w.as_str().is_some() => w.as_str().unwrap_or_default().to_string(),
+        Some(w) => " ".repeat(w.as_i64().unwrap_or(4).max(0) as usize),
+        None => "    ".to_string(),
+    };
+    let s = format!("{}\n", pyfmt::py_str(value));
+    let lines = py_splitlines(&s);
+    let mut rv = if blank.unwrap_or(false) {
+        lines.join(&format!("\n{indention}"))
+    } else {
+        let mut iter = lines.into_iter();
+        let mut rv = iter.next().unwrap_or_default().to_string();
+        let rest: Vec<String> =
+            iter.map(|l| if l.is_empty() { String::new() } else { format!("{indention}{l}") }).collect();
+        if !rest.is_empty() {
+            rv.push('\n');
+            rv.push_str(&rest.join("\n"));
+        }
+        rv
+    };
+    if first.unwrap_or(false) {
+        rv = format!("{indention}{rv}");
+    }
+    Ok(rv)
+}
+
+/// Jinja2's `map`, `select`, `reject`, `selectattr` and `rejectattr` return generators: always
+/// true, without a length, and refused by `tojson`. minijinja's return lists; wrap them lazily.
+fn generator(items: Vec<Value>) -> Value {
+    let items = Arc::new(items);
+    Value::make_iterable(move || {
+        let items = items.clone();
+        (0..items.len()).map(move |i| items[i].clone())
+    })
+}
+
+/// Jinja2's `sequence` test: anything with a length and item access (strings and dicts too).
+fn is_sequence(value: &Value) -> bool {
+    value.is_undefined()
+        || matches!(value.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String | ValueKind::Bytes)
 }
 
 fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
@@ -156,6 +265,29 @@ fn build_environment() -> Environment<'static> {
     env.add_filter("string", python_string);
     env.add_filter("trim", trim);
     env.add_filter("join", join);
+    env.add_filter("indent", indent);
+    env.add_filter("map", |state: &mut State, value: Value, args: Rest<ValueOrKwargs>| {
+        minijinja::filters::map(state, value, args).map(generator)
+    });
+    env.add_filter("select", |state: &mut State, value: Value, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
+        minijinja::filters::select(state, value, test, args).map(generator)
+    });
+    env.add_filter("reject", |state: &mut State, value: Value, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
+        minijinja::filters::reject(state, value, test, args).map(generator)
+    });
+    env.add_filter(
+        "selectattr",
+        |state: &mut State, value: Value, attr: Cow<'_, str>, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
+            minijinja::filters::selectattr(state, value, attr, test, args).map(generator)
+        },
+    );
+    env.add_filter(
+        "rejectattr",
+        |state: &mut State, value: Value, attr: Cow<'_, str>, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
+            minijinja::filters::rejectattr(state, value, attr, test, args).map(generator)
+        },
+    );
+    env.add_test("sequence", is_sequence);
     env.add_filter("_chatmask_generation", generation_block);
     env.add_test("iterable", is_iterable);
     env.add_function("raise_exception", raise_exception);
@@ -180,7 +312,7 @@ impl ChatTemplate {
     /// Compiles a template source as transformers would see it.
     pub fn compile(source: &str) -> Result<ChatTemplate, Error> {
         let mut env = build_environment();
-        let prepared = rewrite_generation_tags(&normalize_newlines(source));
+        let prepared = keep_newline_after_raw(&rewrite_generation_tags(&normalize_newlines(source)));
         env.add_template_owned(TEMPLATE_NAME, prepared).map_err(|e| Error::TemplateSyntax {
             detail: e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string()),
             line: e.line(),
@@ -257,6 +389,15 @@ mod tests {
     fn generation_tags_render_their_body() {
         let out = render("{%- generation -%}A{%- endgeneration %}B", msgs(&[]), &[]).unwrap();
         assert_eq!(out, "AB");
+    }
+
+    #[test]
+    fn jinja2_quirks_raw_indent_sequence() {
+        let out = render("A{% raw %}\nB{% endraw %}C|{{ 'x\n'|indent(4, first=true) }}|{{ 'a\nb\n'|indent(2) }}|{{ 'abc' is sequence }}", msgs(&[]), &[]).unwrap();
+        assert_eq!(out, "A\nBC|    x\n|a\n  b\n|True");
+        assert!(unsupported_construct("{{ 'x'|safe + y }}").is_some());
+        assert!(unsupported_construct("{{ (v | tojson | safe if v is mapping else v) + 'z' }}").is_some());
+        assert!(unsupported_construct("{{ x | safe }}{{ a + b }}").is_none());
     }
 
     #[test]

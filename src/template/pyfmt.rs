@@ -181,7 +181,11 @@ fn write_json(out: &mut String, v: &Value, style: &JsonStyle, level: usize) -> R
             }
         }
         ValueKind::String => write_json_str(out, v.as_str().unwrap_or_default(), style.ensure_ascii),
-        ValueKind::Seq | ValueKind::Iterable => {
+        // Jinja2's map/select/reject and dict views are generators and views, which json.dumps refuses.
+        ValueKind::Iterable => {
+            return Err(type_error("Object of type generator is not JSON serializable".into()));
+        }
+        ValueKind::Seq => {
             let items: Vec<Value> = v.try_iter()?.collect();
             if items.is_empty() {
                 out.push_str("[]");

@@ -1,0 +1,73 @@
+"""Render parity on the Hub template collection: every case identical to transformers or both raise.
+
+Cases per template: the three built-in conversations of ../shared/fixtures/templates/render_check.py
+and every prefix of them, plus the first rows of every conversation file (with their tools), each
+with add_generation_prompt False and True. Rendering goes through the public path, so a template
+chatmask routes to Jinja2 (cannot compile, a known-different construct, or a difference found by
+verification) is rendered exactly. The test reports how many templates stay native.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+from conftest import require_shared
+
+import chatmask
+
+ROWS_PER_FILE = int(os.environ.get("CHATMASK_TEMPLATE_ROWS", "3"))
+DATE = "26 Jul 2024"
+
+
+def test_every_template_renders_like_transformers():
+    import template_survey as survey
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    templates_dir = require_shared("fixtures", "templates")
+    survey.ROWS_PER_FILE = ROWS_PER_FILE
+    extra_vars, cases = survey.build_cases()
+    demo_json = chatmask.demo.demo_tokenizer_json()
+    compared = raised_alike = 0
+    differing, fallback = [], {}
+    paths = sorted(templates_dir.glob("*.jinja"))
+    for path in paths:
+        source = path.read_text(encoding="utf-8")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tok = chatmask.ChatTokenizer.from_parts(demo_json, source, dict(extra_vars))
+            for case_id, messages, tools in cases:
+                for agp in (False, True):
+                    chat = [{k: v for k, v in m.items() if v is not None} for m in copy.deepcopy(messages)]
+                    try:
+                        want = render_jinja_template(
+                            conversations=[chat], tools=copy.deepcopy(tools), chat_template=source,
+                            add_generation_prompt=agp, date_string=DATE, **extra_vars,
+                        )[0][0]
+                    except Exception:
+                        want = None
+                    try:
+                        got = tok.apply_chat_template(
+                            copy.deepcopy(messages), tools=copy.deepcopy(tools), add_generation_prompt=agp,
+                            tokenize=False, date_string=DATE,
+                        )
+                    except chatmask.ChatMaskError:
+                        got = None
+                    compared += 1
+                    if want is None and got is None:
+                        raised_alike += 1
+                    elif want != got:
+                        differing.append(f"{path.stem} {case_id} agp={agp}")
+        if tok.render_backend == "jinja2":
+            fallback[path.stem] = next((str(w.message) for w in caught if "Jinja2" in str(w.message)), "")
+    native = len(paths) - len(fallback)
+    print(
+        f"\n{len(paths)} templates, {compared} cases: {compared - len(differing)} identical or raised alike "
+        f"({raised_alike} raised alike), {len(differing)} differ; {native} native ({native / len(paths):.1%}), "
+        f"{len(fallback)} on the Jinja2 path:"
+    )
+    for name, reason in sorted(fallback.items()):
+        print(f"  {name}: {reason}")
+    assert not differing, "\n".join(differing[:30])
+    assert native / len(paths) >= 0.95
