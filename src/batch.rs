@@ -130,40 +130,47 @@ pub struct BatchRunner {
     args: Arc<BatchArgs>,
     mode: Mode,
     on_error: OnError,
-    pool: Arc<rayon::ThreadPool>,
+    /// `None` with one thread: rows are labelled on the calling thread, so "1 thread" uses one
+    /// core (no pool thread labelling while the caller converts the next chunk).
+    pool: Option<Arc<rayon::ThreadPool>>,
     pub out: BatchOutput,
     next_row: usize,
 }
 
 impl BatchRunner {
     pub fn new(tok: Arc<ChatTokenizer>, args: BatchArgs, mode: Mode, on_error: OnError, num_threads: Option<usize>) -> Result<Self> {
+        let threads = resolve_threads(num_threads);
         Ok(BatchRunner {
             tok,
             args: Arc::new(args),
             mode,
             on_error,
-            pool: pool(resolve_threads(num_threads))?,
+            pool: if threads > 1 { Some(pool(threads)?) } else { None },
             out: BatchOutput { offsets: vec![0], label_offsets: vec![0], ..Default::default() },
             next_row: 0,
         })
     }
 
-    /// Starts labelling the next rows in the background.
+    /// Starts labelling the next rows in the background (with one thread: labels them now,
+    /// so call it without the GIL).
     pub fn submit(&mut self, chunk: Vec<Row>) -> Pending {
         let (tx, rx) = mpsc::sync_channel(1);
         let (tok, args, mode) = (self.tok.clone(), self.args.clone(), self.mode);
         let expected = chunk.len();
-        let pool = self.pool.clone();
-        self.pool.spawn(move || {
-            let labeled: Vec<Result<Labeled>> = pool.install(|| {
-                chunk
-                    .into_par_iter()
-                    .map(|row| row.and_then(|r| catch_panic(|| label_row(&tok, r, mode, &args))))
-                    .collect()
-            });
-            debug_assert_eq!(labeled.len(), expected);
-            let _ = tx.send(labeled);
-        });
+        let label = move |row: Row| row.and_then(|r| catch_panic(|| label_row(&tok, r, mode, &args)));
+        match &self.pool {
+            None => {
+                let _ = tx.send(chunk.into_iter().map(label).collect());
+            }
+            Some(pool) => {
+                let inner = pool.clone();
+                pool.spawn(move || {
+                    let labeled: Vec<Result<Labeled>> = inner.install(|| chunk.into_par_iter().map(label).collect());
+                    debug_assert_eq!(labeled.len(), expected);
+                    let _ = tx.send(labeled);
+                });
+            }
+        }
         let pending = Pending { first_row: self.next_row, results: rx };
         self.next_row += expected;
         pending

@@ -489,7 +489,7 @@ impl PyChatTokenizer {
                         }),
                 );
             }
-            let submitted = (!chunk.is_empty()).then(|| runner.submit(chunk));
+            let submitted = (!chunk.is_empty()).then(|| py.detach(|| runner.submit(chunk)));
             if let Some(p) = pending.take() {
                 let (first, labeled) = py.detach(|| p.wait());
                 runner.collect(first, labeled).map_err(|(row, e)| to_pyerr(py, &e, Some(row)))?;
