@@ -13,6 +13,8 @@ import copy
 import os
 import warnings
 
+import pytest
+
 from conftest import require_shared
 
 import chatmask
@@ -71,3 +73,47 @@ def test_every_template_renders_like_transformers():
         print(f"  {name}: {reason}")
     assert not differing, "\n".join(differing[:30])
     assert native / len(paths) >= 0.95
+
+
+CHAT = [{"role": "user", "content": "a < b"}, {"role": "assistant", "content": "ok"}]
+
+
+def test_known_different_construct_takes_the_jinja2_path():
+    pytest.importorskip("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    source = "{% for m in messages %}{{ (m.content | safe) + '&' }}{% endfor %}"
+    with pytest.warns(UserWarning, match="Jinja2"):
+        tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source)
+    assert tok.render_backend == "jinja2"
+    want = render_jinja_template(conversations=[CHAT], chat_template=source)[0][0]
+    assert tok.apply_chat_template(CHAT, tokenize=False) == want == "a < b&amp;ok&amp;"
+    assert tok.tokenize_for_trainer(CHAT)["tokens"] == tok.encode(want)
+
+
+class _DifferentRender:
+    """The core, except that its native render differs from Jinja2 (as an unknown gap would)."""
+
+    def __init__(self, core):
+        self._core = core
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+    def render(self, *args, **kwargs):
+        return self._core.render(*args, **kwargs) + "!"
+
+
+@pytest.mark.parametrize("verify", [0, 2])
+def test_verification_switches_to_jinja2_on_a_difference(verify):
+    pytest.importorskip("transformers")
+    source = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source, verify=verify)
+    tok._core = _DifferentRender(tok._core)
+    assert tok.render_backend == "minijinja"
+    if verify == 0:
+        assert tok.apply_chat_template(CHAT, tokenize=False) == "a < bok!"  # not verified: native render
+        return
+    with pytest.warns(UserWarning, match="differed from Jinja2"):
+        assert tok.apply_chat_template(CHAT, tokenize=False) == "a < bok"
+    assert tok.render_backend == "jinja2"

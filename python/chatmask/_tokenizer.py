@@ -118,14 +118,16 @@ class ChatTokenizer:
         return renderer
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> ChatTokenizer:
+    def from_pretrained(cls, path: str | os.PathLike[str], verify: int = DEFAULT_VERIFY) -> ChatTokenizer:
         """Load a local tokenizer directory the way transformers 5 does (offline, no hub)."""
         if not os.path.isdir(path):
             raise TokenizerError(f"{os.fspath(path)!r} is not a local tokenizer directory (chatmask never downloads)")
-        return cls(_core.ChatTokenizer.from_pretrained(os.fspath(path)))
+        return cls(_core.ChatTokenizer.from_pretrained(os.fspath(path)), verify)
 
     @classmethod
-    def from_transformers(cls, tokenizer: Any, chat_template: str | dict[str, str] | None = None) -> ChatTokenizer:
+    def from_transformers(
+        cls, tokenizer: Any, chat_template: str | dict[str, str] | None = None, verify: int = DEFAULT_VERIFY
+    ) -> ChatTokenizer:
         """Build from a transformers fast tokenizer (v4.45+ or v5).
 
         The backend comes from ``tokenizer.backend_tokenizer.to_str()``, not from the file on disk,
@@ -139,7 +141,7 @@ class ChatTokenizer:
             )
         template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
         specials = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
-        return cls(_core.ChatTokenizer.from_parts(backend.to_str(), template, specials))
+        return cls(_core.ChatTokenizer.from_parts(backend.to_str(), template, specials), verify)
 
     @classmethod
     def from_parts(
@@ -147,9 +149,10 @@ class ChatTokenizer:
         tokenizer_json: str,
         chat_template: str | dict[str, str] | None = None,
         special_tokens: Mapping[str, str] | None = None,
+        verify: int = DEFAULT_VERIFY,
     ) -> ChatTokenizer:
         """Build from a serialized `tokenizers` tokenizer, a template and the named special tokens."""
-        return cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, dict(special_tokens or {})))
+        return cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, dict(special_tokens or {})), verify)
 
     @property
     def eos_token_id(self) -> int | None:

@@ -62,21 +62,134 @@ fn keep_newline_after_raw(source: &str) -> String {
     raw.replace_all(source, "${1}\n\n").into_owned()
 }
 
+fn syntax_config() -> minijinja::syntax::SyntaxConfig {
+    minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .expect("default delimiters are valid")
+}
+
+/// Jinja2 raises `TypeError: 'NoneType' object is not iterable` for `{% for x in none %}`;
+/// minijinja iterates None as empty, and has no hook for it. Tool-use templates that loop over
+/// `tools` without a guard depend on that error, so every for-loop's iterable is routed
+/// through `_chatmask_iterable`, which raises on None. Positions come from minijinja's own
+/// parser, so the rewrite is exact; a source that does not parse is left for the compiler
+/// to report.
+fn guard_none_iteration(source: &str) -> String {
+    use minijinja::machinery::ast::{Expr, Stmt};
+    // An expression's span starts at its last operator (a filter's starts at the filter's
+    // name), so the start is the leftmost start in its operand chain.
+    fn start(e: &Expr<'_>) -> u32 {
+        let inner = match e {
+            Expr::Filter(f) => f.expr.as_ref().map(start),
+            Expr::Test(t) => Some(start(&t.expr)),
+            Expr::GetAttr(g) => Some(start(&g.expr)),
+            Expr::GetItem(g) => Some(start(&g.expr)),
+            Expr::Call(c) => Some(start(&c.expr)),
+            Expr::Slice(s) => Some(start(&s.expr)),
+            Expr::BinOp(b) => Some(start(&b.left)),
+            Expr::Compare(c) => Some(start(&c.expr)),
+            Expr::IfExpr(i) => Some(start(&i.true_expr)),
+            _ => None,
+        };
+        inner.map_or(e.span().start_offset, |s| s.min(e.span().start_offset))
+    }
+    fn walk(stmts: &[Stmt<'_>], out: &mut Vec<(usize, usize)>) {
+        for stmt in stmts {
+            match stmt {
+                Stmt::Template(t) => walk(&t.children, out),
+                Stmt::ForLoop(f) => {
+                    out.push((start(&f.iter) as usize, f.iter.span().end_offset as usize));
+                    walk(&f.body, out);
+                    walk(&f.else_body, out);
+                }
+                Stmt::IfCond(c) => {
+                    walk(&c.true_body, out);
+                    walk(&c.false_body, out);
+                }
+                Stmt::WithBlock(w) => walk(&w.body, out),
+                Stmt::SetBlock(b) => walk(&b.body, out),
+                Stmt::AutoEscape(a) => walk(&a.body, out),
+                Stmt::FilterBlock(b) => walk(&b.body, out),
+                Stmt::Block(b) => walk(&b.body, out),
+                Stmt::Macro(m) => walk(&m.body, out),
+                Stmt::CallBlock(c) => walk(&c.macro_decl.body, out),
+                _ => {}
+            }
+        }
+    }
+    let Ok(ast) = minijinja::machinery::parse(source, TEMPLATE_NAME, syntax_config()) else {
+        return source.to_string();
+    };
+    let mut iterables = Vec::new();
+    walk(std::slice::from_ref(&ast), &mut iterables);
+    if iterables.is_empty() {
+        return source.to_string();
+    }
+    iterables.sort_unstable();
+    let mut out = String::with_capacity(source.len() + iterables.len() * 24);
+    let mut pos = 0;
+    for (start, end) in iterables {
+        let (Some(head), Some(expr)) = (source.get(pos..start), source.get(start..end)) else {
+            return source.to_string(); // spans that do not nest cleanly: leave the source as is
+        };
+        out.push_str(head);
+        out.push('(');
+        out.push_str(expr);
+        out.push_str(")|_chatmask_iterable");
+        pos = end;
+    }
+    out.push_str(&source[pos..]);
+    // Belt and braces: a rewrite that does not parse is dropped rather than reported as the
+    // template's error.
+    if minijinja::machinery::parse(&out, TEMPLATE_NAME, syntax_config()).is_err() {
+        return source.to_string();
+    }
+    out
+}
+
+/// The identity, except that None is not iterable (Jinja2's TypeError).
+fn iterable_or_raise(value: Value) -> Result<Value, JinjaError> {
+    if value.is_none() {
+        return Err(pyfmt::type_error("'NoneType' object is not iterable".into()));
+    }
+    Ok(value)
+}
+
 /// Constructs minijinja renders differently from Jinja2 that a template cannot be checked for
-/// at run time. A `|safe` result meeting `+` is the one seen on the Hub: Jinja2's Markup
-/// HTML-escapes the other operand, minijinja concatenates.
+/// at run time, each seen on the Hub:
+/// - a `|safe` result meeting `+`: Jinja2's Markup HTML-escapes the other operand, minijinja
+///   concatenates;
+/// - a dict method's name read as an attribute without a call (`json_spec.items`): Jinja2's
+///   `getattr` finds the bound method before the key, minijinja the key. Names bound by
+///   `namespace(...)` are exempt: a namespace's attributes are its keys in both.
 pub fn unsupported_construct(source: &str) -> Option<&'static str> {
     use std::sync::OnceLock;
     static SAFE_PLUS: OnceLock<regex::Regex> = OnceLock::new();
+    static METHOD_ATTR: OnceLock<regex::Regex> = OnceLock::new();
+    static NAMESPACE: OnceLock<regex::Regex> = OnceLock::new();
     let safe_plus = SAFE_PLUS.get_or_init(|| {
         regex::Regex::new(
             r"\|\s*safe\s*\)?\s*\+|\+\s*\(?\s*[^{}%+]{0,80}\|\s*safe\b|\|\s*safe\b[^{}%]{0,120}?\)\s*\+",
         )
         .unwrap()
     });
-    safe_plus
-        .is_match(source)
-        .then_some("it adds a `|safe` string with `+`, which Jinja2 HTML-escapes (Markup) and minijinja does not")
+    if safe_plus.is_match(source) {
+        return Some("it adds a `|safe` string with `+`, which Jinja2 HTML-escapes (Markup) and minijinja does not");
+    }
+    let method_attr = METHOD_ATTR.get_or_init(|| {
+        regex::Regex::new(
+            r"([A-Za-z_][A-Za-z0-9_]*)\.(?:items|keys|values|get|pop|popitem|setdefault|update|copy|clear|fromkeys)\b(\s*\()?",
+        )
+        .unwrap()
+    });
+    let namespace = NAMESPACE.get_or_init(|| regex::Regex::new(r"set\s+([A-Za-z_][A-Za-z0-9_]*)\s*=\s*namespace\s*\(").unwrap());
+    let namespaces: Vec<&str> = namespace.captures_iter(source).filter_map(|c| c.get(1)).map(|m| m.as_str()).collect();
+    method_attr
+        .captures_iter(source)
+        .any(|c| c.get(2).is_none() && !namespaces.contains(&&c[1]))
+        .then_some("it reads a dict method's name as an attribute (like `x.items`), which Jinja2 resolves to the method and minijinja to the key")
 }
 
 /// Python's `str.splitlines()` (without keepends).
@@ -246,13 +359,7 @@ fn generation_block(state: &State, value: Value) -> Value {
 
 fn build_environment() -> Environment<'static> {
     let mut env = Environment::new();
-    env.set_syntax(
-        minijinja::syntax::SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .build()
-            .expect("default delimiters are valid"),
-    );
+    env.set_syntax(syntax_config());
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
     env.set_unknown_method_callback(methods::unknown_method);
     env.set_formatter(|out, _state, value| {
@@ -289,6 +396,7 @@ fn build_environment() -> Environment<'static> {
     );
     env.add_test("sequence", is_sequence);
     env.add_filter("_chatmask_generation", generation_block);
+    env.add_filter("_chatmask_iterable", iterable_or_raise);
     env.add_test("iterable", is_iterable);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
@@ -312,7 +420,7 @@ impl ChatTemplate {
     /// Compiles a template source as transformers would see it.
     pub fn compile(source: &str) -> Result<ChatTemplate, Error> {
         let mut env = build_environment();
-        let prepared = keep_newline_after_raw(&rewrite_generation_tags(&normalize_newlines(source)));
+        let prepared = guard_none_iteration(&keep_newline_after_raw(&rewrite_generation_tags(&normalize_newlines(source))));
         env.add_template_owned(TEMPLATE_NAME, prepared).map_err(|e| Error::TemplateSyntax {
             detail: e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string()),
             line: e.line(),
@@ -398,6 +506,25 @@ mod tests {
         assert!(unsupported_construct("{{ 'x'|safe + y }}").is_some());
         assert!(unsupported_construct("{{ (v | tojson | safe if v is mapping else v) + 'z' }}").is_some());
         assert!(unsupported_construct("{{ x | safe }}{{ a + b }}").is_none());
+        assert!(unsupported_construct("{{ f(spec.items) }}").is_some());
+        assert!(unsupported_construct("{% for k, v in spec.items() %}{{ d.get('a') }}{% endfor %}").is_none());
+        assert!(unsupported_construct("{% set ns = namespace(items=[]) %}{{ ns.items }}").is_none());
+    }
+
+    #[test]
+    fn iterating_none_raises_like_jinja2() {
+        let tools = [("tools".to_string(), Value::from(()))];
+        let err = render("{% for t in tools %}{{ t }}{% endfor %}", msgs(&[]), &tools).unwrap_err();
+        assert!(format!("{err}").contains("'NoneType' object is not iterable"), "{err}");
+        // Undefined still iterates as empty; filters, slices and `if` clauses keep working.
+        let out = render(
+            "{% for m in nothing %}x{% endfor %}{% for m in messages[1:]|reverse if m.role %}{{ m.role }}{% endfor %}\
+             {% macro f(xs) %}{% for x in xs %}{{ x }}{% endfor %}{% endmacro %}{{ f([1, 2]) }}",
+            msgs(&[("system", "a"), ("assistant", "b"), ("user", "c")]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(out, "userassistant12");
     }
 
     #[test]

@@ -28,7 +28,7 @@ impl JsonStyle {
     }
 }
 
-fn type_error(msg: String) -> Error {
+pub(crate) fn type_error(msg: String) -> Error {
     Error::new(ErrorKind::InvalidOperation, msg)
 }
 

@@ -1,0 +1,88 @@
+"""Type stub for the compiled core (`src/python.rs`). The public, documented API is the
+`chatmask` package; this module is its engine and may change between versions."""
+
+from os import PathLike
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+__version__: str
+DEMO_CONVERSATIONS_JSON: str
+DEMO_CHAT_TEMPLATE: str
+DEMO_EOS_TOKEN: str
+
+Conversation = Sequence[Mapping[str, Any]]
+
+def demo_tokenizer_json(kind: str = "bytelevel") -> str: ...
+def default_threads() -> int: ...
+
+class ChatTokenizer:
+    @staticmethod
+    def from_pretrained(path: str | PathLike[str]) -> ChatTokenizer: ...
+    @staticmethod
+    def from_parts(
+        tokenizer_json: str,
+        chat_template: str | Mapping[str, str] | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+    ) -> ChatTokenizer: ...
+    @staticmethod
+    def unsupported_construct(source: str) -> str | None: ...
+    @property
+    def eos_token_id(self) -> int | None: ...
+    @property
+    def special_tokens(self) -> dict[str, str]: ...
+    @property
+    def has_chat_template(self) -> bool: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int], per_token: bool = False) -> str | list[str]: ...
+    def template_source(self, chat_template: str | None = None, has_tools: bool = False) -> str: ...
+    def template_sources(self) -> list[str]: ...
+    def compile_error(self, chat_template: str | None = None, has_tools: bool = False) -> Exception | None: ...
+    def render(
+        self,
+        conversation: Conversation,
+        add_generation_prompt: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str: ...
+    def render_with_spans(
+        self,
+        conversation: Conversation,
+        add_generation_prompt: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[str, list[tuple[int, int]]]: ...
+    def assistant_mask(
+        self,
+        conversation: Conversation,
+        add_generation_prompt: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[list[int], list[int]]: ...
+    def mask_from_spans(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]: ...
+    def label(
+        self,
+        conversation: Conversation,
+        mode: str = "last",
+        finish_reason: str = "",
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[list[int], list[int]]: ...
+    def label_with(
+        self,
+        conversation: Conversation,
+        render: Callable[[int, bool], str],
+        mode: str = "last",
+        finish_reason: str = "",
+    ) -> tuple[list[int], list[int]]: ...
+    def tokenize_batch(
+        self,
+        conversations: Sequence[Conversation | Mapping[str, Any]],
+        mode: str = "last",
+        finish_reason: str | Sequence[str | None] | None = None,
+        num_threads: int | None = None,
+        on_error: str = "raise",
+        ids_dtype: str = "int32",
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray | list[tuple[int, str]]]: ...
