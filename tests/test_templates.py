@@ -78,16 +78,22 @@ def test_every_template_renders_like_transformers():
 CHAT = [{"role": "user", "content": "a < b"}, {"role": "assistant", "content": "ok"}]
 
 
-def test_known_different_construct_takes_the_jinja2_path():
+@pytest.mark.parametrize(
+    "source, want",
+    [
+        ("{% for m in messages %}{{ (m.content | safe) + '&' }}{% endfor %}", "a < b&amp;ok&amp;"),
+        ("{% for m in messages %}{{ '%s: %-4s|%05.1f;' % (m.role, m.content, 2.25) }}{% endfor %}", "user: a < b|002.2;assistant: ok  |002.2;"),
+        ("{% macro f(x) %}{{ x is mapping }}{% endmacro %}{{ f(messages[0].items) }}", "False"),
+    ],
+)
+def test_known_different_construct_takes_the_jinja2_path(source, want):
     pytest.importorskip("transformers")
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    source = "{% for m in messages %}{{ (m.content | safe) + '&' }}{% endfor %}"
     with pytest.warns(UserWarning, match="Jinja2"):
         tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source)
     assert tok.render_backend == "jinja2"
-    want = render_jinja_template(conversations=[CHAT], chat_template=source)[0][0]
-    assert tok.apply_chat_template(CHAT, tokenize=False) == want == "a < b&amp;ok&amp;"
+    assert tok.apply_chat_template(CHAT, tokenize=False) == render_jinja_template(conversations=[CHAT], chat_template=source)[0][0] == want
     assert tok.tokenize_for_trainer(CHAT)["tokens"] == tok.encode(want)
 
 
@@ -117,3 +123,39 @@ def test_verification_switches_to_jinja2_on_a_difference(verify):
     with pytest.warns(UserWarning, match="differed from Jinja2"):
         assert tok.apply_chat_template(CHAT, tokenize=False) == "a < bok"
     assert tok.render_backend == "jinja2"
+
+
+# One snippet per known minijinja/Jinja2 gap; each must render natively and equal Jinja2 exactly.
+GAPS = {
+    "tojson": "{{ {'b': 1.0, 'a': [1e20, 0.1, none, true], 'é': '<&>'} | tojson }}|{{ {'b': 1, 'a': 2} | tojson(indent=2, sort_keys=true) }}|{{ [1, 2] | tojson(separators=(',', ':')) }}",
+    "str_methods": "{% set s = ' a.b.c ' %}{{ s.rsplit('.', 1) }}{{ s.partition('.')[2] }}{{ s.rpartition('.')[0] }}{{ s.removeprefix(' a') }}{{ s.removesuffix('c ') }}{{ s.index('b') }}{{ '7'.zfill(3) }}{{ 'hello world'.title() }}{{ 'hELLO'.capitalize() }}{{ s.count('.') }}{{ s.find('z') }}",
+    "strip_whitespace_set": "[{{ '\u00a0\u2028 x \x1c\x1f'.strip() }}][{{ ' a\u3000b '.split() }}]",
+    "numbers": "{{ 1.0 }} {{ 1e16 }} {{ 0.1 + 0.2 }} {{ 7 // 2 }} {{ -7 // 2 }} {{ 7 / 2 }} {{ 2 ** 10 }} {{ 10 / 5 }}",
+    "crlf_source": "{% for m in messages %}\r\n{{ m.content }}\r\n{% endfor %}\r\n",
+    "negative_slices": "{{ messages[::-1] | map(attribute='role') | list }}{{ 'abcdef'[::-2] }}{{ [1, 2, 3, 4][-1:0:-1] }}",
+    "namespace": "{% set ns = namespace(n=0, last='') %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% set ns.last = m.role %}{% endfor %}{{ ns.n }}{{ ns.last }}",
+    "loop_items": "{% for m in messages %}{{ loop.previtem.role if loop.previtem is defined else '-' }}>{{ loop.nextitem.role if loop.nextitem is defined else '-' }};{% endfor %}",
+    "selectattr": "{{ messages | selectattr('role', 'equalto', 'user') | map(attribute='content') | list }}{{ messages | rejectattr('role', 'equalto', 'user') | list | length }}",
+    "defined_keys": "{% for m in messages %}{{ m.name is defined }}{{ m['role'] is defined }}{{ m.missing is undefined }}{% endfor %}",
+    "dict_items": "{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}{{ messages[0].keys() | list }}{{ messages[0].get('nope', 'd') }}",
+    "iterate_none": "{% for t in tools %}{{ t }}{% endfor %}",
+    "python_reprs": "{{ messages[0] }}{{ none }}{{ true }}{{ {'k': [none, false]} }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GAPS))
+def test_known_gap_renders_like_jinja2(name):
+    pytest.importorskip("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    source = GAPS[name]
+    chat = [{"role": "user", "content": "hi", "name": "n"}, {"role": "assistant", "content": "yo"}]
+    tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source, verify=0)
+    assert tok.render_backend == "minijinja"
+    try:
+        want = render_jinja_template(conversations=[copy.deepcopy(chat)], chat_template=source)[0][0]
+    except TypeError as e:  # iterating None: both must raise, with Jinja2's message
+        with pytest.raises(chatmask.TemplateError, match=str(e)):
+            tok.apply_chat_template(chat, tokenize=False)
+        return
+    assert tok.apply_chat_template(chat, tokenize=False) == want

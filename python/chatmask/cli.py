@@ -1,60 +1,184 @@
-"""The ``chatmask`` command line."""
+"""The ``chatmask`` command line: ``tokenize`` and ``show`` (see :mod:`chatmask.pipeline`), and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-import time
+import tempfile
 from typing import Sequence
 
-RED, GREEN, DIM, RESET = "\033[31m", "\033[32m", "\033[2m", "\033[0m"
+from ._tokenizer import MODES
+from .pipeline import (  # noqa: F401 - render_mask is re-exported for callers of the old CLI module
+    ShowOptions,
+    TokenizeOptions,
+    UsageError,
+    render_mask,
+    run_show,
+    run_tokenize,
+)
 
 
-def render_mask(pieces: Sequence[str], labels: Sequence[int], color: bool) -> str:
-    """Each token's text; trained tokens green (or in [[...]] without colour), masked ones dim."""
-    out = []
-    for piece, label in zip(pieces, labels):
-        text = piece.replace("\n", "\\n\n")
-        if label == -100:
-            out.append(f"{DIM}{text}{RESET}" if color else text)
-        else:
-            out.append(f"{GREEN}{text}{RESET}" if color else f"[[{text}]]")
-    return "".join(out)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import demo_conversations, demo_tokenizer
-
-    tok = demo_tokenizer()
-    rows = demo_conversations()
-    started = time.perf_counter()
-    batch = tok.tokenize_batch([r["messages"] for r in rows], mode=args.mode, on_error="skip")
-    seconds = time.perf_counter() - started
-    trained = int((batch.labels != -100).sum())
-    print(
-        f"demo: {len(rows)} conversations -> {len(batch)} rows, {len(batch.input_ids)} tokens "
-        f"({trained} trained), {len(batch.errors)} errors, mode={args.mode}, {seconds * 1000:.1f} ms"
+def _tokenize(args: argparse.Namespace) -> int:
+    run_tokenize(
+        TokenizeOptions(
+            inputs=args.inputs,
+            outdir=args.out,
+            tokenizer=args.tokenizer,
+            mode=args.mode,
+            threads=args.threads,
+            messages_field=args.messages_field,
+            tools_field=args.tools_field,
+            finish_reason_field=args.finish_reason_field,
+            rows_per_file=args.rows_per_file,
+            batch_rows=args.batch_rows,
+            resume=args.resume,
+            quiet=args.quiet,
+        )
     )
-    for row, message in batch.errors:
-        print(f"  row {row} ({rows[row]['id']}): {message}")
-    shown = batch[min(args.row, len(batch) - 1)]
-    print(f"\nrow {int(batch.rows[min(args.row, len(batch) - 1)])}: trained tokens marked")
-    pieces = tok._core.decode(shown["input_ids"].tolist(), per_token=True)
-    color = sys.stdout.isatty() and not args.no_color
-    print(render_mask(pieces, shown["labels"].tolist(), color))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _show(args: argparse.Namespace) -> int:
+    if args.input is not None and args.demo_row is not None:
+        raise UsageError("give INPUT (with --row) or --demo-row, not both")
+    return run_show(
+        ShowOptions(
+            tokenizer=args.tokenizer,
+            input=args.input,
+            row=args.row,
+            demo_row=args.demo_row,
+            mode=args.mode,
+            html=args.html,
+            no_color=args.no_color,
+            messages_field=args.messages_field,
+            tools_field=args.tools_field,
+            finish_reason_field=args.finish_reason_field,
+        )
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """`chatmask tokenize` on the embedded demo conversations, then `chatmask show` on one row (offline)."""
+    from .demo import demo_conversations
+
+    try:
+        import pyarrow  # noqa: F401 - the pipeline writes Parquet; numpy is the only hard dependency
+    except ImportError:
+        return _demo_without_pyarrow(args)
+    with tempfile.TemporaryDirectory(prefix="chatmask-demo-") as tmp:
+        source = os.path.join(tmp, "demo.jsonl")
+        with open(source, "w", encoding="utf-8") as f:
+            for row in demo_conversations():
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out = args.out if args.out is not None else os.path.join(tmp, "out")
+        print(f"$ chatmask tokenize demo.jsonl -o {args.out or '<tmpdir>'} --tokenizer demo --mode {args.mode}")
+        sys.stdout.flush()
+        run_tokenize(TokenizeOptions(inputs=[source], outdir=out, tokenizer="demo", mode=args.mode))
+        with open(os.path.join(out, "errors.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                error = json.loads(line)
+                print(f"  errors.jsonl: row {error['row']}: {error['error']}")
+        print(f"\n$ chatmask show --tokenizer demo --demo-row {args.row} --mode {args.mode}")
+        sys.stdout.flush()
+        code = run_show(
+            ShowOptions(tokenizer="demo", demo_row=args.row, mode=args.mode, html=args.html, no_color=args.no_color)
+        )
+        if args.out is None:
+            print("\n(output written to a temporary directory and removed; pass --out DIR to keep it)")
+        return code
+
+
+def _demo_without_pyarrow(args: argparse.Namespace) -> int:
+    """`pip install -e .` alone has no pyarrow: tokenize in memory instead of to Parquet, then show."""
+    from .demo import demo_conversations, demo_tokenizer
+
+    rows = demo_conversations()
+    batch = demo_tokenizer().tokenize_batch([r["messages"] for r in rows], mode=args.mode, on_error="skip")
+    trained = int((batch.labels != -100).sum())
+    print("(pyarrow is not installed, so `chatmask tokenize` cannot write Parquet: pip install pyarrow;")
+    print(" tokenizing the demo in memory instead)")
+    print(
+        f"demo: {len(rows)} conversations -> {len(batch)} rows, {len(batch.input_ids)} tokens ({trained} trained), "
+        f"{len(batch.errors)} errors, mode={args.mode}"
+    )
+    for row, message in batch.errors:
+        print(f"  row {row}: {message}")
+    print(f"\n$ chatmask show --tokenizer demo --demo-row {args.row} --mode {args.mode}")
+    sys.stdout.flush()
+    return run_show(
+        ShowOptions(tokenizer="demo", demo_row=args.row, mode=args.mode, html=args.html, no_color=args.no_color)
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def _add_fields(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--messages-field", default="messages", help="field holding the list of messages (default: messages)")
+    p.add_argument("--tools-field", default="tools", help="field holding the row's tools, if any (default: tools)")
+    p.add_argument("--finish-reason-field", default=None, help="field holding the row's finish reason (e.g. 'length')")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatmask", description="Chat conversations to training arrays.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    tok = sub.add_parser(
+        "tokenize",
+        help="tokenize JSONL/Parquet conversations into Parquet parts (resumable, nothing lost)",
+        description="Tokenize JSONL (plain, .gz, .zst) or Parquet conversations into Parquet part files, "
+        "errors.jsonl and manifest.json in OUTDIR. Every input row lands in exactly one part or errors.jsonl.",
+    )
+    tok.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories (their *.jsonl[.gz|.zst], *.parquet)")
+    tok.add_argument("-o", "--out", required=True, metavar="OUTDIR", help="output directory (new or empty, or --resume)")
+    tok.add_argument("--tokenizer", required=True, help="local tokenizer directory, or 'demo' (nothing is downloaded)")
+    tok.add_argument("--mode", default="last", choices=MODES, help="label mode (default: last)")
+    tok.add_argument("--threads", type=_positive, default=None, help="tokenizer threads (default: all cores)")
+    _add_fields(tok)
+    tok.add_argument("--rows-per-file", type=_positive, default=100_000, help="rows per part file (default: 100000)")
+    tok.add_argument("--batch-rows", type=_positive, default=4096, help="rows read and tokenized at a time (default: 4096)")
+    tok.add_argument("--resume", action="store_true", help="finish an interrupted job in OUTDIR")
+    tok.add_argument("--quiet", action="store_true", help="no progress line and no summary")
+    tok.set_defaults(func=_tokenize)
+
+    show = sub.add_parser("show", help="print one conversation's tokens with trained/masked marked (or --html)")
+    show.add_argument("input", nargs="?", metavar="INPUT", help="JSONL or Parquet file (default: the demo conversations)")
+    show.add_argument("--tokenizer", required=True, help="local tokenizer directory, or 'demo'")
+    show.add_argument("--row", type=int, default=0, help="row of INPUT to show (0-based, default 0)")
+    show.add_argument("--demo-row", type=int, default=None, help="show this demo conversation instead of an INPUT row")
+    show.add_argument("--mode", default="last", choices=MODES, help="label mode (default: last)")
+    show.add_argument("--html", metavar="FILE", help="also write a self-contained HTML view to FILE")
+    show.add_argument("--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour")
+    _add_fields(show)
+    show.set_defaults(func=_show)
+
     demo = sub.add_parser("demo", help="tokenize the built-in demo conversations (offline) and show one row")
-    demo.add_argument("--mode", default="all", choices=["last", "all", "multistep"])
-    demo.add_argument("--row", type=int, default=0)
+    demo.add_argument("--mode", default="all", choices=[m for m in MODES if m != "generation"])
+    demo.add_argument("--row", type=int, default=0, help="demo conversation to show")
+    demo.add_argument("--out", default=None, metavar="DIR", help="keep the tokenize output in DIR")
+    demo.add_argument("--html", default=None, metavar="FILE", help="also write the HTML view of the row")
     demo.add_argument("--no-color", action="store_true")
     demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"chatmask {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = " (rerun with --resume to finish)" if args.command == "tokenize" else ""
+        print(f"\nchatmask {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -161,6 +161,9 @@ fn iterable_or_raise(value: Value) -> Result<Value, JinjaError> {
 /// at run time, each seen on the Hub:
 /// - a `|safe` result meeting `+`: Jinja2's Markup HTML-escapes the other operand, minijinja
 ///   concatenates;
+/// - Python's `%` string formatting on a string literal (`'%s: %s' % (a, b)`), which minijinja
+///   does not have (no template in the Hub collection uses it; a `%` on a variable holding a
+///   string still fails loudly in minijinja, never silently);
 /// - a dict method's name read as an attribute without a call (`json_spec.items`): Jinja2's
 ///   `getattr` finds the bound method before the key, minijinja the key. Names bound by
 ///   `namespace(...)` are exempt: a namespace's attributes are its keys in both.
@@ -178,9 +181,15 @@ pub fn unsupported_construct(source: &str) -> Option<&'static str> {
     if safe_plus.is_match(source) {
         return Some("it adds a `|safe` string with `+`, which Jinja2 HTML-escapes (Markup) and minijinja does not");
     }
+    static STRING_PERCENT: OnceLock<regex::Regex> = OnceLock::new();
+    let string_percent =
+        STRING_PERCENT.get_or_init(|| regex::Regex::new(r#"(?:'[^'\n]*'|"[^"\n]*")\s*%[^}]"#).unwrap());
+    if string_percent.is_match(source) {
+        return Some("it formats a string with Python's `%` operator, which minijinja does not have");
+    }
     let method_attr = METHOD_ATTR.get_or_init(|| {
         regex::Regex::new(
-            r"([A-Za-z_][A-Za-z0-9_]*)\.(?:items|keys|values|get|pop|popitem|setdefault|update|copy|clear|fromkeys)\b(\s*\()?",
+            r"([A-Za-z_][A-Za-z0-9_]*|[\])])\.(?:items|keys|values|get|pop|popitem|setdefault|update|copy|clear|fromkeys)\b(\s*\()?",
         )
         .unwrap()
     });
@@ -507,6 +516,8 @@ mod tests {
         assert!(unsupported_construct("{{ (v | tojson | safe if v is mapping else v) + 'z' }}").is_some());
         assert!(unsupported_construct("{{ x | safe }}{{ a + b }}").is_none());
         assert!(unsupported_construct("{{ f(spec.items) }}").is_some());
+        assert!(unsupported_construct("{{ '%s: %d' % (a, 1) }}").is_some());
+        assert!(unsupported_construct("{% if loop.index0 % 2 == 0 %}{{ strftime_now('%Y') }}{% endif %}").is_none());
         assert!(unsupported_construct("{% for k, v in spec.items() %}{{ d.get('a') }}{% endfor %}").is_none());
         assert!(unsupported_construct("{% set ns = namespace(items=[]) %}{{ ns.items }}").is_none());
     }
