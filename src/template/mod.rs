@@ -161,9 +161,9 @@ fn iterable_or_raise(value: Value) -> Result<Value, JinjaError> {
 /// at run time, each seen on the Hub:
 /// - a `|safe` result meeting `+`: Jinja2's Markup HTML-escapes the other operand, minijinja
 ///   concatenates;
-/// - Python's `%` string formatting on a string literal (`'%s: %s' % (a, b)`), which minijinja
-///   does not have (no template in the Hub collection uses it; a `%` on a variable holding a
-///   string still fails loudly in minijinja, never silently);
+/// - Python's `%` string formatting on a string literal (`'image_%02d' % n`), which minijinja
+///   does not have (a `%` on a variable holding a string fails loudly in minijinja, never
+///   silently);
 /// - a dict method's name read as an attribute without a call (`json_spec.items`): Jinja2's
 ///   `getattr` finds the bound method before the key, minijinja the key. Names bound by
 ///   `namespace(...)` are exempt: a namespace's attributes are its keys in both.
@@ -181,10 +181,7 @@ pub fn unsupported_construct(source: &str) -> Option<&'static str> {
     if safe_plus.is_match(source) {
         return Some("it adds a `|safe` string with `+`, which Jinja2 HTML-escapes (Markup) and minijinja does not");
     }
-    static STRING_PERCENT: OnceLock<regex::Regex> = OnceLock::new();
-    let string_percent =
-        STRING_PERCENT.get_or_init(|| regex::Regex::new(r#"(?:'[^'\n]*'|"[^"\n]*")\s*%[^}]"#).unwrap());
-    if string_percent.is_match(source) {
+    if formats_string_literal(source) {
         return Some("it formats a string with Python's `%` operator, which minijinja does not have");
     }
     let method_attr = METHOD_ATTR.get_or_init(|| {
@@ -199,6 +196,21 @@ pub fn unsupported_construct(source: &str) -> Option<&'static str> {
         .captures_iter(source)
         .any(|c| c.get(2).is_none() && !namespaces.contains(&&c[1]))
         .then_some("it reads a dict method's name as an attribute (like `x.items`), which Jinja2 resolves to the method and minijinja to the key")
+}
+
+/// Whether a string literal is followed by the `%` operator, read with minijinja's own lexer
+/// (a regex cannot tell where strings start: `"a" + f("%Y")` is no formatting).
+fn formats_string_literal(source: &str) -> bool {
+    use minijinja::machinery::{tokenize, Token};
+    let mut after_string = false;
+    for token in tokenize(source, false, syntax_config()) {
+        let Ok((token, _)) = token else { return false };
+        if after_string && matches!(token, Token::Mod) {
+            return true;
+        }
+        after_string = matches!(token, Token::Str(_) | Token::String(_));
+    }
+    false
 }
 
 /// Python's `str.splitlines()` (without keepends).
@@ -518,6 +530,7 @@ mod tests {
         assert!(unsupported_construct("{{ f(spec.items) }}").is_some());
         assert!(unsupported_construct("{{ '%s: %d' % (a, 1) }}").is_some());
         assert!(unsupported_construct("{% if loop.index0 % 2 == 0 %}{{ strftime_now('%Y') }}{% endif %}").is_none());
+        assert!(unsupported_construct("{{ \"date: \" + strftime_now(\"%Y-%m-%d\") + \".\" }}").is_none());
         assert!(unsupported_construct("{% for k, v in spec.items() %}{{ d.get('a') }}{% endfor %}").is_none());
         assert!(unsupported_construct("{% set ns = namespace(items=[]) %}{{ ns.items }}").is_none());
     }
