@@ -113,13 +113,17 @@ pub fn resolve_threads(num_threads: Option<usize>) -> usize {
 /// A chunk submitted to the pool; `wait` blocks until it is labelled.
 pub struct Pending {
     first_row: usize,
+    rows: usize,
     results: mpsc::Receiver<Vec<Result<Labeled>>>,
 }
 
 impl Pending {
     pub fn wait(self) -> (usize, Vec<Result<Labeled>>) {
-        // The sender only disappears if the worker panicked; report that as row errors.
-        let results = self.results.recv().unwrap_or_default();
+        // Rows are labelled under `catch_panic`, so the sender disappears only if the pool
+        // itself failed; every row of the chunk then becomes an error, none goes missing.
+        let results = self.results.recv().ok().filter(|r| r.len() == self.rows).unwrap_or_else(|| {
+            (0..self.rows).map(|_| Err(Error::Internal("a batch worker thread died".into()))).collect()
+        });
         (self.first_row, results)
     }
 }
@@ -166,12 +170,11 @@ impl BatchRunner {
                 let inner = pool.clone();
                 pool.spawn(move || {
                     let labeled: Vec<Result<Labeled>> = inner.install(|| chunk.into_par_iter().map(label).collect());
-                    debug_assert_eq!(labeled.len(), expected);
                     let _ = tx.send(labeled);
                 });
             }
         }
-        let pending = Pending { first_row: self.next_row, results: rx };
+        let pending = Pending { first_row: self.next_row, rows: expected, results: rx };
         self.next_row += expected;
         pending
     }

@@ -12,7 +12,7 @@ use crate::encode::Encoder;
 use crate::error::{Error, Result};
 use crate::label::{self, Labeled, Mode};
 use crate::spans::{for_each_string, strip_markers, token_mask, MarkerPicker};
-use crate::template::{render_context, ChatTemplate, MARKERS_VAR};
+use crate::template::{render_context, ChatTemplate, RenderLimits, MARKERS_VAR};
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`: the named special tokens every template sees.
 pub const SPECIAL_TOKEN_NAMES: [&str; 7] =
@@ -36,7 +36,14 @@ pub struct ChatTokenizer {
     sources: TemplateSources,
     special_tokens: Vec<(String, String)>,
     pub eos_token_id: Option<u32>,
-    compiled: Mutex<HashMap<String, Arc<ChatTemplate>>>,
+    compiled: Mutex<CompiledTemplates>,
+}
+
+/// Templates compiled under the current limits; changing the limits empties it.
+#[derive(Default)]
+struct CompiledTemplates {
+    limits: RenderLimits,
+    by_source: HashMap<String, Arc<ChatTemplate>>,
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
@@ -67,7 +74,7 @@ impl ChatTokenizer {
             .and_then(|(_, v)| encoder.token_to_id(v));
         // Templates compile lazily: one minijinja cannot compile may still render through the
         // Python fallback, which the caller decides on with `compile_error`.
-        Ok(ChatTokenizer { encoder, sources, special_tokens, eos_token_id, compiled: Mutex::new(HashMap::new()) })
+        Ok(ChatTokenizer { encoder, sources, special_tokens, eos_token_id, compiled: Mutex::default() })
     }
 
     /// Why minijinja cannot compile this template source, if it cannot.
@@ -149,12 +156,24 @@ impl ChatTokenizer {
 
     fn compile(&self, source: &str) -> Result<Arc<ChatTemplate>> {
         let mut cache = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = cache.get(source) {
+        if let Some(t) = cache.by_source.get(source) {
             return Ok(t.clone());
         }
-        let compiled = Arc::new(ChatTemplate::compile(source)?);
-        cache.insert(source.to_string(), compiled.clone());
+        let compiled = Arc::new(ChatTemplate::compile(source, cache.limits)?);
+        cache.by_source.insert(source.to_string(), compiled.clone());
         Ok(compiled)
+    }
+
+    pub fn render_limits(&self) -> RenderLimits {
+        self.compiled.lock().unwrap_or_else(|p| p.into_inner()).limits
+    }
+
+    /// Applies to renders that start after the call; running ones keep their template.
+    pub fn set_render_limits(&self, limits: RenderLimits) {
+        let mut cache = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.limits != limits {
+            *cache = CompiledTemplates { limits, by_source: HashMap::new() };
+        }
     }
 
     /// The template transformers' `get_chat_template` would pick.

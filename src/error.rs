@@ -9,6 +9,8 @@ pub enum Error {
     TemplateSyntax { detail: String, line: Option<usize> },
     /// The template failed while rendering (not through `raise_exception`).
     TemplateRender { detail: String, line: Option<usize> },
+    /// The template exceeded a render limit (fuel, recursion, output size).
+    TemplateLimit { limit: String, line: Option<usize> },
     /// The template called `raise_exception(message)`.
     TemplateRaised(String),
     /// transformers refuses to render an empty conversation; the reference hits this for
@@ -41,6 +43,13 @@ impl fmt::Display for Error {
                 Some(l) => write!(f, "chat template failed on line {l}: {detail}"),
                 None => write!(f, "chat template failed: {detail}"),
             },
+            Error::TemplateLimit { limit, line } => {
+                write!(f, "chat template stopped: {limit}")?;
+                if let Some(l) = line {
+                    write!(f, " (line {l})")?;
+                }
+                f.write_str("; a template you trust can be given more with RenderLimits")
+            }
             Error::TemplateRaised(msg) => f.write_str(msg),
             Error::EmptyConversation => {
                 f.write_str("Cannot apply chat template to an empty conversation. Provide at least one message.")

@@ -20,6 +20,7 @@ use crate::core::{ChatTokenizer, TemplateArgs, TemplateSources};
 use crate::demo;
 use crate::error::{catch_panic, Error};
 use crate::label::Mode;
+use crate::template::RenderLimits;
 
 /// Deeper nesting than this is refused rather than risking the stack.
 const MAX_DEPTH: usize = 256;
@@ -36,6 +37,7 @@ fn to_pyerr(py: Python<'_>, err: &Error, row: Option<usize>) -> PyErr {
     let class = match err {
         Error::TemplateSyntax { .. } => "TemplateSyntaxError",
         Error::TemplateRender { .. } | Error::TemplateRaised(_) => "TemplateError",
+        Error::TemplateLimit { .. } => "TemplateLimitError",
         Error::EmptyConversation | Error::MissingRole { .. } | Error::Broadcast { .. } | Error::EmptyTokens => {
             "ConversationError"
         }
@@ -60,6 +62,12 @@ fn to_pyerr(py: Python<'_>, err: &Error, row: Option<usize>) -> PyErr {
 
 fn core_err(py: Python<'_>) -> impl Fn(Error) -> PyErr + '_ {
     move |e| to_pyerr(py, &e, None)
+}
+
+/// Runs core work with the GIL released. A panic becomes a `ChatMaskError`: pyo3 would raise
+/// `PanicException`, a `BaseException` that `except Exception` does not catch.
+fn run<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
+    py.detach(|| catch_panic(work)).map_err(core_err(py))
 }
 
 /// A Python value as plain template data (transformers' `_plain_template_data`).
@@ -208,7 +216,7 @@ impl PyChatTokenizer {
     /// Loads a local tokenizer directory (tokenizer.json, tokenizer_config.json, chat_template.jinja).
     #[staticmethod]
     fn from_pretrained(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| ChatTokenizer::from_dir(&path)).map_err(core_err(py))?;
+        let inner = run(py, || ChatTokenizer::from_dir(&path))?;
         Ok(PyChatTokenizer { inner: Arc::new(inner) })
     }
 
@@ -240,7 +248,7 @@ impl PyChatTokenizer {
                 specials.push((k.extract::<String>()?, v.str()?.to_string()));
             }
         }
-        let inner = py.detach(|| ChatTokenizer::new(&tokenizer_json, sources, specials)).map_err(core_err(py))?;
+        let inner = run(py, || ChatTokenizer::new(&tokenizer_json, sources, specials))?;
         Ok(PyChatTokenizer { inner: Arc::new(inner) })
     }
 
@@ -265,7 +273,7 @@ impl PyChatTokenizer {
 
     /// Token ids of `text` (no special tokens added).
     fn encode<'py>(&self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyList>> {
-        let ids = py.detach(|| self.inner.encoder.encode(text)).map_err(core_err(py))?;
+        let ids = run(py, || self.inner.encoder.encode(text))?;
         ids_list(py, &ids)
     }
 
@@ -301,7 +309,7 @@ impl PyChatTokenizer {
         let conv = to_conversation(conversation).map_err(core_err(py))?;
         let args = self.args(py, chat_template, kwargs)?;
         let inner = &self.inner;
-        py.detach(|| inner.render(&conv, conv.len(), add_generation_prompt, &args)).map_err(core_err(py))
+        run(py, || inner.render(&conv, conv.len(), add_generation_prompt, &args))
     }
 
     /// Token ids and transformers' `assistant_masks` from `{% generation %}` blocks.
@@ -317,9 +325,7 @@ impl PyChatTokenizer {
         let conv = to_conversation(conversation).map_err(core_err(py))?;
         let args = self.args(py, chat_template, kwargs)?;
         let inner = &self.inner;
-        let (ids, mask) = py
-            .detach(|| catch_panic(|| inner.assistant_mask(&conv, add_generation_prompt, &args)))
-            .map_err(core_err(py))?;
+        let (ids, mask) = run(py, || inner.assistant_mask(&conv, add_generation_prompt, &args))?;
         Ok((ids_list(py, &ids)?, PyList::new(py, &mask)?))
     }
 
@@ -336,7 +342,7 @@ impl PyChatTokenizer {
         let conv = to_conversation(conversation).map_err(core_err(py))?;
         let args = self.args(py, chat_template, kwargs)?;
         let inner = &self.inner;
-        py.detach(|| inner.render_with_spans(&conv, conv.len(), add_generation_prompt, &args)).map_err(core_err(py))
+        run(py, || inner.render_with_spans(&conv, conv.len(), add_generation_prompt, &args))
     }
 
     /// Why minijinja cannot compile a template (None if it can): the caller's cue to fall back.
@@ -357,6 +363,16 @@ impl PyChatTokenizer {
         self.inner.template_sources()
     }
 
+    /// `(fuel, max_recursion, max_output_bytes)` every native render runs under.
+    fn render_limits(&self) -> (Option<u64>, usize, Option<usize>) {
+        let l = self.inner.render_limits();
+        (l.fuel, l.max_recursion, l.max_output_bytes)
+    }
+
+    fn set_render_limits(&self, fuel: Option<u64>, max_recursion: usize, max_output_bytes: Option<usize>) {
+        self.inner.set_render_limits(RenderLimits { fuel, max_recursion, max_output_bytes });
+    }
+
     /// Token ids of `text` and the assistant mask of `spans` (code points), for spans rendered elsewhere.
     fn mask_from_spans<'py>(
         &self,
@@ -364,7 +380,7 @@ impl PyChatTokenizer {
         text: &str,
         spans: Vec<(usize, usize)>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
-        let (ids, mask) = py.detach(|| self.inner.mask_from_spans(text, &spans)).map_err(core_err(py))?;
+        let (ids, mask) = run(py, || self.inner.mask_from_spans(text, &spans))?;
         Ok((ids_list(py, &ids)?, PyList::new(py, &mask)?))
     }
 
@@ -412,9 +428,7 @@ impl PyChatTokenizer {
         let args = self.args(py, chat_template, kwargs)?;
         let finish_length = finish_reason == "length";
         let inner = &self.inner;
-        let out = py
-            .detach(|| catch_panic(|| inner.label(&conv, mode, finish_length, &args)))
-            .map_err(core_err(py))?;
+        let out = run(py, || inner.label(&conv, mode, finish_length, &args))?;
         Ok((ids_list(py, &out.tokens)?, PyList::new(py, &out.masks)?))
     }
 
@@ -534,6 +548,12 @@ fn default_threads() -> usize {
     batch::resolve_threads(None)
 }
 
+/// The most fuel any native render in this process has used (see `RenderLimits`).
+#[pyfunction]
+fn peak_render_fuel() -> u64 {
+    crate::template::peak_fuel_used()
+}
+
 /// The demo tokenizer's `tokenizer.json` ("bytelevel" or "metaspace"), trained on the demo data.
 #[pyfunction]
 #[pyo3(signature = (kind="bytelevel"))]
@@ -543,7 +563,7 @@ fn demo_tokenizer_json(py: Python<'_>, kind: &str) -> PyResult<String> {
         "metaspace" => demo::DemoKind::Metaspace,
         other => return Err(PyValueError::new_err(format!("kind must be 'bytelevel' or 'metaspace', not {other:?}"))),
     };
-    py.detach(|| demo::tokenizer_json(kind)).map_err(core_err(py))
+    run(py, || demo::tokenizer_json(kind))
 }
 
 #[pymodule]
@@ -552,9 +572,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     batch::install_fork_handler();
     m.add_function(wrap_pyfunction!(demo_tokenizer_json, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(peak_render_fuel, m)?)?;
     m.add("DEMO_CONVERSATIONS_JSON", demo::CONVERSATIONS_JSON)?;
     m.add("DEMO_CHAT_TEMPLATE", demo::CHAT_TEMPLATE)?;
     m.add("DEMO_EOS_TOKEN", demo::EOS_TOKEN)?;
+    let limits = RenderLimits::default();
+    m.add("DEFAULT_RENDER_LIMITS", (limits.fuel, limits.max_recursion, limits.max_output_bytes))?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -14,16 +14,20 @@ from .errors import (
     ConversationError,
     ConversationTypeError,
     TemplateError,
+    TemplateLimitError,
     TemplateSyntaxError,
     TokenizerError,
 )
+from .limits import RenderLimits
 
 __all__ = [
     "ChatMaskError",
     "ChatTokenizer",
     "ConversationError",
     "ConversationTypeError",
+    "RenderLimits",
     "TemplateError",
+    "TemplateLimitError",
     "TemplateSyntaxError",
     "TokenizedBatch",
     "TokenizerError",

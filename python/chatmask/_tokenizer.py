@@ -13,6 +13,7 @@ from . import _core
 from ._fallback import JinjaRenderer
 from .batch import TokenizedBatch
 from .errors import ChatMaskError, TemplateError, TokenizerError
+from .limits import RenderLimits
 
 Message = Mapping[str, Any]
 Conversation = Sequence[Message]
@@ -153,6 +154,17 @@ class ChatTokenizer:
     ) -> ChatTokenizer:
         """Build from a serialized `tokenizers` tokenizer, a template and the named special tokens."""
         return cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, dict(special_tokens or {})), verify)
+
+    @property
+    def render_limits(self) -> RenderLimits:
+        """The :class:`RenderLimits` native renders run under; assign a new one to change them."""
+        return RenderLimits(*self._core.render_limits())
+
+    @render_limits.setter
+    def render_limits(self, limits: RenderLimits) -> None:
+        if not isinstance(limits, RenderLimits):
+            raise TypeError(f"render_limits must be a chatmask.RenderLimits, not {type(limits).__name__}")
+        self._core.set_render_limits(limits.fuel, limits.max_recursion, limits.max_output_bytes)
 
     @property
     def eos_token_id(self) -> int | None:

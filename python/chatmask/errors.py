@@ -20,6 +20,13 @@ class TemplateSyntaxError(TemplateError):
     """The chat template does not compile; the message gives the line."""
 
 
+class TemplateLimitError(TemplateError):
+    """The chat template exceeded a render limit (fuel, recursion depth, output size).
+
+    See :class:`chatmask.RenderLimits`; a template that hits one is usually hostile or broken.
+    """
+
+
 class ConversationError(ChatMaskError, ValueError):
     """The conversation cannot be labelled (empty prefix, missing role, failed broadcast)."""
 
@@ -37,6 +44,7 @@ __all__ = [
     "ConversationError",
     "ConversationTypeError",
     "TemplateError",
+    "TemplateLimitError",
     "TemplateSyntaxError",
     "TokenizerError",
 ]

@@ -30,9 +30,63 @@ impl fmt::Display for TemplateRaised {
 
 impl std::error::Error for TemplateRaised {}
 
+/// Bounds on one render: chat templates come from the Hub and are untrusted code.
+///
+/// Fuel is minijinja's instruction budget (it also charges for the values a template builds);
+/// the recursion limit counts nested loops, ifs and macro calls (a macro call costs more than
+/// one level); the output limit caps the rendered text in bytes. `None` means unbounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderLimits {
+    pub fuel: Option<u64>,
+    pub max_recursion: usize,
+    pub max_output_bytes: Option<usize>,
+}
+
+impl Default for RenderLimits {
+    /// Generous for real templates (the fixture corpus renders well inside them, see
+    /// `real_templates_fit_the_default_limits`) while a runaway template stops within about a
+    /// second.
+    fn default() -> Self {
+        RenderLimits { fuel: Some(10_000_000), max_recursion: 500, max_output_bytes: Some(64 << 20) }
+    }
+}
+
+/// Carried as the source of minijinja's write error when the output limit is hit.
+#[derive(Debug)]
+struct OutputLimitExceeded(usize);
+
+impl fmt::Display for OutputLimitExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rendered output exceeds {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for OutputLimitExceeded {}
+
+/// An `io::Write` into a buffer that refuses to grow past `limit` bytes.
+struct BoundedBuffer {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + bytes.len() > self.limit {
+            return Err(std::io::Error::other(OutputLimitExceeded(self.limit)));
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    limits: RenderLimits,
     pub source: Arc<str>,
 }
 
@@ -421,6 +475,10 @@ fn build_environment() -> Environment<'static> {
     env.add_test("iterable", is_iterable);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
+    // Lets the test suite check that a panic anywhere in a render reaches Python as a
+    // ChatMaskError, from the calling thread and from batch workers. Harmless to a template:
+    // the panic is caught like any other.
+    env.add_function("_chatmask_panic_for_tests", |message: String| -> Result<Value, JinjaError> { panic!("{message}") });
     env
 }
 
@@ -434,19 +492,52 @@ pub fn render_error(err: &JinjaError) -> Error {
         source = e.source();
     }
     let detail = err.detail().map(str::to_string).unwrap_or_else(|| err.kind().to_string());
+    if let Some(limit) = exceeded_limit(err, &detail) {
+        return Error::TemplateLimit { limit, line: err.line() };
+    }
     Error::TemplateRender { detail, line: err.line() }
+}
+
+/// The limit a render error reports having hit, if any.
+fn exceeded_limit(err: &JinjaError, detail: &str) -> Option<String> {
+    if err.kind() == ErrorKind::OutOfFuel {
+        return Some("it ran out of fuel (its instruction budget)".into());
+    }
+    if detail == "recursion limit exceeded" {
+        return Some("it exceeded the recursion limit".into());
+    }
+    // The io::Error minijinja keeps as the source hides our payload behind `get_ref`.
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        let payload = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|p| p as &(dyn std::error::Error + 'static));
+        if let Some(out) = payload.unwrap_or(e).downcast_ref::<OutputLimitExceeded>() {
+            return Some(format!("its {out}"));
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// The most fuel any render in this process has used: how far real templates are from the
+/// limit (the test suite reads it after rendering the fixture corpus).
+static PEAK_FUEL_USED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn peak_fuel_used() -> u64 {
+    PEAK_FUEL_USED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl ChatTemplate {
     /// Compiles a template source as transformers would see it.
-    pub fn compile(source: &str) -> Result<ChatTemplate, Error> {
+    pub fn compile(source: &str, limits: RenderLimits) -> Result<ChatTemplate, Error> {
         let mut env = build_environment();
+        env.set_fuel(limits.fuel);
+        env.set_recursion_limit(limits.max_recursion);
         let prepared = guard_none_iteration(&keep_newline_after_raw(&rewrite_generation_tags(&normalize_newlines(source))));
         env.add_template_owned(TEMPLATE_NAME, prepared).map_err(|e| Error::TemplateSyntax {
             detail: e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string()),
             line: e.line(),
         })?;
-        Ok(ChatTemplate { env, source: Arc::from(source) })
+        Ok(ChatTemplate { env, limits, source: Arc::from(source) })
     }
 
     /// Whether the template has `{% generation %}` blocks.
@@ -457,7 +548,15 @@ impl ChatTemplate {
     /// Renders with a full context (messages, tools, add_generation_prompt, special tokens, ...).
     pub fn render(&self, ctx: &Value) -> Result<String, Error> {
         let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| render_error(&e))?;
-        tmpl.render(ctx).map_err(|e| render_error(&e))
+        let limit = self.limits.max_output_bytes.unwrap_or(usize::MAX);
+        let mut out = BoundedBuffer { buf: Vec::new(), limit };
+        let done = tmpl.render_captured_to(ctx, &mut out).map_err(|e| render_error(&e))?;
+        if let Some((used, _)) = done.state().fuel_levels() {
+            PEAK_FUEL_USED.fetch_max(used, std::sync::atomic::Ordering::Relaxed);
+        }
+        drop(done);
+        // minijinja writes only `str` slices, so the bytes are UTF-8.
+        String::from_utf8(out.buf).map_err(|e| Error::Internal(format!("render produced invalid UTF-8: {e}")))
     }
 }
 
@@ -489,7 +588,7 @@ mod tests {
     use super::*;
 
     fn render(src: &str, messages: Value, base: &[(String, Value)]) -> Result<String, Error> {
-        ChatTemplate::compile(src)?.render(&render_context(messages, false, base))
+        ChatTemplate::compile(src, RenderLimits::default())?.render(&render_context(messages, false, base))
     }
 
     fn msgs(pairs: &[(&str, &str)]) -> Value {
@@ -551,9 +650,42 @@ mod tests {
         assert_eq!(out, "userassistant12");
     }
 
+    fn render_limited(src: &str, limits: RenderLimits) -> Result<String, Error> {
+        ChatTemplate::compile(src, limits)?.render(&render_context(msgs(&[]), false, &[]))
+    }
+
+    #[test]
+    fn runaway_templates_stop_at_a_limit() {
+        let cases = [
+            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "fuel"),
+            ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+            ("{% for i in range(100000) %}{{ 'x' * 100000000 }}{% endfor %}", "output exceeds"),
+            ("{% set ns = namespace(s='x') %}{% for i in range(100) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "fuel"),
+        ];
+        for (src, limit) in cases {
+            let err = render_limited(src, RenderLimits::default()).unwrap_err();
+            assert!(matches!(err, Error::TemplateLimit { .. }), "{src}: {err:?}");
+            assert!(err.to_string().contains(limit), "{src}: {err}");
+        }
+    }
+
+    #[test]
+    fn limits_are_configurable() {
+        let deep = "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}done";
+        assert_eq!(render_limited(deep, RenderLimits::default()).unwrap(), "done");
+        let shallow = RenderLimits { max_recursion: 20, ..RenderLimits::default() };
+        assert!(matches!(render_limited(deep, shallow), Err(Error::TemplateLimit { .. })));
+        let tiny_output = RenderLimits { max_output_bytes: Some(3), ..RenderLimits::default() };
+        assert_eq!(render_limited("abc", tiny_output).unwrap(), "abc");
+        assert!(matches!(render_limited("abcd", tiny_output), Err(Error::TemplateLimit { .. })));
+        let loop_1m = "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}ok";
+        assert!(matches!(render_limited(loop_1m, RenderLimits { fuel: Some(10_000), ..RenderLimits::default() }), Err(Error::TemplateLimit { .. })));
+        assert_eq!(render_limited(loop_1m, RenderLimits { fuel: None, ..RenderLimits::default() }).unwrap(), "ok");
+    }
+
     #[test]
     fn syntax_error_has_line() {
-        let err = ChatTemplate::compile("ok\n{% if %}").err().expect("must fail");
+        let err = ChatTemplate::compile("ok\n{% if %}", RenderLimits::default()).err().expect("must fail");
         assert!(matches!(err, Error::TemplateSyntax { line: Some(2), .. }), "{err:?}");
     }
 }
