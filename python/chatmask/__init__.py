@@ -36,3 +36,13 @@ __all__ = [
     "tokenize_for_trainer",
     "tokenize_for_trainer_multistep",
 ]
+
+
+def __getattr__(name: str):
+    # The ecosystem adapters load on first use (`chatmask.datasets.map_fn`, `chatmask.ray_data`):
+    # neither imports its framework, but there is no need to load them with every `import chatmask`.
+    if name in ("datasets", "ray_data"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,8 +44,28 @@ class ChatTokenizer:
         self._core = core
         self._fallback: dict[str, JinjaRenderer] = {}
         self._verify_left = verify
+        self._verify_initial = verify
+        # How to build this tokenizer again in another process (see __reduce__); set by from_*.
+        self._recipe: tuple[Any, ...] | None = None
         for source in core.template_sources():
             self._renderer_for(source)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the inputs it was built from, so it crosses processes and machines.
+
+        A `from_pretrained` tokenizer carries the bytes of the files it was loaded from (not the
+        path, which may not exist on another machine), `from_parts` / `from_transformers` ones the
+        tokenizer JSON, template(s) and special tokens. Templates that took the Jinja2 path come
+        along, so the copy renders the way this one does; so do the render limits. The pickle is
+        a pure function of those inputs (deterministic, which `datasets` fingerprinting needs).
+        """
+        if self._recipe is None:
+            raise TypeError(
+                "this ChatTokenizer was built from a raw core and cannot be pickled; build it with "
+                "ChatTokenizer.from_pretrained, from_parts or from_transformers"
+            )
+        limits = tuple(self._core.render_limits())
+        return (_restore, (type(self), self._recipe, self._verify_initial, tuple(sorted(self._fallback)), limits))
 
     @property
     def render_backend(self) -> str:
@@ -123,7 +143,10 @@ class ChatTokenizer:
         """Load a local tokenizer directory the way transformers 5 does (offline, no hub)."""
         if not os.path.isdir(path):
             raise TokenizerError(f"{os.fspath(path)!r} is not a local tokenizer directory (chatmask never downloads)")
-        return cls(_core.ChatTokenizer.from_pretrained(os.fspath(path)), verify)
+        files = _read_tokenizer_files(os.fspath(path))
+        tok = cls(_core.ChatTokenizer.from_pretrained(os.fspath(path)), verify)
+        tok._recipe = ("files", files)
+        return tok
 
     @classmethod
     def from_transformers(
@@ -142,7 +165,7 @@ class ChatTokenizer:
             )
         template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
         specials = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
-        return cls(_core.ChatTokenizer.from_parts(backend.to_str(), template, specials), verify)
+        return cls.from_parts(backend.to_str(), template, specials, verify)
 
     @classmethod
     def from_parts(
@@ -153,7 +176,11 @@ class ChatTokenizer:
         verify: int = DEFAULT_VERIFY,
     ) -> ChatTokenizer:
         """Build from a serialized `tokenizers` tokenizer, a template and the named special tokens."""
-        return cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, dict(special_tokens or {})), verify)
+        specials = dict(special_tokens or {})
+        tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, specials), verify)
+        template = dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
+        tok._recipe = ("parts", tokenizer_json, template, specials)
+        return tok
 
     @property
     def render_limits(self) -> RenderLimits:
@@ -336,3 +363,60 @@ def _row_parts(row: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         extra = {k: row[k] for k in ("tools", "documents") if row.get(k) is not None}
         return row.get("messages"), {**kwargs, **extra}
     return row, kwargs
+
+
+# The files `_core.ChatTokenizer.from_pretrained` reads (src/core.rs, `from_dir`), relative to the directory.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_EXTRA_TEMPLATES = "additional_chat_templates"
+
+
+def _read_tokenizer_files(path: str) -> tuple[tuple[str, bytes], ...]:
+    """The bytes of every file a tokenizer directory load reads, by relative path (sorted)."""
+    files = []
+    for name in _TOKENIZER_FILES:
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                files.append((name, f.read()))
+    extra = os.path.join(path, _EXTRA_TEMPLATES)
+    if os.path.isdir(extra):
+        for name in sorted(os.listdir(extra)):
+            full = os.path.join(extra, name)
+            if name.endswith(".jinja") and os.path.isfile(full):
+                with open(full, "rb") as f:
+                    files.append((f"{_EXTRA_TEMPLATES}/{name}", f.read()))
+    return tuple(files)
+
+
+def _restore(
+    cls: type[ChatTokenizer],
+    recipe: tuple[Any, ...],
+    verify: int,
+    fallback: Sequence[str],
+    limits: tuple[Any, ...],
+) -> ChatTokenizer:
+    """Unpickle a `ChatTokenizer` (see `ChatTokenizer.__reduce__`)."""
+    import tempfile
+
+    # The process that pickled it has already warned about templates on the Jinja2 path.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if recipe[0] == "files":
+            with tempfile.TemporaryDirectory(prefix="chatmask-tokenizer-") as tmp:
+                for name, data in recipe[1]:
+                    target = os.path.join(tmp, *name.split("/"))
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with open(target, "wb") as f:
+                        f.write(data)
+                tok = cls(_core.ChatTokenizer.from_pretrained(tmp), verify)
+        elif recipe[0] == "parts":
+            _, tokenizer_json, template, specials = recipe
+            tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, template, dict(specials)), verify)
+        else:  # pragma: no cover - only pickles of this module's own making reach here
+            raise ValueError(f"unknown ChatTokenizer pickle recipe {recipe[0]!r}")
+        tok._recipe = recipe
+        for source in fallback:
+            if source not in tok._fallback:
+                tok._renderer_for(source, "it took the Jinja2 path in the process that pickled this tokenizer")
+    tok._core.set_render_limits(*limits)
+    return tok

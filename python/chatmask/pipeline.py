@@ -354,8 +354,15 @@ def parse_row(
     messages_field: str = "messages",
     tools_field: str = "tools",
     finish_reason_field: str | None = None,
+    *,
+    strip_nulls: bool | None = None,
 ) -> ParsedRow:
-    """One JSONL line or Parquet row to a conversation; every failure is a message, never an exception."""
+    """One JSONL line or Parquet row to a conversation; every failure is a message, never an exception.
+
+    Null-valued keys are dropped from the messages and tools of a row given as a dict (a Parquet
+    row) unless `strip_nulls` says otherwise (the `datasets` / Ray adapters strip them by Arrow
+    type first, keeping the nulls of JSON-typed values).
+    """
     if isinstance(payload, (bytes, bytearray)):
         if not payload.strip():
             return ParsedRow(None, error="empty line")
@@ -396,7 +403,7 @@ def parse_row(
             return ParsedRow(
                 None, id=row_id, error=f"field {finish_reason_field!r} is a {_type_name(finish)}, not a string"
             )
-    if from_parquet:
+    if from_parquet if strip_nulls is None else strip_nulls:
         messages = _strip_nulls(messages)
         tools = _strip_nulls(tools)
     conversation: dict[str, Any] = {"messages": messages}

@@ -1,0 +1,278 @@
+"""What the `datasets` and Ray Data adapters share: columns of rows in, per-row token arrays out.
+
+A batch arrives as columns (a mapping of column name to one value per row). Each row is read
+the way ``chatmask tokenize`` reads a Parquet row (:func:`chatmask.pipeline.parse_row`): a
+``tools`` string is parsed as JSON, and null-valued keys are dropped from messages and tools,
+because Arrow gives every message struct every key. When the Arrow type of a column is known,
+only struct fields lose their nulls: a value stored as JSON (``datasets``' ``Json`` feature,
+``arrow.json``) keeps its real nulls (``"required": null`` in a tool schema renders as such).
+The good rows go through :meth:`ChatTokenizer.tokenize_batch` in one call; the result has
+exactly one entry per input row, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ._tokenizer import MODES, ChatTokenizer
+from .errors import ChatMaskError, ConversationTypeError
+from .pipeline import parse_row
+
+ON_ERROR = ("raise", "mark")
+
+
+def _is_list(arrow_type: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
+
+
+def _is_json(arrow_type: Any) -> bool:
+    return getattr(arrow_type, "extension_name", None) == "arrow.json"
+
+
+def value_reader(arrow_type: Any, decode_json: bool) -> Callable[[Any], Any] | None:
+    """A function that turns a value of `arrow_type` (as Python) into plain conversation data, or
+    None when the value is fine as it is.
+
+    Struct fields lose their null-valued keys: that is where Arrow invents nulls (every struct of
+    a column has every field). JSON-typed values (``arrow.json``; `datasets`' ``Json`` feature)
+    keep theirs; with `decode_json` their text is parsed (pyarrow hands them over as strings,
+    while `datasets` has already decoded them).
+    """
+    import pyarrow as pa
+
+    if pa.types.is_struct(arrow_type):
+        fields = {
+            arrow_type.field(i).name: value_reader(arrow_type.field(i).type, decode_json)
+            for i in range(arrow_type.num_fields)
+        }
+
+        def read_struct(value: Any) -> Any:
+            if not isinstance(value, dict):
+                return value
+            out = {}
+            for key, item in value.items():
+                if item is not None:
+                    inner = fields.get(key)
+                    out[key] = item if inner is None else inner(item)
+            return out
+
+        return read_struct
+    if _is_list(arrow_type):
+        element = value_reader(arrow_type.value_type, decode_json)
+        if element is None:
+            return None
+
+        def read_list(value: Any) -> Any:
+            if not isinstance(value, list):
+                return value
+            return [None if item is None else element(item) for item in value]
+
+        return read_list
+    if decode_json and _is_json(arrow_type):
+
+        def read_json(value: Any) -> Any:
+            return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+        return read_json
+    return None
+
+
+def resolve_tokenizer(tokenizer: Any) -> ChatTokenizer:
+    """A `ChatTokenizer`, a local tokenizer directory, or a transformers fast tokenizer."""
+    if isinstance(tokenizer, ChatTokenizer):
+        return tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return ChatTokenizer.from_pretrained(tokenizer)
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        return ChatTokenizer.from_transformers(tokenizer)
+    raise TypeError(
+        "tokenizer must be a chatmask.ChatTokenizer, a local tokenizer directory or a transformers fast "
+        f"tokenizer, not {type(tokenizer).__name__}"
+    )
+
+
+@dataclass
+class TokenizedColumns:
+    """One entry per input row: row ``i`` is ``input_ids[offsets[i]:offsets[i+1]]`` (and labels
+    with ``label_offsets``); a failed row (``errors[i] != ""``, only with ``on_error="mark"``)
+    has no tokens."""
+
+    input_ids: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+    label_offsets: np.ndarray
+    errors: list[str]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def id_rows(self) -> list[np.ndarray]:
+        ids, off = self.input_ids, self.offsets.tolist()
+        return [ids[off[i] : off[i + 1]] for i in range(len(self))]
+
+    def label_rows(self) -> list[np.ndarray]:
+        labels, off = self.labels, self.label_offsets.tolist()
+        return [labels[off[i] : off[i + 1]] for i in range(len(self))]
+
+
+_ROW_PREFIX = re.compile(r"^row \d+: ")
+
+
+class RowTokenizer:
+    """The configuration of an adapter and the call that tokenizes one batch of columns."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        mode: str = "last",
+        *,
+        messages_field: str = "messages",
+        tools_field: str = "tools",
+        finish_reason_field: str | None = None,
+        on_error: str = "raise",
+        num_threads: int | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be 'raise' or 'mark', not {on_error!r}")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int or None, not {num_threads!r}")
+        self.tokenizer = resolve_tokenizer(tokenizer)
+        self.mode = mode
+        self.messages_field = messages_field
+        self.tools_field = tools_field
+        self.finish_reason_field = finish_reason_field
+        self.on_error = on_error
+        self.num_threads = num_threads
+        self.template_kwargs = dict(template_kwargs or {})
+
+    def tokenize(
+        self,
+        columns: Mapping[str, Sequence[Any]],
+        indices: Sequence[int] | None = None,
+        id_column: str | None = "id",
+        types: Mapping[str, Any] | None = None,
+        decode_json: bool = False,
+    ) -> TokenizedColumns:
+        """Tokenize a batch given as columns.
+
+        `indices` are the rows' positions in the whole dataset, when known (they name a failing
+        row); the `id_column` (if the batch has it) is read only to name a failing row. `types`
+        are the columns' Arrow types when known: then only struct fields lose their null-valued
+        keys (and JSON-typed values are parsed if `decode_json`, see :func:`value_reader`);
+        without them every null-valued key of the messages and tools is dropped.
+        """
+        for name in (self.messages_field, self.finish_reason_field):
+            if name is not None and name not in columns:
+                raise KeyError(f"the batch has no column {name!r} (columns: {', '.join(map(str, columns))})")
+        messages = columns[self.messages_field]
+        n = len(messages)
+        if n and isinstance(messages[0], Mapping):
+            raise TypeError(
+                f"column {self.messages_field!r} holds single messages, not conversations: "
+                "use ds.map(..., batched=True)"
+            )
+        tools = columns[self.tools_field] if self.tools_field in columns else None
+        if types is not None:
+            messages = _read_column(messages, types.get(self.messages_field), decode_json)
+            tools = None if tools is None else _read_column(tools, types.get(self.tools_field), decode_json)
+        finish = columns[self.finish_reason_field] if self.finish_reason_field is not None else None
+
+        conversations: list[Any] = []
+        finish_reasons: list[str | None] = []
+        good: list[int] = []
+        errors = [""] * n
+        for i in range(n):
+            payload: dict[str, Any] = {self.messages_field: messages[i]}
+            if tools is not None:
+                payload[self.tools_field] = tools[i]
+            if finish is not None:
+                payload[self.finish_reason_field] = finish[i]  # type: ignore[index]
+            parsed = parse_row(
+                payload,
+                self.messages_field,
+                self.tools_field,
+                self.finish_reason_field,
+                strip_nulls=None if types is None else False,
+            )
+            if parsed.error is not None:
+                if self.on_error == "raise":
+                    error = ConversationTypeError(self._where(i, indices, columns, id_column) + parsed.error)
+                    error.row = int(indices[i]) if indices is not None else i
+                    error.batch_row = i  # type: ignore[attr-defined]
+                    raise error
+                errors[i] = parsed.error
+                continue
+            conversations.append(parsed.conversation)
+            finish_reasons.append(parsed.finish_reason)
+            good.append(i)
+
+        try:
+            batch = self.tokenizer.tokenize_batch(
+                conversations,
+                mode=self.mode,
+                finish_reason=finish_reasons if finish is not None else "",
+                num_threads=self.num_threads,
+                on_error="raise" if self.on_error == "raise" else "skip",
+                ids_dtype="int32",
+                **self.template_kwargs,
+            )
+        except ChatMaskError as e:
+            if e.row is None or not 0 <= e.row < len(good):
+                raise
+            i = good[e.row]
+            message = _ROW_PREFIX.sub("", str(e), count=1)
+            e.args = (self._where(i, indices, columns, id_column) + message,)
+            e.row = int(indices[i]) if indices is not None else i
+            e.batch_row = i  # type: ignore[attr-defined]
+            raise
+        good_arr = np.asarray(good, dtype=np.int64)
+        for j, message in batch.errors:
+            errors[good[j]] = message
+        done = good_arr[batch.rows] if len(batch.rows) else np.zeros(0, dtype=np.int64)
+        return TokenizedColumns(
+            input_ids=batch.input_ids,
+            offsets=_spread(batch.offsets, done, n),
+            labels=batch.labels,
+            label_offsets=_spread(batch.label_offsets, done, n),
+            errors=errors,
+        )
+
+    @staticmethod
+    def _where(
+        i: int, indices: Sequence[int] | None, columns: Mapping[str, Sequence[Any]], id_column: str | None
+    ) -> str:
+        row_id = ""
+        if id_column is not None and id_column in columns:
+            value = columns[id_column][i]
+            if value is not None:
+                row_id = f", id {value!r}"
+        if indices is not None:
+            return f"dataset row {int(indices[i])} (row {i} of the batch{row_id}): "
+        return f"row {i} of the batch{row_id}: "
+
+
+def _read_column(values: Sequence[Any], arrow_type: Any, decode_json: bool) -> Sequence[Any]:
+    read = None if arrow_type is None else value_reader(arrow_type, decode_json)
+    if read is None:
+        return values
+    return [None if v is None else read(v) for v in values]
+
+
+def _spread(offsets: np.ndarray, done: np.ndarray, n: int) -> np.ndarray:
+    """Offsets over all `n` input rows from offsets over the rows in `done` (the others empty)."""
+    lengths = np.zeros(n, dtype=np.int64)
+    lengths[done] = np.diff(offsets)
+    out = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out

@@ -1,0 +1,107 @@
+"""Hugging Face `datasets` adapter: a batched map function.
+
+    import chatmask.datasets
+    ds = ds.map(chatmask.datasets.map_fn(tok, mode="all"), batched=True, remove_columns=ds.column_names)
+
+The function adds ``input_ids`` (``List(int32)``) and ``labels`` (``List(int64)``, ``-100`` where
+masked), one row per input row, computed by :meth:`ChatTokenizer.tokenize_batch` (the Rust batch
+engine). It pickles (the tokenizer travels as the files or parts it was built from), so it works
+with ``num_proc``, and it pickles the same way every time, so `datasets` can fingerprint it and
+reuse its cache. This module does not import `datasets`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from ._adapter import RowTokenizer
+
+
+class MapFn:
+    """The callable :func:`map_fn` returns: ``fn(batch)`` or, with ``with_indices=True``,
+    ``fn(batch, indices)``, returning ``{"input_ids", "labels"}`` (plus ``"error"`` with
+    ``on_error="mark"``) as lists with one numpy array (or string) per row."""
+
+    def __init__(self, rows: RowTokenizer) -> None:
+        from . import __version__
+
+        self.rows = rows
+        # Part of the pickle, so a new chatmask version gets a new `datasets` fingerprint.
+        self.chatmask_version = __version__
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None) -> dict[str, list[Any]]:
+        if indices is not None and not isinstance(indices, Sequence):
+            if isinstance(indices, int):
+                raise TypeError("chatmask.datasets.map_fn needs ds.map(..., batched=True)")
+            indices = list(indices)
+        out = self.rows.tokenize(batch, indices=indices, types=_arrow_types(batch))
+        result: dict[str, list[Any]] = {"input_ids": out.id_rows(), "labels": out.label_rows()}
+        if self.rows.on_error == "mark":
+            result["error"] = out.errors
+        return result
+
+    def __repr__(self) -> str:
+        r = self.rows
+        return f"chatmask.datasets.map_fn(mode={r.mode!r}, messages_field={r.messages_field!r}, on_error={r.on_error!r})"
+
+
+def _arrow_types(batch: Any) -> dict[str, Any] | None:
+    """The Arrow types of the batch's columns: `datasets` hands `map` a LazyBatch over an Arrow table."""
+    table = getattr(batch, "pa_table", None)
+    schema = getattr(table, "schema", None)
+    if schema is None:
+        return None
+    return {name: schema.field(name).type for name in schema.names}
+
+
+def map_fn(
+    tokenizer: Any,
+    mode: str = "last",
+    *,
+    messages_field: str = "messages",
+    tools_field: str = "tools",
+    finish_reason_field: str | None = None,
+    on_error: str = "raise",
+    num_threads: int | None = None,
+    **template_kwargs: Any,
+) -> MapFn:
+    """A function for ``ds.map(fn, batched=True)`` that tokenizes and labels each row's conversation.
+
+    * `tokenizer`: a :class:`chatmask.ChatTokenizer`, a local tokenizer directory, or a
+      transformers fast tokenizer (converted once, here).
+    * `mode`: ``last``, ``all``, ``multistep`` or ``generation``, as in ``tokenize_batch``.
+    * `messages_field` / `tools_field`: the columns holding the messages and (optional) tools; a
+      tools value that is a JSON string is parsed. `finish_reason_field`: a column of finish
+      reasons (``"length"`` drops a trailing eos), or None.
+    * `on_error`: ``"raise"`` (default) raises the first failing row's
+      :class:`chatmask.ChatMaskError`, its message naming the row: the dataset row with
+      ``ds.map(..., with_indices=True)``, else the row within the batch (``exc.row``;
+      ``exc.batch_row`` is always the row within the batch), plus its ``id`` column if there is
+      one. ``"mark"`` keeps every row: a failing row gets empty ``input_ids`` / ``labels`` and its
+      message in an ``error`` column (``""`` for rows that tokenized), so nothing disappears
+      silently; drop the failures explicitly with ``ds.filter(lambda r: not r["error"])``.
+    * `num_threads`: threads per call (default: every core; with ``num_proc=P`` pass
+      ``cores // P`` to avoid oversubscription).
+    * Other keyword arguments go to the template, as in ``apply_chat_template`` (``chat_template``
+      picks a template).
+
+    Rows are read as ``chatmask tokenize`` reads Parquet rows: keys whose value is null are
+    dropped from the struct parts of messages and tools (Arrow gives every message struct every
+    key), while values stored as JSON (``datasets``' ``Json`` feature, which ``load_dataset("json")``
+    uses for irregular objects) keep their nulls. A batch that is a plain dict (no Arrow types)
+    loses every null-valued key.
+    """
+    rows = RowTokenizer(
+        tokenizer,
+        mode,
+        messages_field=messages_field,
+        tools_field=tools_field,
+        finish_reason_field=finish_reason_field,
+        on_error=on_error,
+        num_threads=num_threads,
+        template_kwargs=template_kwargs,
+    )
+    return MapFn(rows)
+
+
+__all__ = ["MapFn", "map_fn"]

@@ -1,0 +1,160 @@
+"""Ray Data adapter: a callable class for ``Dataset.map_batches`` (one tokenizer per actor).
+
+    import ray
+    from chatmask.ray_data import TokenizeBatch
+
+    ds = ray.data.read_parquet("s3://bucket/chats/")
+    ds = ds.map_batches(
+        TokenizeBatch,
+        fn_constructor_kwargs={"tokenizer": tok, "mode": "all"},
+        compute=ray.data.ActorPoolStrategy(size=8),
+        batch_format="pyarrow",
+    )
+    ds.write_parquet("s3://bucket/tokenized/")
+
+The module is named ``ray_data`` so that it never shadows the ``ray`` package. It imports
+neither ray nor pyarrow until it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ._adapter import RowTokenizer, TokenizedColumns
+
+INT32_MAX = 2**31 - 1
+
+
+def _actor_cpus() -> int | None:
+    """The CPUs Ray assigned to the current actor or task (at least 1), or None outside Ray."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    try:
+        if not ray.is_initialized():
+            return None
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:
+        return None
+    return max(1, int(cpus)) if cpus else None
+
+
+class TokenizeBatch:
+    """Tokenize and label the conversations of a Ray Data batch (use ``batch_format="pyarrow"``).
+
+    Ray builds one instance per actor, so the tokenizer is built (or unpickled) once per worker.
+    `tokenizer` is a :class:`chatmask.ChatTokenizer` (pickled with the files or parts it was
+    built from, so workers need no access to the original directory), a tokenizer directory
+    path (loaded by each worker, so it must exist on every node), or a transformers fast
+    tokenizer. `mode`, `messages_field`, `tools_field`, `finish_reason_field` and template
+    keyword arguments are as in :func:`chatmask.datasets.map_fn`.
+
+    The output has one row per input row, in order: the `keep_columns` (default: every input
+    column except the messages and tools columns), then ``input_ids`` (``list<int32>``) and
+    ``labels`` (``list<int64>``, ``-100`` masked). ``on_error="raise"`` (default) fails the
+    batch on the first bad row, naming it by its position in the batch and its ``id``;
+    ``on_error="mark"`` keeps the row with empty lists and its message in an ``error`` column
+    (``""`` for rows that tokenized).
+
+    `num_threads` defaults to the CPUs Ray gave the actor (``map_batches(num_cpus=...)``,
+    at least 1), outside Ray to every core.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        mode: str = "last",
+        *,
+        messages_field: str = "messages",
+        tools_field: str = "tools",
+        finish_reason_field: str | None = None,
+        on_error: str = "raise",
+        num_threads: int | None = None,
+        keep_columns: Sequence[str] | None = None,
+        **template_kwargs: Any,
+    ) -> None:
+        if num_threads is None:
+            num_threads = _actor_cpus()
+        self.rows = RowTokenizer(
+            tokenizer,
+            mode,
+            messages_field=messages_field,
+            tools_field=tools_field,
+            finish_reason_field=finish_reason_field,
+            on_error=on_error,
+            num_threads=num_threads,
+            template_kwargs=template_kwargs,
+        )
+        self.keep_columns = None if keep_columns is None else list(keep_columns)
+
+    def _kept(self, names: Sequence[str]) -> list[str]:
+        if self.keep_columns is None:
+            skip = {self.rows.messages_field, self.rows.tools_field, "input_ids", "labels", "error"}
+            return [n for n in names if n not in skip]
+        missing = [n for n in self.keep_columns if n not in names]
+        if missing:
+            raise KeyError(f"keep_columns {missing} are not in the batch (columns: {', '.join(names)})")
+        return self.keep_columns
+
+    def __call__(self, batch: Any) -> Any:
+        """A ``pyarrow.Table`` in, a ``pyarrow.Table`` out; a mapping of columns in, a dict out."""
+        try:
+            import pyarrow as pa
+        except ImportError:  # pragma: no cover - Ray Data depends on pyarrow
+            pa = None
+        if pa is not None and isinstance(batch, pa.Table):
+            return self._table(batch, pa)
+        if isinstance(batch, Mapping):
+            return self._mapping(batch)
+        raise TypeError(
+            f"TokenizeBatch takes a pyarrow.Table (map_batches(..., batch_format='pyarrow')) or a mapping "
+            f"of columns, not {type(batch).__name__}"
+        )
+
+    def _table(self, table: Any, pa: Any) -> Any:
+        names = list(table.column_names)
+        wanted = [self.rows.messages_field, self.rows.tools_field, self.rows.finish_reason_field, "id"]
+        for n in (self.rows.messages_field, self.rows.finish_reason_field):
+            if n is not None and n not in names:
+                raise KeyError(f"the batch has no column {n!r} (columns: {', '.join(names)})")
+        columns = {n: table.column(n).to_pylist() for n in dict.fromkeys(wanted) if n is not None and n in names}
+        types = {n: table.schema.field(n).type for n in columns}
+        out = self.rows.tokenize(columns, types=types, decode_json=True)
+        result = {n: table.column(n) for n in self._kept(names)}
+        result["input_ids"] = _list_array(pa, out.offsets, out.input_ids)
+        result["labels"] = _list_array(pa, out.label_offsets, out.labels)
+        if self.rows.on_error == "mark":
+            result["error"] = pa.array(out.errors, type=pa.string())
+        return pa.table(result)
+
+    def _mapping(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        names = list(batch)
+        wanted = [self.rows.messages_field, self.rows.tools_field, self.rows.finish_reason_field, "id"]
+        columns = {
+            n: (batch[n].tolist() if isinstance(batch[n], np.ndarray) else list(batch[n]))
+            for n in dict.fromkeys(wanted)
+            if n is not None and n in batch
+        }
+        for n in (self.rows.messages_field, self.rows.finish_reason_field):
+            if n is not None and n not in batch:
+                raise KeyError(f"the batch has no column {n!r} (columns: {', '.join(map(str, names))})")
+        out: TokenizedColumns = self.rows.tokenize(columns)
+        result: dict[str, Any] = {n: batch[n] for n in self._kept(names)}
+        result["input_ids"] = out.id_rows()
+        result["labels"] = out.label_rows()
+        if self.rows.on_error == "mark":
+            result["error"] = out.errors
+        return result
+
+
+def _list_array(pa: Any, offsets: np.ndarray, values: np.ndarray) -> Any:
+    """A list array over `values` without copying them (large_list past 2**31 - 1 values)."""
+    if int(offsets[-1]) > INT32_MAX:
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+__all__ = ["TokenizeBatch"]
