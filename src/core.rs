@@ -260,7 +260,7 @@ impl ChatTokenizer {
             return Err(Error::EmptyConversation);
         }
         let mut picker = MarkerPicker::default();
-        picker.see(&args.template.source);
+        picker.see_template(&args.template.source);
         for value in conv.messages[..n].iter().chain(args.base.iter().map(|(_, v)| v)) {
             for_each_string(value, &mut |s| picker.see(s));
         }

@@ -142,15 +142,22 @@ fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, Error> {
     Ok(Value::from(format!("<{type_name}>")))
 }
 
-/// A conversation: a list (or tuple) of message dicts.
+/// A conversation: a list of message dicts, or any other sequence of them (a tuple, or the
+/// numpy object array a pandas or Arrow row of a messages column is), as the reference slices.
 fn to_conversation(chat: &Bound<'_, PyAny>) -> Result<Conversation, Error> {
+    let not_a_conversation = || {
+        let name = chat.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        Error::InvalidInput(format!("a conversation must be a list of message dicts, not {name}"))
+    };
     let messages: Vec<Bound<'_, PyAny>> = if let Ok(l) = chat.cast::<PyList>() {
         l.iter().collect()
     } else if let Ok(t) = chat.cast::<PyTuple>() {
         t.iter().collect()
+    } else if chat.is_instance_of::<PyString>() || chat.is_instance_of::<PyDict>() || !chat.hasattr("__len__").unwrap_or(false) {
+        return Err(not_a_conversation());
     } else {
-        let name = chat.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-        return Err(Error::InvalidInput(format!("a conversation must be a list of message dicts, not {name}")));
+        let items = chat.try_iter().map_err(|_| not_a_conversation())?;
+        items.collect::<PyResult<_>>().map_err(|_| not_a_conversation())?
     };
     let values = messages.iter().map(|m| to_value(m, 1)).collect::<Result<Vec<_>, _>>()?;
     Conversation::new(values)

@@ -54,6 +54,24 @@ impl MarkerPicker {
         }
     }
 
+    /// Sees a template source: its characters, and those its string-literal escapes
+    /// (`\uFDD0`, `\U0000FDD0`) write, which do not occur in the source as themselves.
+    pub fn see_template(&mut self, source: &str) {
+        self.see(source);
+        let bytes = source.as_bytes();
+        for (i, _) in source.match_indices('\\') {
+            let width = match bytes.get(i + 1) {
+                Some(b'u') => 4,
+                Some(b'U') => 8,
+                _ => continue,
+            };
+            let hex = source.get(i + 2..i + 2 + width).and_then(|h| u32::from_str_radix(h, 16).ok());
+            if let Some(c) = hex.and_then(char::from_u32).filter(|&c| is_candidate(c)) {
+                self.seen |= 1 << ((c as u32 - FIRST) / 2);
+            }
+        }
+    }
+
     /// The first pair neither of whose characters occurs in what was seen.
     pub fn pick(&self) -> Result<(char, char)> {
         (0..PAIRS)
@@ -131,6 +149,14 @@ mod tests {
         assert_eq!(p.pick().unwrap(), ('\u{FDD0}', '\u{FDD1}'));
         p.see("x\u{FDD1}y");
         assert_eq!(p.pick().unwrap(), ('\u{FDD2}', '\u{FDD3}'));
+    }
+
+    #[test]
+    fn markers_avoid_characters_template_escapes_write() {
+        // Found by the bad-input tests: `{{ '\ufdd0' }}` writes a marker the source does not contain.
+        let mut p = MarkerPicker::default();
+        p.see_template(r"{{ '\ufdd0' }}x{{ '\U0000FDD3' }}{{ '\u12' }}");
+        assert_eq!(p.pick().unwrap(), ('\u{FDD4}', '\u{FDD5}'));
     }
 
     #[test]

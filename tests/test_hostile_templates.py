@@ -49,6 +49,19 @@ def test_runaway_template_raises_a_limit_error(name):
     assert all(reason in message for _, message in batch.errors)
 
 
+@pytest.mark.parametrize("name", ["nested range loops", "gigabytes of output"])
+def test_runaway_template_is_not_verified_with_jinja2(name):
+    # With transformers imported, new templates are verified against Jinja2, which has no
+    # limits: a template that hit one must not be rendered there (it would hang, or take
+    # gigabytes).
+    pytest.importorskip("transformers")
+    source, reason = RUNAWAY[name]
+    tok = chatmask.ChatTokenizer.from_parts(demo_tokenizer_json(), source, verify=8)
+    with pytest.raises(chatmask.TemplateLimitError, match=reason):
+        tok.tokenize_for_trainer(CHAT)
+    assert tok.render_backend == "minijinja"
+
+
 def test_limits_are_configurable():
     tok = from_template("{% for m in messages %}{{ m.content }}{% endfor %}")
     default = tok.render_limits

@@ -12,7 +12,7 @@ import numpy as np
 from . import _core
 from ._fallback import JinjaRenderer
 from .batch import TokenizedBatch
-from .errors import ChatMaskError, TemplateError, TokenizerError
+from .errors import ChatMaskError, TemplateError, TemplateLimitError, TokenizerError
 from .limits import RenderLimits
 
 Message = Mapping[str, Any]
@@ -119,6 +119,9 @@ class ChatTokenizer:
         for generation_prompt in (False, True):
             try:
                 ours = self._core.render(chat, add_generation_prompt=generation_prompt, chat_template=source, **kwargs)
+            except TemplateLimitError:
+                # Jinja2 has no limits: a runaway template would hang or exhaust memory there.
+                return None
             except TemplateError:
                 ours = None
             except ChatMaskError:

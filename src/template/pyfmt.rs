@@ -48,6 +48,22 @@ pub fn py_type_name(v: &Value) -> &'static str {
     }
 }
 
+/// The shortest digits that round-trip, in `LowerExp` form ("-1.2345e-5"). When two digit
+/// strings of that length round-trip, Python (David Gay's dtoa) takes the one nearest the
+/// exact binary value, ties to even; Rust's shortest formatting may take the other
+/// (`1e15 + 0.3` is 1000000000000000.25: Python prints ...0.2, Rust ...0.3). Formatting with
+/// that many digits exactly gives the nearest, so it wins whenever it round-trips.
+fn shortest_round_trip(f: f64) -> String {
+    let shortest = format!("{:e}", f);
+    let digits = shortest.split_once('e').map_or(0, |(m, _)| m.chars().filter(char::is_ascii_digit).count());
+    let nearest = format!("{:.*e}", digits.saturating_sub(1), f);
+    if nearest != shortest && nearest.parse::<f64>() == Ok(f) {
+        nearest
+    } else {
+        shortest
+    }
+}
+
 /// Python's `repr(float)`: shortest round-trip digits, scientific below 1e-4 and from 1e16.
 pub fn py_float_repr(f: f64) -> String {
     if f.is_nan() {
@@ -59,7 +75,7 @@ pub fn py_float_repr(f: f64) -> String {
     if f == 0.0 {
         return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
     }
-    let sci = format!("{:e}", f); // e.g. "-1.2345e-5", shortest round-trip digits
+    let sci = shortest_round_trip(f);
     let (mantissa, exp) = sci.split_once('e').expect("LowerExp always has an exponent");
     let exp: i32 = exp.parse().expect("exponent is an integer");
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
@@ -318,6 +334,13 @@ pub fn py_str(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn float_repr_takes_the_nearest_of_two_shortest() {
+        // Found by the hypothesis fuzzer (tool-call arguments printed with tojson).
+        assert_eq!(py_float_repr(1e15 + 0.3), "1000000000000000.2");
+        assert_eq!(py_float_repr(-233891771783429.62), "-233891771783429.62");
+    }
 
     #[test]
     fn float_repr_matches_python() {
