@@ -1,0 +1,162 @@
+"""`chatmask tokenize` at scale: a 1M-row JSONL corpus through the CLI, against the batch API.
+
+It writes a corpus (not kept in the repo) by cycling the ../shared conversation files with a
+distinct `id` per row, breaking one row in every 100,000 on purpose (invalid JSON, then a
+missing messages field, alternately) so the error accounting is exercised, then:
+
+1. runs `python -m chatmask tokenize CORPUS -o OUT --quiet` as a child process and reads its
+   wall time and peak RSS (`wait4`), and checks the manifest: rows_in == rows_out + rows_failed,
+   the failed rows are exactly the broken ones, and errors.jsonl lists them;
+2. times `ChatTokenizer.tokenize_batch` (same tokenizer, mode and thread count) on the same
+   good rows, parsed beforehand (parsing not timed), in 4,096-row chunks with the output
+   discarded: the batch API's best case.
+
+Throughput ratio = CLI rows/s (end to end: reading, JSON parsing, tokenizing, Parquet writing)
+over batch API rows/s.
+
+    python benches/pipeline_scale.py [--rows 1000000] [--tokenizer qwen3] [--mode all] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import _parity  # noqa: E402
+
+import chatmask  # noqa: E402
+
+BROKEN_EVERY = 100_000
+MAX_CHARS = 6000  # the same mix as benches/bench.py: ~750 tokens per conversation
+CHUNK = 4096
+
+
+def source_lines() -> list[dict]:
+    rows = []
+    for path in _parity.conversation_files():
+        for row in _parity.oracle().read_conversations(path):
+            if sum(len(str(m.get("content", ""))) for m in row["messages"]) <= MAX_CHARS:
+                rows.append(row)
+    return rows
+
+
+def write_corpus(path: Path, n: int) -> list[int]:
+    """Writes n rows; returns the row numbers broken on purpose."""
+    rows = source_lines()
+    broken = []
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            if i % BROKEN_EVERY == BROKEN_EVERY - 1:
+                broken.append(i)
+                f.write('{"id": "broken", "messages": [\n' if len(broken) % 2 else '{"id": "no-messages"}\n')
+                continue
+            row = rows[i % len(rows)]
+            out = {"id": f"r{i}", "messages": row["messages"]}
+            if row.get("tools"):
+                out["tools"] = row["tools"]
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+    return broken
+
+
+def run_cli(corpus: Path, out: Path, tokenizer: Path, mode: str, threads: int) -> tuple[float, int]:
+    """Wall seconds and peak RSS in bytes of the CLI child."""
+    cmd = [sys.executable, "-m", "chatmask", "tokenize", str(corpus), "-o", str(out), "--tokenizer", str(tokenizer),
+           "--mode", mode, "--threads", str(threads), "--quiet"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"chatmask tokenize failed with status {status}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def time_batch_api(corpus: Path, tokenizer: Path, mode: str, threads: int) -> tuple[float, int, int, int]:
+    tok = chatmask.ChatTokenizer.from_pretrained(tokenizer)
+    seconds = 0.0
+    rows = tokens = failed = 0
+    chunk: list[dict] = []
+
+    def flush():
+        nonlocal seconds, rows, tokens, failed
+        t0 = time.perf_counter()
+        batch = tok.tokenize_batch(chunk, mode=mode, num_threads=threads, on_error="skip")
+        seconds += time.perf_counter() - t0
+        rows += len(batch)
+        tokens += len(batch.input_ids)
+        failed += len(batch.errors)
+        chunk.clear()
+
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "messages" in row:
+                chunk.append(row)
+            if len(chunk) == CHUNK:
+                flush()
+    if chunk:
+        flush()
+    return seconds, rows, tokens, failed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--tokenizer", default="qwen3", help="a ../shared fixture tokenizer name")
+    ap.add_argument("--mode", default="all")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workdir", default="/tmp/chatmask-scale")
+    ap.add_argument("--keep", action="store_true", help="keep the corpus and output")
+    args = ap.parse_args()
+
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    corpus, out = work / "corpus.jsonl", work / "out"
+    tokenizer = _parity.TOKENIZERS_DIR / args.tokenizer
+
+    t0 = time.perf_counter()
+    broken = write_corpus(corpus, args.rows)
+    print(f"corpus: {args.rows:,} rows, {corpus.stat().st_size / 2**30:.2f} GiB, {len(broken)} broken on purpose "
+          f"({time.perf_counter() - t0:.0f} s to write)", flush=True)
+
+    cli_s, rss = run_cli(corpus, out, tokenizer, args.mode, args.threads)
+    manifest = json.loads((out / "manifest.json").read_text())
+    failed_rows = [json.loads(line)["row"] for line in open(out / "errors.jsonl")]
+    accounted = manifest["rows_in"] == manifest["rows_out"] + manifest["rows_failed"] == args.rows
+    broken_listed = set(broken) <= set(failed_rows) and len(failed_rows) == manifest["rows_failed"]
+    print(f"cli: {cli_s:.1f} s, {args.rows / cli_s:,.0f} rows/s, peak RSS {rss / 2**20:,.0f} MiB")
+    print("manifest:", json.dumps({k: manifest[k] for k in ("rows_in", "rows_out", "rows_failed", "tokens",
+                                                          "trained_tokens", "seconds")}))
+    print(f"accounting: rows_in == rows_out + rows_failed: {accounted}; errors.jsonl lines == rows_failed and "
+          f"every broken row listed: {broken_listed}; parts: {len(manifest['parts'])}", flush=True)
+
+    api_s, api_rows, api_tokens, api_failed = time_batch_api(corpus, tokenizer, args.mode, args.threads)
+    print(f"batch API: {api_s:.1f} s tokenizing, {api_rows / api_s:,.0f} rows/s ({api_rows:,} rows, "
+          f"{api_tokens:,} tokens, {api_failed:,} rows the template rejects; parsing not timed)")
+    # The CLI's failures are the broken rows plus the rows the template rejects in the batch API too.
+    same = (api_rows, api_tokens, api_failed + len(broken)) == (manifest["rows_out"], manifest["tokens"], manifest["rows_failed"])
+    ratio = (args.rows / cli_s) / (api_rows / api_s)
+    print(f"same rows and tokens as the CLI: {same}")
+    print(f"throughput CLI / batch API: {ratio:.2f}x   peak RSS: {rss / 2**20:,.0f} MiB "
+          f"({args.threads} threads, {args.tokenizer}, mode {args.mode})")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    ok = accounted and broken_listed and same
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
