@@ -21,6 +21,9 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 # Collected by the parity tests and printed at the end of the run.
 PARITY_TOTALS = {"cases": 0, "tokens_compared": 0, "both_raised": 0, "mismatches": 0}
 
+# Collected by tests/test_fuzz.py (hypothesis examples compared with the reference) and printed at the end.
+FUZZ_TOTALS = {"examples": 0, "cases": 0, "tokens_compared": 0, "both_raised": 0, "failures": 0, "span_examples": 0}
+
 
 def require_shared(*parts: str) -> Path:
     """The path under ../shared, or skip (fail under CI=true) when it is missing."""
@@ -52,4 +55,12 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"parity vs reference: {t['cases']} cases, {t['tokens_compared']} tokens+labels compared element "
             f"by element, {t['both_raised']} raised alike, {t['mismatches']} mismatches"
+        )
+    if FUZZ_TOTALS["examples"] or FUZZ_TOTALS["span_examples"]:
+        f = FUZZ_TOTALS
+        terminalreporter.write_line(
+            f"fuzz vs reference: {f['examples']} examples ({f['cases']} mode x finish_reason cases, "
+            f"{f['cases'] - f['both_raised']} equal, {f['both_raised']} raised alike, {f['tokens_compared']} "
+            f"tokens+labels compared), {f['failures']} failing examples seen while shrinking; "
+            f"{f['span_examples']} generation-span examples"
         )

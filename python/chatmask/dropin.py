@@ -27,13 +27,20 @@ def core_for(tokenizer: Any) -> ChatTokenizer:
     """The cached `ChatTokenizer` for a transformers tokenizer (or the argument itself)."""
     if isinstance(tokenizer, ChatTokenizer):
         return tokenizer
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise TypeError(
-            "tokenizer must be a transformers fast tokenizer (with .backend_tokenizer) or a "
-            f"chatmask.ChatTokenizer, not {type(tokenizer).__name__}"
-        )
+    not_a_tokenizer = TypeError(
+        "tokenizer must be a transformers fast tokenizer (with .backend_tokenizer) or a "
+        f"chatmask.ChatTokenizer, not {type(tokenizer).__name__}"
+    )
+    # Duck-typed objects must also have a real backend (`to_str`) and a vocabulary size, else they
+    # would fail below with an AttributeError or "has no len()" instead of this message.
+    if not callable(getattr(getattr(tokenizer, "backend_tokenizer", None), "to_str", None)):
+        raise not_a_tokenizer
     # The template and vocabulary size are part of the key: either can change on a live tokenizer.
-    key = (_template_key(getattr(tokenizer, "chat_template", None)), len(tokenizer))
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        raise not_a_tokenizer from None
+    key = (_template_key(getattr(tokenizer, "chat_template", None)), size)
     with _lock:
         per_tok = _cache.get(tokenizer)
         if per_tok is not None and key in per_tok:
