@@ -555,10 +555,12 @@ fn default_threads() -> usize {
     batch::resolve_threads(None)
 }
 
-/// The most fuel any native render in this process has used (see `RenderLimits`).
+/// The most fuel any native render in this process has used since the last reset (see
+/// `RenderLimits`); `reset=True` returns it and starts over.
 #[pyfunction]
-fn peak_render_fuel() -> u64 {
-    crate::template::peak_fuel_used()
+#[pyo3(signature = (reset=false))]
+fn peak_render_fuel(reset: bool) -> u64 {
+    crate::template::peak_fuel_used(reset)
 }
 
 /// The demo tokenizer's `tokenizer.json` ("bytelevel" or "metaspace"), trained on the demo data.

@@ -12,7 +12,7 @@ DEMO_CHAT_TEMPLATE: str
 DEMO_EOS_TOKEN: str
 DEFAULT_RENDER_LIMITS: tuple[int | None, int, int | None]
 
-def peak_render_fuel() -> int: ...
+def peak_render_fuel(reset: bool = False) -> int: ...
 
 Conversation = Sequence[Mapping[str, Any]]
 

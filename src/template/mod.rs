@@ -522,8 +522,13 @@ fn exceeded_limit(err: &JinjaError, detail: &str) -> Option<String> {
 /// limit (the test suite reads it after rendering the fixture corpus).
 static PEAK_FUEL_USED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-pub fn peak_fuel_used() -> u64 {
-    PEAK_FUEL_USED.load(std::sync::atomic::Ordering::Relaxed)
+/// The peak so far; with `reset`, starts a new measurement.
+pub fn peak_fuel_used(reset: bool) -> u64 {
+    if reset {
+        PEAK_FUEL_USED.swap(0, std::sync::atomic::Ordering::Relaxed)
+    } else {
+        PEAK_FUEL_USED.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl ChatTemplate {
