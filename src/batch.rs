@@ -15,6 +15,7 @@ use crate::chat::Conversation;
 use crate::core::{ChatTokenizer, TemplateArgs};
 use crate::error::{catch_panic, Error, Result};
 use crate::label::{Labeled, Mode};
+use crate::policy::{Policy, SpanMethod, Tokenized};
 
 /// Rows per chunk: enough work per chunk to keep every thread busy, small enough that
 /// converting the first chunk (the part that cannot overlap) is short.
@@ -31,6 +32,31 @@ pub struct BatchOutput {
     pub label_offsets: Vec<i64>,
     pub rows: Vec<i64>,
     pub errors: Vec<(usize, Error)>,
+    /// Under a policy: per token, the message it belongs to (-1: template text).
+    pub message_index: Vec<i32>,
+    /// Under a policy, per output row: how its spans were found, trained tokens straddling a
+    /// span edge, whether token positions were derived from the tokens, tokens truncated.
+    pub span_methods: Vec<SpanMethod>,
+    pub straddling: Vec<u32>,
+    pub positions_derived: Vec<bool>,
+    pub truncated: Vec<u32>,
+    /// Rows the policy's `overflow="drop"` removed.
+    pub dropped: Vec<usize>,
+}
+
+/// What a batch computes per row.
+#[derive(Debug, Clone)]
+pub enum Task {
+    /// The reference's labels (or generation blocks).
+    Reference(Mode),
+    /// Span-based labels and `message_index` under a policy.
+    Policy(Arc<Policy>),
+}
+
+/// One labelled row; `None` when the policy dropped it.
+pub enum RowResult {
+    Reference(Labeled),
+    Policy(Option<(Tokenized, SpanMethod)>),
 }
 
 /// What to do with a row that fails.
@@ -58,14 +84,20 @@ pub struct BatchArgs {
     pub kwargs: Vec<(String, Value)>,
 }
 
-fn label_row(tok: &ChatTokenizer, row: RowInput, mode: Mode, args: &BatchArgs) -> Result<Labeled> {
-    if row.overrides.is_empty() {
-        return tok.label(&row.conversation, mode, row.finish_length, &args.shared);
+fn label_row(tok: &ChatTokenizer, row: RowInput, task: &Task, args: &BatchArgs) -> Result<RowResult> {
+    let own;
+    let template_args = if row.overrides.is_empty() {
+        &args.shared
+    } else {
+        let mut kwargs = args.kwargs.clone();
+        kwargs.extend(row.overrides);
+        own = tok.template_args(args.chat_template.as_deref(), kwargs)?;
+        &own
+    };
+    match task {
+        Task::Reference(mode) => tok.label(&row.conversation, *mode, row.finish_length, template_args).map(RowResult::Reference),
+        Task::Policy(policy) => tok.tokenize(&row.conversation, policy, false, template_args).map(RowResult::Policy),
     }
-    let mut kwargs = args.kwargs.clone();
-    kwargs.extend(row.overrides);
-    let own = tok.template_args(args.chat_template.as_deref(), kwargs)?;
-    tok.label(&row.conversation, mode, row.finish_length, &own)
 }
 
 /// A thread pool owned by this process. Rebuilt after `fork()`: a child inherits the pool's
@@ -114,11 +146,11 @@ pub fn resolve_threads(num_threads: Option<usize>) -> usize {
 pub struct Pending {
     first_row: usize,
     rows: usize,
-    results: mpsc::Receiver<Vec<Result<Labeled>>>,
+    results: mpsc::Receiver<Vec<Result<RowResult>>>,
 }
 
 impl Pending {
-    pub fn wait(self) -> (usize, Vec<Result<Labeled>>) {
+    pub fn wait(self) -> (usize, Vec<Result<RowResult>>) {
         // Rows are labelled under `catch_panic`, so the sender disappears only if the pool
         // itself failed; every row of the chunk then becomes an error, none goes missing.
         let results = self.results.recv().ok().filter(|r| r.len() == self.rows).unwrap_or_else(|| {
@@ -132,7 +164,7 @@ impl Pending {
 pub struct BatchRunner {
     tok: Arc<ChatTokenizer>,
     args: Arc<BatchArgs>,
-    mode: Mode,
+    task: Task,
     on_error: OnError,
     /// `None` with one thread: rows are labelled on the calling thread, so "1 thread" uses one
     /// core (no pool thread labelling while the caller converts the next chunk).
@@ -142,12 +174,12 @@ pub struct BatchRunner {
 }
 
 impl BatchRunner {
-    pub fn new(tok: Arc<ChatTokenizer>, args: BatchArgs, mode: Mode, on_error: OnError, num_threads: Option<usize>) -> Result<Self> {
+    pub fn new(tok: Arc<ChatTokenizer>, args: BatchArgs, task: Task, on_error: OnError, num_threads: Option<usize>) -> Result<Self> {
         let threads = resolve_threads(num_threads);
         Ok(BatchRunner {
             tok,
             args: Arc::new(args),
-            mode,
+            task,
             on_error,
             pool: if threads > 1 { Some(pool(threads)?) } else { None },
             out: BatchOutput { offsets: vec![0], label_offsets: vec![0], ..Default::default() },
@@ -159,9 +191,9 @@ impl BatchRunner {
     /// so call it without the GIL).
     pub fn submit(&mut self, chunk: Vec<Row>) -> Pending {
         let (tx, rx) = mpsc::sync_channel(1);
-        let (tok, args, mode) = (self.tok.clone(), self.args.clone(), self.mode);
+        let (tok, args, task) = (self.tok.clone(), self.args.clone(), self.task.clone());
         let expected = chunk.len();
-        let label = move |row: Row| row.and_then(|r| catch_panic(|| label_row(&tok, r, mode, &args)));
+        let label = move |row: Row| row.and_then(|r| catch_panic(|| label_row(&tok, r, &task, &args)));
         match &self.pool {
             None => {
                 let _ = tx.send(chunk.into_iter().map(label).collect());
@@ -169,7 +201,7 @@ impl BatchRunner {
             Some(pool) => {
                 let inner = pool.clone();
                 pool.spawn(move || {
-                    let labeled: Vec<Result<Labeled>> = inner.install(|| chunk.into_par_iter().map(label).collect());
+                    let labeled: Vec<Result<RowResult>> = inner.install(|| chunk.into_par_iter().map(label).collect());
                     let _ = tx.send(labeled);
                 });
             }
@@ -181,17 +213,30 @@ impl BatchRunner {
 
     /// Appends a finished chunk. With `OnError::Raise` the first failing row (in input order)
     /// is returned as `Err((row, error))`.
-    pub fn collect(&mut self, first_row: usize, labeled: Vec<Result<Labeled>>) -> std::result::Result<(), (usize, Error)> {
+    pub fn collect(&mut self, first_row: usize, labeled: Vec<Result<RowResult>>) -> std::result::Result<(), (usize, Error)> {
         let out = &mut self.out;
         for (i, result) in labeled.into_iter().enumerate() {
             let row = first_row + i;
             match result {
-                Ok(l) => {
+                Ok(RowResult::Reference(l)) => {
                     out.input_ids.extend_from_slice(&l.tokens);
                     out.labels.extend_from_slice(&l.masks);
                     out.offsets.push(out.input_ids.len() as i64);
                     out.label_offsets.push(out.labels.len() as i64);
                     out.rows.push(row as i64);
+                }
+                Ok(RowResult::Policy(None)) => out.dropped.push(row),
+                Ok(RowResult::Policy(Some((t, method)))) => {
+                    out.input_ids.extend_from_slice(&t.input_ids);
+                    out.labels.extend_from_slice(&t.labels);
+                    out.message_index.extend_from_slice(&t.message_index);
+                    out.offsets.push(out.input_ids.len() as i64);
+                    out.label_offsets.push(out.labels.len() as i64);
+                    out.rows.push(row as i64);
+                    out.span_methods.push(method);
+                    out.straddling.push(t.straddling as u32);
+                    out.positions_derived.push(t.positions_derived);
+                    out.truncated.push(t.truncated as u32);
                 }
                 Err(e) if self.on_error == OnError::Raise => return Err((row, e)),
                 Err(e) => out.errors.push((row, e)),

@@ -11,7 +11,11 @@ use crate::chat::Conversation;
 use crate::encode::Encoder;
 use crate::error::{Error, Result};
 use crate::label::{self, Labeled, Mode};
-use crate::spans::{for_each_string, strip_markers, token_mask, MarkerPicker};
+use crate::policy::{self, MessageInfo, Policy, SpanMethod, SpanRow, SpanSource, Tokenized};
+use crate::spans::{
+    diff_region, dummy_char, for_each_string, has_plane16, mark_message, replace_field, strip_field_markers, strip_markers,
+    token_mask, FieldKind, FieldSpan, MarkerPicker, Marking, MAX_MARKED_MESSAGES,
+};
 use crate::template::{render_context, ChatTemplate, RenderLimits, MARKERS_VAR};
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`: the named special tokens every template sees.
@@ -29,6 +33,8 @@ pub struct TemplateSources {
 pub struct TemplateArgs {
     pub template: Arc<ChatTemplate>,
     pub base: Vec<(String, Value)>,
+    /// [`ChatTokenizer::generation_prompt`] for these arguments, found once.
+    generation_prompt: std::sync::OnceLock<Option<String>>,
 }
 
 pub struct ChatTokenizer {
@@ -237,7 +243,7 @@ impl ChatTokenizer {
                 base.push((name.to_string(), Value::from(())));
             }
         }
-        Ok(TemplateArgs { template, base })
+        Ok(TemplateArgs { template, base, generation_prompt: Default::default() })
     }
 
     /// Renders `conversation[:n]`.
@@ -297,4 +303,154 @@ impl ChatTokenizer {
         let render = |n: usize, gen: bool| self.render(conv, n, gen, args);
         label::label(&self.encoder, &render, &conv.roles, mode, finish_length, self.eos_token_id)
     }
+
+    /// The plain render of the whole conversation and where each message's fields landed in
+    /// it, with the method that found them and where each string content starts inside its
+    /// span (see [`SpanRow::content_origin`]).
+    pub fn message_spans(&self, conv: &Conversation, add_generation_prompt: bool, args: &TemplateArgs) -> Result<MessageSpans> {
+        let n = conv.len();
+        let plain = self.render(conv, n, add_generation_prompt, args)?;
+        let mut collides = has_plane16(&args.template.source) || args.template.source.contains("\\U0010");
+        for value in conv.messages.iter().chain(args.base.iter().map(|(_, v)| v)) {
+            for_each_string(value, &mut |s| collides |= has_plane16(s));
+        }
+        if collides {
+            return Err(Error::Span(
+                "the input or template contains a plane-16 private-use character (U+100000..U+10FFFD), which chatmask \
+                 reserves as span markers"
+                    .into(),
+            ));
+        }
+        if n > MAX_MARKED_MESSAGES {
+            return Err(Error::Span(format!("{n} messages; span markers cover at most {MAX_MARKED_MESSAGES}")));
+        }
+        let render_marked = |marking: Marking| -> Result<Option<Vec<FieldSpan>>> {
+            let messages: Vec<Value> = conv.messages.iter().enumerate().map(|(i, m)| mark_message(m, i, marking)).collect();
+            let marked = Conversation { messages, roles: conv.roles.clone() };
+            // A render that fails only because of the markers (a template that parses a field)
+            // is a failed attempt, not an error of the row.
+            let Ok(text) = self.render(&marked, n, add_generation_prompt, args) else { return Ok(None) };
+            Ok(strip_field_markers(&text).filter(|(stripped, _)| *stripped == plain).map(|(_, spans)| spans))
+        };
+        let content_lead = |m: &Value, inner: bool| -> Option<usize> {
+            let content = m.get_attr("content").ok()?;
+            let s = content.as_str()?;
+            Some(if inner { s.chars().take_while(|c| c.is_whitespace()).count() } else { 0 })
+        };
+        for inner in [false, true] {
+            if let Some(spans) = render_marked(Marking { message: None, kind: None, inner })? {
+                let content_origin = conv.messages.iter().map(|m| content_lead(m, inner)).collect();
+                return Ok(MessageSpans { text: plain, spans, method: SpanMethod::OneRender, content_origin });
+            }
+        }
+        // One field at a time: markers first (checked), else the text that changes when the
+        // field is replaced by a character found nowhere else.
+        let mut spans = Vec::new();
+        let mut content_origin = vec![None; n];
+        let mut method = SpanMethod::PerField;
+        let mut diffed: Vec<FieldSpan> = Vec::new();
+        for (i, msg) in conv.messages.iter().enumerate() {
+            for kind in [FieldKind::Content, FieldKind::Reasoning, FieldKind::Tool] {
+                let only = Marking { message: Some(i), kind: Some(kind), inner: false };
+                if mark_message(msg, i, only) == *msg {
+                    continue; // nothing of this kind to locate
+                }
+                let mut found = false;
+                for inner in [false, true] {
+                    if let Some(field_spans) = render_marked(Marking { inner, ..only })? {
+                        if kind == FieldKind::Content {
+                            content_origin[i] = content_lead(msg, inner);
+                        }
+                        spans.extend(field_spans);
+                        found = true;
+                        break;
+                    }
+                }
+                if found {
+                    continue;
+                }
+                method = SpanMethod::Diff;
+                let dummy = dummy_char(i, kind).to_string();
+                let mut messages = conv.messages.clone();
+                messages[i] = replace_field(msg, i, kind, &dummy);
+                let replaced = Conversation { messages, roles: conv.roles.clone() };
+                let other = self.render(&replaced, n, add_generation_prompt, args).map_err(|e| {
+                    Error::Span(format!("message {i}: the template fails when its {kind:?} is replaced: {e}"))
+                })?;
+                let (start, end) = diff_region(&plain, &other);
+                if start < end {
+                    diffed.push(FieldSpan { message: i, kind, start, end });
+                }
+            }
+        }
+        // A diff region is everything that changed; it must not reach into another message's text.
+        for d in &diffed {
+            let clash = spans.iter().chain(&diffed).find(|s| s.message != d.message && s.start < d.end && d.start < s.end);
+            if let Some(c) = clash {
+                return Err(Error::Span(format!(
+                    "message {}'s {:?} changes text that message {} also owns; no exact span",
+                    d.message, d.kind, c.message
+                )));
+            }
+        }
+        spans.extend(diffed);
+        Ok(MessageSpans { text: plain, spans, method, content_origin })
+    }
+
+    /// What `add_generation_prompt=True` appends after a one-message conversation, when the
+    /// template renders that conversation as a prefix of the one with the prompt.
+    pub fn generation_prompt(&self, args: &TemplateArgs) -> Option<String> {
+        args.generation_prompt.get_or_init(|| self.probe_generation_prompt(args)).clone()
+    }
+
+    fn probe_generation_prompt(&self, args: &TemplateArgs) -> Option<String> {
+        let probe = Conversation::new(vec![Value::from_pairs(vec![("role", Value::from("user")), ("content", Value::from("x"))])]).ok()?;
+        let without = self.render(&probe, 1, false, args).ok()?;
+        let with = self.render(&probe, 1, true, args).ok()?;
+        with.strip_prefix(without.as_str()).map(str::to_string)
+    }
+
+    /// Tokens, labels and `message_index` of one conversation under `policy`.
+    pub fn tokenize(&self, conv: &Conversation, policy: &Policy, add_generation_prompt: bool, args: &TemplateArgs) -> Result<Option<(Tokenized, SpanMethod)>> {
+        if conv.is_empty() {
+            return Err(Error::EmptyConversation);
+        }
+        let located = self.message_spans(conv, add_generation_prompt, args)?;
+        let generation = match policy.source {
+            SpanSource::Generation => {
+                let (text, spans) = self.render_with_spans(conv, conv.len(), add_generation_prompt, args)?;
+                if text != located.text {
+                    return Err(Error::Internal("generation render differs from the plain render".into()));
+                }
+                spans
+            }
+            SpanSource::Messages => Vec::new(),
+        };
+        let messages =
+            conv.messages.iter().enumerate().map(|(i, m)| MessageInfo::read(m, i, policy)).collect::<Result<Vec<_>>>()?;
+        let (ids, positions, positions_derived) = self.encoder.encode_with_positions(&located.text)?;
+        let generation_prompt = if policy.train_turn_prefix { self.generation_prompt(args) } else { None };
+        let row = SpanRow {
+            text: &located.text,
+            generation_prompt: generation_prompt.as_deref(),
+            ids: &ids,
+            positions: &positions,
+            spans: &located.spans,
+            messages: &messages,
+            content_origin: &located.content_origin,
+            generation: &generation,
+        };
+        let (labels, message_index, straddling) =
+            policy::label(&row, policy, self.eos_token_id, &|id| self.encoder.is_special_added(id))?;
+        let mut out = Tokenized { input_ids: ids, labels, message_index, straddling, positions_derived, truncated: 0 };
+        Ok(policy::fit_length(&mut out, policy)?.then_some((out, located.method)))
+    }
+}
+
+/// See [`ChatTokenizer::message_spans`].
+pub struct MessageSpans {
+    pub text: String,
+    pub spans: Vec<FieldSpan>,
+    pub method: SpanMethod,
+    pub content_origin: Vec<Option<usize>>,
 }

@@ -19,6 +19,12 @@ const WORD_CACHE_CAPACITY: usize = 200_000;
 /// A tokenizer, with what the prefix arithmetic needs to know about its added tokens.
 pub struct Encoder {
     tokenizer: Tokenizer,
+    /// The text bytes each token id stands for, from the vocabulary (see [`Encoder::positions`]).
+    pieces: Vec<Box<[u8]>>,
+    /// Whether a token may carry a space the pre-tokenizer added (Metaspace's prepended `▁`).
+    virtual_space: bool,
+    /// Ids of added tokens marked special (end-of-turn candidates).
+    special_added: Vec<u32>,
     /// `added_content[id]` is the content of added token `id`, if it is one.
     added_content: Vec<Option<Box<str>>>,
     /// The longest added token, in bytes.
@@ -64,6 +70,59 @@ impl PrefixTokens<'_> {
     }
 }
 
+/// GPT-2's byte-to-character table, inverted: which byte each byte-level character stands for.
+fn byte_level_chars() -> std::collections::HashMap<char, u8> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    printable.into_iter().zip(chars).map(|(b, c)| (char::from_u32(c).expect("table chars are valid"), b as u8)).collect()
+}
+
+/// The bytes of text every token id stands for, read from the vocabulary according to the
+/// decoder (byte-level, or SentencePiece's `▁` and `<0xAB>` byte fallback); added tokens stand
+/// for their content. Also whether Metaspace may have prepended a space the text lacks.
+fn token_pieces(tokenizer: &Tokenizer, added: &[Option<Box<str>>]) -> (Vec<Box<[u8]>>, bool) {
+    let decoder = tokenizer.get_decoder().and_then(|d| serde_json::to_string(d).ok()).unwrap_or_default();
+    let byte_level = decoder.contains("\"ByteLevel\"");
+    let metaspace = !byte_level && (decoder.contains("\"Metaspace\"") || decoder.contains('▁'));
+    let byte_fallback = decoder.contains("\"ByteFallback\"");
+    let table = if byte_level { byte_level_chars() } else { Default::default() };
+    let vocab = tokenizer.get_vocab(true);
+    let size = vocab.values().copied().max().map_or(0, |m| m as usize + 1);
+    let mut pieces: Vec<Box<[u8]>> = vec![Box::default(); size];
+    for (token, id) in vocab {
+        if let Some(Some(content)) = added.get(id as usize) {
+            pieces[id as usize] = content.as_bytes().into();
+            continue;
+        }
+        let bytes: Vec<u8> = if byte_level {
+            match token.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>() {
+                Some(b) => b,
+                None => token.into_bytes(),
+            }
+        } else if metaspace {
+            let hex = (byte_fallback && token.len() == 6 && token.starts_with("<0x") && token.ends_with('>'))
+                .then(|| u8::from_str_radix(&token[3..5], 16).ok())
+                .flatten();
+            match hex {
+                Some(b) => vec![b],
+                None => token.replace('▁', " ").into_bytes(),
+            }
+        } else {
+            token.into_bytes()
+        };
+        pieces[id as usize] = bytes.into();
+    }
+    (pieces, metaspace)
+}
+
 fn common_prefix_len(a: &str, b: &str) -> usize {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let n = a.len().min(b.len());
@@ -94,11 +153,17 @@ impl Encoder {
         let max_id = decoder.keys().copied().max().map_or(0, |m| m as usize + 1);
         let mut added_content = vec![None; max_id];
         let mut max_added_len = 0;
-        for (id, token) in decoder {
+        let mut special_added: Vec<u32> = Vec::new();
+        for (&id, token) in &decoder {
             max_added_len = max_added_len.max(token.content.len());
             added_content[id as usize] = Some(token.content.clone().into_boxed_str());
+            if token.special {
+                special_added.push(id);
+            }
         }
-        Ok(Encoder { tokenizer, added_content, max_added_len })
+        special_added.sort_unstable();
+        let (pieces, virtual_space) = token_pieces(&tokenizer, &added_content);
+        Ok(Encoder { tokenizer, pieces, virtual_space, special_added, added_content, max_added_len })
     }
 
     pub fn from_json(json: &str) -> Result<Encoder> {
@@ -126,6 +191,57 @@ impl Encoder {
     pub fn encode_with_char_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
         let enc = self.tokenizer.encode_char_offsets(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// Whether `id` is an added token marked special.
+    pub fn is_special_added(&self, id: u32) -> bool {
+        self.special_added.binary_search(&id).is_ok()
+    }
+
+    /// Token ids of `text` and each token's `(start, end)` in code points, derived from the
+    /// tokens themselves: the bytes each token stands for, laid end to end along `text`.
+    /// Returns `derived = false` when the pieces do not spell `text` (a normalizer changed it,
+    /// an unknown token), and then uses the tokenizer's offsets, which have been reported wrong
+    /// for some tokenizers (tokenizers #1553), so callers count such rows.
+    pub fn encode_with_positions(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>, bool)> {
+        let ids = self.encode(text)?;
+        if let Some(positions) = self.positions(text, &ids) {
+            return Ok((ids, positions, true));
+        }
+        let (ids, offsets) = self.encode_with_char_offsets(text)?;
+        Ok((ids, offsets, false))
+    }
+
+    /// Lays the pieces of `ids` along `text`; `None` unless they spell it exactly.
+    pub fn positions(&self, text: &str, ids: &[u32]) -> Option<Vec<(usize, usize)>> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(ids.len());
+        // Byte cursor, and the code points that start before it (UTF-8 lead bytes).
+        let mut at = 0usize;
+        let mut chars_before = 0usize;
+        let advance = |to: usize, chars_before: &mut usize, at: &mut usize| {
+            *chars_before += bytes[*at..to].iter().filter(|&&b| b & 0xC0 != 0x80).count();
+            *at = to;
+        };
+        for &id in ids {
+            let piece: &[u8] = self.pieces.get(id as usize)?;
+            let rest = &bytes[at..];
+            let len = if rest.starts_with(piece) {
+                piece.len()
+            } else if self.virtual_space && piece.first() == Some(&b' ') && rest.starts_with(&piece[1..]) {
+                piece.len() - 1
+            } else {
+                return None;
+            };
+            // A token that starts inside a code point (byte fallback splits one) owns that
+            // code point from its start; one that ends inside it owns it to its end.
+            let mid_start = at < bytes.len() && bytes[at] & 0xC0 == 0x80;
+            let start = chars_before - usize::from(mid_start);
+            advance(at + len, &mut chars_before, &mut at);
+            let mid_end = at < bytes.len() && bytes[at] & 0xC0 == 0x80;
+            out.push((start, if len == 0 { start.max(chars_before - usize::from(mid_end)) } else { chars_before }));
+        }
+        (at == bytes.len()).then_some(out)
     }
 
     /// Encodes `text` and records where its added tokens are.

@@ -28,6 +28,10 @@ pub enum Error {
     Tokenizer(String),
     /// A tokenizer directory or config is missing or malformed.
     Config(String),
+    /// A row longer than the policy's `max_length` that it may not cut.
+    TooLong(String),
+    /// No exact method located a message's text in the render.
+    Span(String),
     /// A bug in chatmask (a caught panic), reported instead of crashing the interpreter.
     Internal(String),
 }
@@ -62,6 +66,8 @@ impl fmt::Display for Error {
             Error::EmptyTokens => f.write_str("list index out of range (the chat rendered to no tokens)"),
             Error::Tokenizer(msg) => write!(f, "tokenizer error: {msg}"),
             Error::Config(msg) => f.write_str(msg),
+            Error::TooLong(msg) => write!(f, "row too long: {msg}"),
+            Error::Span(msg) => write!(f, "cannot locate message text in the render: {msg}"),
             Error::Internal(msg) => write!(f, "internal error in chatmask (please report): {msg}"),
         }
     }

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod encode;
 pub mod error;
 pub mod label;
+pub mod policy;
 pub mod spans;
 mod python;
 pub mod template;

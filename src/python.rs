@@ -20,6 +20,8 @@ use crate::core::{ChatTokenizer, TemplateArgs, TemplateSources};
 use crate::demo;
 use crate::error::{catch_panic, Error};
 use crate::label::Mode;
+use crate::policy::{EndTokens, Overflow, Policy, SpanSource};
+use crate::spans::FieldKind;
 use crate::template::RenderLimits;
 
 /// Deeper nesting than this is refused rather than risking the stack.
@@ -43,6 +45,8 @@ fn to_pyerr(py: Python<'_>, err: &Error, row: Option<usize>) -> PyErr {
         }
         Error::InvalidInput(_) => "ConversationTypeError",
         Error::Tokenizer(_) | Error::Config(_) => "TokenizerError",
+        Error::TooLong(_) => "SequenceTooLongError",
+        Error::Span(_) => "SpanError",
         Error::Internal(_) => "ChatMaskError",
     };
     let message = match row {
@@ -215,6 +219,58 @@ impl PyChatTokenizer {
     fn args(&self, py: Python<'_>, chat_template: Option<&str>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<TemplateArgs> {
         let values = kwargs_to_values(kwargs).map_err(core_err(py))?;
         self.inner.template_args(chat_template, values).map_err(core_err(py))
+    }
+}
+
+impl PyChatTokenizer {
+    /// A `Policy` from the dict `MaskPolicy.to_core()` builds.
+    fn policy(&self, d: &Bound<'_, PyDict>) -> PyResult<Policy> {
+        let mut p = Policy::default();
+        let bad = |e: Error| PyValueError::new_err(e.to_string());
+        for (k, v) in d.iter() {
+            let key: String = k.extract()?;
+            match key.as_str() {
+                "roles_to_train" => p.roles_to_train = v.extract()?,
+                "train_on_inputs" => p.train_on_inputs = v.extract()?,
+                "train_on_eot" => p.train_on_eot = EndTokens::parse(&v.extract::<String>()?).map_err(bad)?,
+                "train_on_eos" => p.train_on_eos = EndTokens::parse(&v.extract::<String>()?).map_err(bad)?,
+                "eot_tokens" => {
+                    p.eot_tokens = match v.extract::<Option<Vec<String>>>()? {
+                        None => None,
+                        Some(tokens) => Some(
+                            tokens
+                                .iter()
+                                .map(|t| {
+                                    let ids = self.inner.encoder.encode(t).map_err(bad)?;
+                                    match ids.as_slice() {
+                                        [id] => Ok(*id),
+                                        _ => Err(PyValueError::new_err(format!(
+                                            "eot token {t:?} is {} tokens, not one; add it to the tokenizer",
+                                            ids.len()
+                                        ))),
+                                    }
+                                })
+                                .collect::<PyResult<Vec<u32>>>()?,
+                        ),
+                    }
+                }
+                "train_reasoning" => p.train_reasoning = v.extract()?,
+                "train_turn_prefix" => p.train_turn_prefix = v.extract()?,
+                "field_training" => p.field_training = v.extract()?,
+                "field_training_detail" => p.field_training_detail = v.extract()?,
+                "max_length" => p.max_length = v.extract()?,
+                "overflow" => p.overflow = Overflow::parse(&v.extract::<String>()?).map_err(bad)?,
+                "source" => {
+                    p.source = match v.extract::<String>()?.as_str() {
+                        "messages" => SpanSource::Messages,
+                        "generation" => SpanSource::Generation,
+                        other => return Err(PyValueError::new_err(format!("source must be 'messages' or 'generation', not {other:?}"))),
+                    }
+                }
+                other => return Err(PyValueError::new_err(format!("unknown policy field {other:?}"))),
+            }
+        }
+        Ok(p)
     }
 }
 
@@ -439,9 +495,81 @@ impl PyChatTokenizer {
         Ok((ids_list(py, &out.tokens)?, PyList::new(py, &out.masks)?))
     }
 
+    /// One conversation under a policy (a dict of `MaskPolicy` fields): a dict of numpy
+    /// arrays `input_ids`, `labels`, `message_index`, plus `span_method`, `straddling`,
+    /// `positions_derived`, `truncated`; `None` when `overflow="drop"` drops it.
+    #[pyo3(signature = (conversation, policy, add_generation_prompt=false, chat_template=None, **kwargs))]
+    fn tokenize<'py>(
+        &self,
+        py: Python<'py>,
+        conversation: &Bound<'py, PyAny>,
+        policy: &Bound<'py, PyDict>,
+        add_generation_prompt: bool,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let policy = self.policy(policy)?;
+        let conv = to_conversation(conversation).map_err(core_err(py))?;
+        let args = self.args(py, chat_template, kwargs)?;
+        let inner = &self.inner;
+        let Some((out, method)) = run(py, || inner.tokenize(&conv, &policy, add_generation_prompt, &args))? else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("input_ids", out.input_ids.iter().map(|&x| x as i64).collect::<Vec<_>>().into_pyarray(py))?;
+        d.set_item("labels", out.labels.into_pyarray(py))?;
+        d.set_item("message_index", out.message_index.into_pyarray(py))?;
+        d.set_item("span_method", method.name())?;
+        d.set_item("straddling", out.straddling)?;
+        d.set_item("positions_derived", out.positions_derived)?;
+        d.set_item("truncated", out.truncated)?;
+        Ok(Some(d))
+    }
+
+    /// The plain render and where each message's fields landed: `(text, [(message, kind,
+    /// start, end)], method)`, kind one of "content", "reasoning", "tool", positions in code points.
+    #[pyo3(signature = (conversation, add_generation_prompt=false, chat_template=None, **kwargs))]
+    fn message_spans(
+        &self,
+        py: Python<'_>,
+        conversation: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<(String, Vec<(usize, &'static str, usize, usize)>, &'static str)> {
+        let conv = to_conversation(conversation).map_err(core_err(py))?;
+        let args = self.args(py, chat_template, kwargs)?;
+        let inner = &self.inner;
+        let located = run(py, || inner.message_spans(&conv, add_generation_prompt, &args))?;
+        let spans = located
+            .spans
+            .iter()
+            .map(|s| {
+                let kind = match s.kind {
+                    FieldKind::Content => "content",
+                    FieldKind::Reasoning => "reasoning",
+                    FieldKind::Tool => "tool",
+                };
+                (s.message, kind, s.start, s.end)
+            })
+            .collect();
+        Ok((located.text, spans, located.method.name()))
+    }
+
+    /// Token ids of `text` and each token's (start, end) in code points, derived from the
+    /// tokens themselves, and whether that worked (else the tokenizer's offsets).
+    fn positions<'py>(&self, py: Python<'py>, text: &str) -> PyResult<(Vec<u32>, Vec<(usize, usize)>, bool, Vec<(usize, usize)>)> {
+        let inner = &self.inner;
+        run(py, || {
+            let (ids, positions, derived) = inner.encoder.encode_with_positions(text)?;
+            let (_, offsets) = inner.encoder.encode_with_char_offsets(text)?;
+            Ok((ids, positions, derived, offsets))
+        })
+    }
+
     /// Labels many conversations in parallel with the GIL released. Returns a dict of flat
     /// numpy arrays and the list of `(row, message)` errors.
-    #[pyo3(signature = (conversations, mode="last", finish_reason=None, num_threads=None, on_error="raise", ids_dtype="int32", chat_template=None, **kwargs))]
+    #[pyo3(signature = (conversations, mode="last", finish_reason=None, num_threads=None, on_error="raise", ids_dtype="int32", chat_template=None, policy=None, **kwargs))]
     #[allow(clippy::too_many_arguments)]
     fn tokenize_batch<'py>(
         &self,
@@ -453,9 +581,14 @@ impl PyChatTokenizer {
         on_error: &str,
         ids_dtype: &str,
         chat_template: Option<&str>,
+        policy: Option<&Bound<'py, PyDict>>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let mode = Mode::parse(mode).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let task = match policy {
+            Some(p) => batch::Task::Policy(Arc::new(self.policy(p)?)),
+            None => batch::Task::Reference(Mode::parse(mode).map_err(|e| PyValueError::new_err(e.to_string()))?),
+        };
+        let with_policy = policy.is_some();
         let on_error = match on_error {
             "raise" => OnError::Raise,
             "skip" => OnError::Skip,
@@ -491,7 +624,7 @@ impl PyChatTokenizer {
         let shared = self.inner.template_args(chat_template, values.clone()).map_err(core_err(py))?;
         let args = batch::BatchArgs { shared, chat_template: chat_template.map(str::to_string), kwargs: values };
         let mut runner =
-            batch::BatchRunner::new(self.inner.clone(), args, mode, on_error, num_threads).map_err(core_err(py))?;
+            batch::BatchRunner::new(self.inner.clone(), args, task, on_error, num_threads).map_err(core_err(py))?;
         // Convert a chunk (GIL held) while the pool labels the previous one (GIL not needed).
         let mut rows_in = conversations.try_iter()?;
         let mut pending: Option<batch::Pending> = None;
@@ -540,6 +673,15 @@ impl PyChatTokenizer {
         d.set_item("offsets", out.offsets.into_pyarray(py))?;
         d.set_item("label_offsets", out.label_offsets.into_pyarray(py))?;
         d.set_item("rows", out.rows.into_pyarray(py))?;
+        if with_policy {
+            d.set_item("message_index", out.message_index.into_pyarray(py))?;
+            let methods: Vec<&str> = out.span_methods.iter().map(|m| m.name()).collect();
+            d.set_item("span_methods", methods)?;
+            d.set_item("straddling", out.straddling.into_pyarray(py))?;
+            d.set_item("positions_derived", out.positions_derived.into_pyarray(py))?;
+            d.set_item("truncated", out.truncated.into_pyarray(py))?;
+            d.set_item("dropped", out.dropped)?;
+        }
         let errors = PyList::empty(py);
         for (row, e) in &out.errors {
             errors.append((row, e.to_string()))?;

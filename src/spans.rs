@@ -138,6 +138,227 @@ pub fn token_mask(char_offsets: &[(usize, usize)], spans: &[(usize, usize)]) -> 
         .collect()
 }
 
+/// Which of a message's text fields a span comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    /// `content` (a string, or the `text` of content parts).
+    Content,
+    /// `reasoning_content` / `thinking` / `reasoning`.
+    Reasoning,
+    /// A tool call's function name and arguments.
+    Tool,
+}
+
+const KINDS: [FieldKind; 3] = [FieldKind::Content, FieldKind::Reasoning, FieldKind::Tool];
+
+/// Message-field markers live in plane 16's private use area (transformers' control-token
+/// sanitizer uses plane 15): one start character per (message, field kind), one end character.
+const FIELD_FIRST: u32 = 0x10_0000;
+const FIELD_END: char = '\u{10FFFD}';
+/// Start characters available: U+100000..U+10FFFC.
+const FIELD_SLOTS: usize = (0x10FFFD - FIELD_FIRST) as usize;
+
+/// The most messages a conversation can have for the one-render span method.
+pub const MAX_MARKED_MESSAGES: usize = FIELD_SLOTS / KINDS.len();
+
+/// Where one field of one message landed in the render (code points of the plain render).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldSpan {
+    pub message: usize,
+    pub kind: FieldKind,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Whether `s` holds a plane-16 character, which would collide with the field markers.
+/// Its UTF-8 starts with byte 0xF4, which nothing below U+100000 uses.
+pub fn has_plane16(s: &str) -> bool {
+    s.as_bytes().contains(&0xF4)
+}
+
+/// Which fields to wrap and how.
+#[derive(Debug, Clone, Copy)]
+pub struct Marking {
+    /// Only this message, or every message.
+    pub message: Option<usize>,
+    /// Only this field kind, or every kind.
+    pub kind: Option<FieldKind>,
+    /// Put the markers inside leading and trailing whitespace, so templates that `trim` or
+    /// `strip` a field still leave the markers around what they print.
+    pub inner: bool,
+}
+
+impl Marking {
+    fn selects(&self, message: usize, kind: FieldKind) -> bool {
+        self.message.is_none_or(|m| m == message) && self.kind.is_none_or(|k| k == kind)
+    }
+}
+
+fn start_char(message: usize, kind: FieldKind) -> char {
+    let slot = (message * KINDS.len() + kind as usize) as u32;
+    char::from_u32(FIELD_FIRST + slot).expect("plane-16 code points are chars")
+}
+
+fn wrap(s: &str, start: char, inner: bool) -> String {
+    let (lead, core, trail) = if inner {
+        let core = s.trim_start_matches(char::is_whitespace);
+        let lead = &s[..s.len() - core.len()];
+        let trimmed = core.trim_end_matches(char::is_whitespace);
+        (lead, trimmed, &core[trimmed.len()..])
+    } else {
+        ("", s, "")
+    };
+    let mut out = String::with_capacity(s.len() + 8);
+    out.push_str(lead);
+    out.push(start);
+    out.push_str(core);
+    out.push(FIELD_END);
+    out.push_str(trail);
+    out
+}
+
+/// Wraps every non-empty string inside `v` (values, not keys) for `wrap_str`.
+fn wrap_deep(v: &Value, wrap_str: &dyn Fn(&str) -> Value) -> Value {
+    match v.kind() {
+        ValueKind::String => {
+            let s = v.as_str().unwrap_or_default();
+            if s.trim().is_empty() {
+                v.clone()
+            } else {
+                wrap_str(s)
+            }
+        }
+        ValueKind::Seq => match v.try_iter() {
+            Ok(items) => Value::from(items.map(|x| wrap_deep(&x, wrap_str)).collect::<Vec<_>>()),
+            Err(_) => v.clone(),
+        },
+        ValueKind::Map => Value::from_pairs(map_pairs(v).into_iter().map(|(k, x)| (k, wrap_deep(&x, wrap_str))).collect::<Vec<_>>()),
+        _ => v.clone(),
+    }
+}
+
+/// Applies `f` to the values of the given keys of a map (other pairs untouched).
+fn map_keys(v: &Value, keys: &[&str], f: &dyn Fn(&Value) -> Value) -> Value {
+    if v.kind() != ValueKind::Map {
+        return v.clone();
+    }
+    Value::from_pairs(
+        map_pairs(v)
+            .into_iter()
+            .map(|(k, x)| {
+                let hit = k.as_str().is_some_and(|name| keys.contains(&name));
+                let x = if hit { f(&x) } else { x };
+                (k, x)
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A message with the selected text fields wrapped in markers. Only what the model writes is
+/// wrapped: content (strings and the `text` of content parts), reasoning, and each tool call's
+/// function name and arguments; never roles, ids or types, which templates compare.
+pub fn mark_message(msg: &Value, index: usize, marking: Marking) -> Value {
+    let wrapper = |kind: FieldKind| {
+        let start = start_char(index, kind);
+        move |s: &str| Value::from(wrap(s, start, marking.inner))
+    };
+    let pairs = map_pairs(msg)
+        .into_iter()
+        .map(|(k, v)| {
+            let kind = match k.as_str() {
+                Some("content") => FieldKind::Content,
+                Some("reasoning_content" | "thinking" | "reasoning") => FieldKind::Reasoning,
+                Some("tool_calls") => FieldKind::Tool,
+                _ => return (k, v),
+            };
+            if !marking.selects(index, kind) {
+                return (k, v);
+            }
+            let w = wrapper(kind);
+            let v = match kind {
+                FieldKind::Content if v.kind() == ValueKind::Seq => match v.try_iter() {
+                    Ok(parts) => Value::from(parts.map(|p| map_keys(&p, &["text"], &|t| wrap_deep(t, &w))).collect::<Vec<_>>()),
+                    Err(_) => v,
+                },
+                FieldKind::Content | FieldKind::Reasoning if v.kind() == ValueKind::String => wrap_deep(&v, &w),
+                FieldKind::Tool => match v.try_iter() {
+                    Ok(calls) if v.kind() == ValueKind::Seq => Value::from(
+                        calls
+                            .map(|call| {
+                                let call = map_keys(&call, &["name", "arguments"], &|x| wrap_deep(x, &w));
+                                map_keys(&call, &["function"], &|f| map_keys(f, &["name", "arguments"], &|x| wrap_deep(x, &w)))
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
+                    _ => v,
+                },
+                _ => v,
+            };
+            (k, v)
+        })
+        .collect::<Vec<_>>();
+    Value::from_pairs(pairs)
+}
+
+/// Removes the field markers: the text, and each marked field's span in code points. `None`
+/// when the markers do not pair up (the template cut a field, so this render cannot be used).
+pub fn strip_field_markers(marked: &str) -> Option<(String, Vec<FieldSpan>)> {
+    let mut text = String::with_capacity(marked.len());
+    let mut open: Vec<(u32, usize)> = Vec::new();
+    let mut spans = Vec::new();
+    let mut pos = 0usize;
+    for c in marked.chars() {
+        let code = c as u32;
+        if c == FIELD_END {
+            let (slot, start) = open.pop()?;
+            let (message, kind) = (slot as usize / KINDS.len(), KINDS[slot as usize % KINDS.len()]);
+            spans.push(FieldSpan { message, kind, start, end: pos });
+        } else if (FIELD_FIRST..FIELD_FIRST + FIELD_SLOTS as u32).contains(&code) {
+            open.push((code - FIELD_FIRST, pos));
+        } else {
+            text.push(c);
+            pos += 1;
+        }
+    }
+    open.is_empty().then_some((text, spans))
+}
+
+/// The character that replaces a field in the diff method: absent from every input.
+pub fn dummy_char(message: usize, kind: FieldKind) -> char {
+    start_char(message, kind)
+}
+
+/// A message with the given field kind replaced by `dummy` (every string the marking would wrap).
+pub fn replace_field(msg: &Value, index: usize, kind: FieldKind, dummy: &str) -> Value {
+    let marked = mark_message(msg, index, Marking { message: Some(index), kind: Some(kind), inner: false });
+    // Replace each wrapped string wholesale: map the marked strings back through a walk that
+    // swaps any string holding this field's start character.
+    let start = start_char(index, kind);
+    fn swap(v: &Value, start: char, dummy: &str) -> Value {
+        match v.kind() {
+            ValueKind::String if v.as_str().is_some_and(|s| s.contains(start)) => Value::from(dummy),
+            ValueKind::Seq => match v.try_iter() {
+                Ok(items) => Value::from(items.map(|x| swap(&x, start, dummy)).collect::<Vec<_>>()),
+                Err(_) => v.clone(),
+            },
+            ValueKind::Map => Value::from_pairs(map_pairs(v).into_iter().map(|(k, x)| (k, swap(&x, start, dummy))).collect::<Vec<_>>()),
+            _ => v.clone(),
+        }
+    }
+    swap(&marked, start, dummy)
+}
+
+/// The characters of `a` that differ from `b`: `(p, a_len - s)` in code points, where `p` is
+/// the common prefix and `s` the common suffix (not overlapping the prefix).
+pub fn diff_region(a: &str, b: &str) -> (usize, usize) {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let p = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let max_s = a.len().min(b.len()) - p;
+    let s = a.iter().rev().zip(b.iter().rev()).take(max_s).take_while(|(x, y)| x == y).count();
+    (p, a.len() - s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,19 +13,25 @@ from .errors import (
     ChatMaskError,
     ConversationError,
     ConversationTypeError,
+    SequenceTooLongError,
+    SpanError,
     TemplateError,
     TemplateLimitError,
     TemplateSyntaxError,
     TokenizerError,
 )
 from .limits import RenderLimits
+from .policy import MaskPolicy
 
 __all__ = [
     "ChatMaskError",
     "ChatTokenizer",
     "ConversationError",
     "ConversationTypeError",
+    "MaskPolicy",
     "RenderLimits",
+    "SequenceTooLongError",
+    "SpanError",
     "TemplateError",
     "TemplateLimitError",
     "TemplateSyntaxError",

@@ -12,8 +12,9 @@ import numpy as np
 from . import _core
 from ._fallback import JinjaRenderer
 from .batch import TokenizedBatch
-from .errors import ChatMaskError, TemplateError, TemplateLimitError, TokenizerError
+from .errors import ChatMaskError, ConversationTypeError, TemplateError, TemplateLimitError, TokenizerError
 from .limits import RenderLimits
+from .policy import MaskPolicy
 
 Message = Mapping[str, Any]
 Conversation = Sequence[Message]
@@ -287,6 +288,77 @@ class ChatTokenizer:
             tokens, masks = self._core.label_with(chat, render, mode=mode, finish_reason=finish)
         return {"tokens": tokens, "masks": masks}
 
+    def tokenize(
+        self, conversation: Conversation | Mapping[str, Any], policy: MaskPolicy | None = None, **template_kwargs: Any
+    ) -> dict[str, Any] | None:
+        """Tokens, labels and per-token ``message_index`` of one conversation under `policy`.
+
+        `conversation` is a list of messages or a dataset row (see :class:`MaskPolicy` for how
+        rows are read). Returns numpy arrays ``input_ids`` (int64), ``labels`` (int64, -100 where
+        not trained) and ``message_index`` (int32, -1 for template text), and
+        ``span_method`` (``"one_render"``, ``"per_field"`` or ``"diff"``), ``straddling`` (trained
+        tokens that also cover template text), ``positions_derived`` and ``truncated``. Returns
+        None when ``overflow="drop"`` drops the row.
+        """
+        policy = policy or MaskPolicy()
+        chat_template, kwargs = _split_template_kwargs(template_kwargs)
+        messages, tools = policy.shape(conversation)
+        if tools is not None and "tools" not in kwargs:
+            kwargs["tools"] = tools
+        self._require_native(messages, chat_template, kwargs)
+        return self._core.tokenize(messages, policy.to_core(), chat_template=chat_template, **kwargs)
+
+    def tokenize_continuation(
+        self,
+        context_messages: Conversation,
+        continuation: str,
+        max_length: int | None = None,
+        **template_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Context rendered with the generation prompt, `continuation` appended, and only the
+        continuation trained, as context-frozen training builds examples.
+
+        The two parts are encoded separately (the continuation's tokens do not depend on the
+        context). With `max_length`, context tokens are removed from the left; a continuation
+        longer than `max_length` on its own raises :class:`SequenceTooLongError`.
+        ``message_index`` gives the continuation ``len(context_messages)``.
+        """
+        from .errors import SequenceTooLongError
+
+        chat_template, kwargs = _split_template_kwargs(template_kwargs)
+        if not isinstance(continuation, str):
+            raise TypeError(f"continuation must be a str, not {type(continuation).__name__}")
+        messages, tools = MaskPolicy().shape(context_messages)
+        if tools is not None and "tools" not in kwargs:
+            kwargs["tools"] = tools
+        self._require_native(messages, chat_template, kwargs)
+        context_only = MaskPolicy(roles_to_train=(), train_on_eot="none", train_on_eos="none").to_core()
+        context = self._core.tokenize(
+            messages, context_only, add_generation_prompt=True, chat_template=chat_template, **kwargs
+        )
+        target = np.asarray(self._core.encode(continuation), dtype=np.int64)
+        if max_length is not None and len(target) > max_length:
+            raise SequenceTooLongError(f"the continuation alone is {len(target)} tokens, max_length is {max_length}")
+        ids, index = context["input_ids"], context["message_index"]
+        truncated = 0
+        if max_length is not None and len(ids) + len(target) > max_length:
+            truncated = len(ids) + len(target) - max_length
+            ids, index = ids[truncated:], index[truncated:]
+        return {
+            "input_ids": np.concatenate([ids, target]),
+            "labels": np.concatenate([np.full(len(ids), -100, dtype=np.int64), target]),
+            "message_index": np.concatenate([index, np.full(len(target), len(messages), dtype=np.int32)]),
+            "context_length": len(ids),
+            "truncated": truncated,
+        }
+
+    def _require_native(self, messages: Conversation, chat_template: str | None, kwargs: dict[str, Any]) -> None:
+        if self._route(messages, chat_template, kwargs) is not None:
+            raise TemplateError(
+                "MaskPolicy needs a template minijinja renders natively; this one takes the Jinja2 path "
+                "(use tokenize_for_trainer's modes, or mode='generation')"
+            )
+
     def tokenize_batch(
         self,
         conversations: Iterable[Conversation],
@@ -295,12 +367,20 @@ class ChatTokenizer:
         num_threads: int | None = None,
         on_error: str = "raise",
         ids_dtype: str = "int32",
+        policy: MaskPolicy | None = None,
         **template_kwargs: Any,
     ) -> TokenizedBatch:
-        """Label many conversations in parallel, the GIL released; see :class:`TokenizedBatch`."""
+        """Label many conversations in parallel, the GIL released; see :class:`TokenizedBatch`.
+
+        With `policy`, rows are read and labelled as :meth:`tokenize` does (`mode` and
+        `finish_reason` do not apply) and the batch also carries ``message_index`` and per-row
+        span statistics; rows the policy drops are listed in ``dropped``.
+        """
         chat_template, kwargs = _split_template_kwargs(template_kwargs)
         if not isinstance(conversations, (list, tuple)):
             conversations = list(conversations)
+        if policy is not None:
+            return self._tokenize_batch_policy(conversations, policy, num_threads, on_error, ids_dtype, chat_template, kwargs)
         if self._needs_python_rendering(conversations, chat_template, kwargs):
             return self._tokenize_rows(conversations, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs)
         arrays = self._core.tokenize_batch(
@@ -313,6 +393,40 @@ class ChatTokenizer:
             chat_template=chat_template,
             **kwargs,
         )
+        return TokenizedBatch(**arrays)
+
+    def _tokenize_batch_policy(self, rows, policy, num_threads, on_error, ids_dtype, chat_template, kwargs):
+        shaped: list[Any] = []
+        shape_errors: list[tuple[int, str]] = []
+        for i, row in enumerate(rows):
+            try:
+                messages, tools = policy.shape(row, i)
+            except (KeyError, TypeError, ValueError) as e:
+                if on_error == "raise":
+                    raise ConversationTypeError(f"row {i}: {e}") from None
+                shape_errors.append((i, str(e)))
+                messages, tools = None, None
+            row_out = {"messages": messages}
+            if tools is not None:
+                row_out["tools"] = tools
+            shaped.append(row_out)
+        if shaped:
+            first = next((r for r in shaped if r["messages"]), None)
+            if first is not None:
+                self._require_native(first["messages"], chat_template, {**kwargs, **({"tools": first["tools"]} if "tools" in first else {})})
+        arrays = self._core.tokenize_batch(
+            shaped,
+            num_threads=num_threads,
+            on_error=on_error,
+            ids_dtype=ids_dtype,
+            chat_template=chat_template,
+            policy=policy.to_core(),
+            **kwargs,
+        )
+        if shape_errors:
+            # Those rows went in as None and failed in the core too; keep the clearer message.
+            clear = dict(shape_errors)
+            arrays["errors"] = [(i, clear.get(i, msg)) for i, msg in arrays["errors"]]
         return TokenizedBatch(**arrays)
 
     def _needs_python_rendering(self, rows: Sequence[Any], chat_template: str | None, kwargs: dict[str, Any]) -> bool:

@@ -25,7 +25,21 @@ class TokenizedBatch:
         label_offsets: np.ndarray,
         rows: np.ndarray,
         errors: list[tuple[int, str]],
+        message_index: np.ndarray | None = None,
+        span_methods: list[str] | None = None,
+        straddling: np.ndarray | None = None,
+        positions_derived: np.ndarray | None = None,
+        truncated: np.ndarray | None = None,
+        dropped: list[int] | None = None,
     ) -> None:
+        # Under a MaskPolicy: message_index runs along input_ids; the others are per output row,
+        # except `dropped` (input rows the policy's overflow="drop" removed).
+        self.message_index = message_index
+        self.span_methods = span_methods
+        self.straddling = straddling
+        self.positions_derived = positions_derived
+        self.truncated = truncated
+        self.dropped = dropped if dropped is not None else []
         self.input_ids = input_ids
         self.labels = labels
         self.offsets = offsets
@@ -42,10 +56,13 @@ class TokenizedBatch:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"row {i} out of range for a batch of {n}")
-        return {
+        row = {
             "input_ids": self.input_ids[self.offsets[i] : self.offsets[i + 1]],
             "labels": self.labels[self.label_offsets[i] : self.label_offsets[i + 1]],
         }
+        if self.message_index is not None:
+            row["message_index"] = self.message_index[self.offsets[i] : self.offsets[i + 1]]
+        return row
 
     def __repr__(self) -> str:
         return f"TokenizedBatch(rows={len(self)}, tokens={len(self.input_ids)}, errors={len(self.errors)})"

@@ -31,6 +31,15 @@ class ConversationError(ChatMaskError, ValueError):
     """The conversation cannot be labelled (empty prefix, missing role, failed broadcast)."""
 
 
+class SequenceTooLongError(ConversationError):
+    """A row is longer than ``MaskPolicy.max_length`` and the policy may not cut it
+    (``overflow="error"``, or a trained span that alone exceeds the limit)."""
+
+
+class SpanError(ConversationError):
+    """No exact method could locate a message's text in the render (see ``MaskPolicy``)."""
+
+
 class ConversationTypeError(ChatMaskError, TypeError):
     """The conversation, a message or a value in it has the wrong type."""
 
@@ -43,6 +52,8 @@ __all__ = [
     "ChatMaskError",
     "ConversationError",
     "ConversationTypeError",
+    "SequenceTooLongError",
+    "SpanError",
     "TemplateError",
     "TemplateLimitError",
     "TemplateSyntaxError",

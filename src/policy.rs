@@ -1,0 +1,608 @@
+//! Span-based labels: which tokens a [`Policy`] trains, from the character spans of each
+//! message's fields in one render (see `spans`), and length limits.
+//!
+//! Everything is decided on characters first and mapped to tokens last: a token is trained
+//! when any of its characters lies in a trained range (as transformers' generation masks do),
+//! and a trained token that also covers characters outside every trained range is counted as
+//! straddling.
+
+use minijinja::value::{Value, ValueKind};
+
+use crate::error::{Error, Result};
+use crate::label::IGNORE;
+use crate::spans::{FieldKind, FieldSpan};
+use crate::template::pyfmt::map_pairs;
+
+/// `train_on_eot` / `train_on_eos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndTokens {
+    None,
+    /// The end token of every trained message.
+    Turn,
+    /// The end token of every message.
+    All,
+    /// Only the last end token of the sequence.
+    Last,
+}
+
+impl EndTokens {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(EndTokens::None),
+            "turn" => Ok(EndTokens::Turn),
+            "all" => Ok(EndTokens::All),
+            "last" => Ok(EndTokens::Last),
+            other => Err(Error::InvalidInput(format!("train_on_eot/eos must be 'none', 'turn', 'all' or 'last', not {other:?}"))),
+        }
+    }
+}
+
+/// What to do with a row longer than `max_length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    Error,
+    Drop,
+    /// Keep the last trained message whole and cut context from the left.
+    TruncateLeft,
+    TruncateRight,
+}
+
+impl Overflow {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "error" => Ok(Overflow::Error),
+            "drop" => Ok(Overflow::Drop),
+            "truncate_left" => Ok(Overflow::TruncateLeft),
+            "truncate_right" => Ok(Overflow::TruncateRight),
+            other => Err(Error::InvalidInput(format!(
+                "overflow must be 'error', 'drop', 'truncate_left' or 'truncate_right', not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Where the trained characters come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanSource {
+    /// Each message's fields, by role and per-message overrides.
+    Messages,
+    /// The template's `{% generation %}` blocks.
+    Generation,
+}
+
+/// A labelling policy (the Python `MaskPolicy`, minus dataset shaping, which happens before).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub roles_to_train: Vec<String>,
+    pub train_on_inputs: bool,
+    pub train_on_eot: EndTokens,
+    pub train_on_eos: EndTokens,
+    /// End-of-turn token ids; `None`: the first special added token after a message.
+    pub eot_tokens: Option<Vec<u32>>,
+    pub train_reasoning: bool,
+    /// Give a message the template text between the generation prompt and its first field
+    /// (a `<tool_call>` opener, Qwen3's `<think>`): the model writes it too.
+    pub train_turn_prefix: bool,
+    pub field_training: String,
+    pub field_training_detail: String,
+    pub max_length: Option<usize>,
+    pub overflow: Overflow,
+    pub source: SpanSource,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            roles_to_train: vec!["assistant".into()],
+            train_on_inputs: false,
+            train_on_eot: EndTokens::Turn,
+            train_on_eos: EndTokens::Turn,
+            eot_tokens: None,
+            train_reasoning: true,
+            train_turn_prefix: true,
+            field_training: "training".into(),
+            field_training_detail: "training_detail".into(),
+            max_length: None,
+            overflow: Overflow::Error,
+            source: SpanSource::Messages,
+        }
+    }
+}
+
+/// How a row's spans were found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanMethod {
+    /// One render with every field marked, checked equal to the plain render.
+    OneRender,
+    /// One render per field, each checked.
+    PerField,
+    /// At least one field located by diffing against a render with it replaced.
+    Diff,
+}
+
+impl SpanMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            SpanMethod::OneRender => "one_render",
+            SpanMethod::PerField => "per_field",
+            SpanMethod::Diff => "diff",
+        }
+    }
+}
+
+/// What the policy reads from one message.
+#[derive(Debug, Clone, Default)]
+pub struct MessageInfo {
+    pub role: Option<String>,
+    pub training: Option<bool>,
+    /// `(begin, end inclusive, train)` character ranges of the content.
+    pub detail: Option<Vec<(usize, usize, bool)>>,
+}
+
+fn get<'a>(pairs: &'a [(Value, Value)], key: &str) -> Option<&'a Value> {
+    pairs.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+}
+
+impl MessageInfo {
+    pub fn read(message: &Value, index: usize, policy: &Policy) -> Result<MessageInfo> {
+        let pairs = map_pairs(message);
+        let role = get(&pairs, "role").and_then(|r| r.as_str()).map(str::to_string);
+        let training = match get(&pairs, &policy.field_training) {
+            None => None,
+            Some(v) if v.is_none() => None,
+            Some(v) if v.kind() == ValueKind::Bool => Some(v.is_true()),
+            Some(v) => {
+                return Err(Error::InvalidInput(format!(
+                    "message {index}: '{}' must be true or false, not {v}",
+                    policy.field_training
+                )))
+            }
+        };
+        let detail = match get(&pairs, &policy.field_training_detail) {
+            None => None,
+            Some(v) if v.is_none() => None,
+            Some(v) => Some(read_detail(v, index, &policy.field_training_detail)?),
+        };
+        Ok(MessageInfo { role, training, detail })
+    }
+
+    fn trained(&self, policy: &Policy) -> bool {
+        match (self.training, &self.detail) {
+            (Some(t), _) => t,
+            (None, Some(d)) => !d.is_empty(),
+            (None, None) => {
+                policy.train_on_inputs || self.role.as_deref().is_some_and(|r| policy.roles_to_train.iter().any(|x| x == r))
+            }
+        }
+    }
+}
+
+fn read_detail(v: &Value, index: usize, field: &str) -> Result<Vec<(usize, usize, bool)>> {
+    let bad = |why: &str| Error::InvalidInput(format!("message {index}: '{field}' {why}"));
+    let items = v.try_iter().map_err(|_| bad("must be a list of {begin_offset, end_offset, train}"))?;
+    let mut out = Vec::new();
+    for item in items {
+        let pairs = map_pairs(&item);
+        let num = |key: &str| -> Result<usize> {
+            get(&pairs, key)
+                .and_then(|x| i64::try_from(x.clone()).ok())
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| bad(&format!("entries need a non-negative integer '{key}'")))
+        };
+        let (begin, end) = (num("begin_offset")?, num("end_offset")?);
+        if end < begin {
+            return Err(bad(&format!("has end_offset {end} before begin_offset {begin}")));
+        }
+        let train = get(&pairs, "train").is_some_and(|t| t.is_true());
+        out.push((begin, end, train));
+    }
+    Ok(out)
+}
+
+/// The per-row result.
+#[derive(Debug, Clone, Default)]
+pub struct Tokenized {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    pub message_index: Vec<i32>,
+    /// Trained tokens that also cover characters outside every trained range.
+    pub straddling: usize,
+    /// Whether token positions came from the tokens themselves (not the tokenizer's offsets).
+    pub positions_derived: bool,
+    /// Tokens removed by truncation.
+    pub truncated: usize,
+}
+
+/// Sorted, non-overlapping character ranges.
+fn normalize(mut ranges: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+    ranges.retain(|(s, e)| s < e);
+    ranges.sort_unstable();
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// `a` minus `b` (both normalized).
+fn subtract(a: &[(usize, usize)], b: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for &(mut s, e) in a {
+        for &(bs, be) in b {
+            if be <= s || bs >= e {
+                continue;
+            }
+            if bs > s {
+                out.push((s, bs));
+            }
+            s = s.max(be);
+        }
+        if s < e {
+            out.push((s, e));
+        }
+    }
+    out
+}
+
+/// Index of the first range ending after `c`.
+fn first_ending_after(ranges: &[(usize, usize)], c: usize) -> usize {
+    ranges.partition_point(|&(_, e)| e <= c)
+}
+
+fn overlaps(ranges: &[(usize, usize)], (ts, te): (usize, usize)) -> bool {
+    let i = first_ending_after(ranges, ts);
+    ranges.get(i).is_some_and(|&(s, _)| s < te)
+}
+
+fn inside(ranges: &[(usize, usize)], (ts, te): (usize, usize)) -> bool {
+    let i = first_ending_after(ranges, ts);
+    ranges.get(i).is_some_and(|&(s, e)| s <= ts && te <= e)
+}
+
+/// A run of spans of one message with no other message's span between them: the text in
+/// between (a `</think>`, a tool-call opener) is that message's too.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    message: usize,
+    start: usize,
+    end: usize,
+}
+
+fn segments(spans: &[FieldSpan]) -> Vec<Segment> {
+    let mut sorted: Vec<&FieldSpan> = spans.iter().filter(|s| s.start < s.end).collect();
+    sorted.sort_by_key(|s| (s.start, s.end));
+    let mut out: Vec<Segment> = Vec::new();
+    for s in sorted {
+        match out.last_mut() {
+            Some(seg) if seg.message == s.message => seg.end = seg.end.max(s.end),
+            _ => out.push(Segment { message: s.message, start: s.start, end: s.end }),
+        }
+    }
+    out
+}
+
+/// Everything the labeller needs about one rendered, encoded row.
+pub struct SpanRow<'a> {
+    /// The plain render.
+    pub text: &'a str,
+    /// What `add_generation_prompt=True` appends (see [`SpanRow::turn_prefix`]), if known.
+    pub generation_prompt: Option<&'a str>,
+    pub ids: &'a [u32],
+    pub positions: &'a [(usize, usize)],
+    pub spans: &'a [FieldSpan],
+    pub messages: &'a [MessageInfo],
+    /// Where each message's string content starts inside its span (leading whitespace the
+    /// markers went inside of); `None` where the content was not located by markers.
+    pub content_origin: &'a [Option<usize>],
+    /// `{% generation %}` spans, for [`SpanSource::Generation`].
+    pub generation: &'a [(usize, usize)],
+}
+
+/// The byte offset of every code point of `text`, and of its end.
+fn char_byte_offsets(text: &str) -> Vec<usize> {
+    text.char_indices().map(|(b, _)| b).chain(std::iter::once(text.len())).collect()
+}
+
+/// Labels and `message_index` for one row; returns `(labels, message_index, straddling)`.
+pub fn label(
+    row: &SpanRow<'_>,
+    policy: &Policy,
+    eos: Option<u32>,
+    is_special: &dyn Fn(u32) -> bool,
+) -> Result<(Vec<i64>, Vec<i32>, usize)> {
+    let (ids, pos) = (row.ids, row.positions);
+    let n_tokens = ids.len();
+    let mut message_index = vec![-1i32; n_tokens];
+    let segs = segments(row.spans);
+    let token_starting_at = |c: usize| pos.partition_point(|&(s, _)| s < c);
+    let token_ending_after = |c: usize| pos.partition_point(|&(_, e)| e <= c);
+
+    // Each message's character region, and the end token that closes it.
+    let n_messages = row.messages.len();
+    let mut regions: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n_messages];
+    let mut end_token: Vec<Option<usize>> = vec![None; n_messages];
+    let is_end = |id: u32| match &policy.eot_tokens {
+        Some(list) => list.contains(&id) || Some(id) == eos,
+        None => is_special(id),
+    };
+    let char_bytes = row.generation_prompt.filter(|_| policy.train_turn_prefix).map(|g| (g, char_byte_offsets(row.text)));
+    // Where the text after the previous message ends: its last segment, or its end token
+    // (then `after_end_token`).
+    let mut boundary = 0usize;
+    let mut after_end_token = false;
+    for (k, seg) in segs.iter().enumerate() {
+        let Some(region) = regions.get_mut(seg.message) else {
+            return Err(Error::Internal(format!("span of message {} beyond the conversation", seg.message)));
+        };
+        let first_of_message = !segs[..k].iter().any(|s| s.message == seg.message);
+        let mut start = seg.start;
+        if let (true, Some((prompt, offsets))) = (first_of_message, &char_bytes) {
+            // The message's own output starts where the generation prompt before it ends. An
+            // empty prompt (Mistral's) opens an assistant turn right after the previous end token.
+            let from = boundary.min(seg.start);
+            let gap = &row.text[offsets[from]..offsets[seg.start]];
+            let prefix_start = if prompt.is_empty() {
+                let assistant = row.messages.get(seg.message).and_then(|m| m.role.as_deref()) == Some("assistant");
+                (assistant && after_end_token).then_some(from)
+            } else {
+                gap.rfind(prompt).map(|at| from + gap[..at + prompt.len()].chars().count())
+            };
+            if let Some(prefix_start) = prefix_start.filter(|&p| p < seg.start) {
+                start = prefix_start;
+                region.push((prefix_start, seg.start));
+            }
+        }
+        region.push((seg.start, seg.end));
+        for t in token_ending_after(start)..n_tokens {
+            if pos[t].0 >= seg.end {
+                break;
+            }
+            message_index[t] = seg.message as i32;
+        }
+        if seg.end > boundary {
+            (boundary, after_end_token) = (seg.end, false);
+        }
+        let last_of_message = !segs[k + 1..].iter().any(|s| s.message == seg.message);
+        if !last_of_message {
+            continue;
+        }
+        // The end token: the first end-of-turn token after the message's last field, before
+        // any other message's text. What lies between (a tool call's closing `}`) is the
+        // message's own output.
+        let limit = segs.get(k + 1).map_or(usize::MAX, |next| next.start);
+        let from = token_starting_at(seg.end);
+        for t in from..n_tokens {
+            if pos[t].0 >= limit {
+                break;
+            }
+            if is_end(ids[t]) {
+                end_token[seg.message] = Some(t);
+                (boundary, after_end_token) = (pos[t].1, true);
+                if pos[t].0 > seg.end {
+                    region.push((seg.end, pos[t].0));
+                }
+                for mi in &mut message_index[from..=t] {
+                    if *mi < 0 {
+                        *mi = seg.message as i32;
+                    }
+                }
+                break;
+            }
+        }
+    }
+
+    let mut trained_ranges: Vec<(usize, usize)> = Vec::new();
+    match policy.source {
+        SpanSource::Generation => trained_ranges.extend_from_slice(row.generation),
+        SpanSource::Messages => {
+            for (m, info) in row.messages.iter().enumerate() {
+                if !info.trained(policy) {
+                    continue;
+                }
+                let own = |kind: FieldKind| row.spans.iter().filter(move |s| s.message == m && s.kind == kind);
+                if let Some(detail) = &info.detail {
+                    let Some(origin) = row.content_origin.get(m).copied().flatten() else {
+                        return Err(Error::InvalidInput(format!(
+                            "message {m}: training_detail needs string content that the template prints as it is"
+                        )));
+                    };
+                    for span in own(FieldKind::Content) {
+                        for &(b, e, train) in detail {
+                            if train {
+                                let s = (span.start + b).saturating_sub(origin).max(span.start);
+                                let e = (span.start + e + 1).saturating_sub(origin).min(span.end);
+                                trained_ranges.push((s, e));
+                            }
+                        }
+                    }
+                    continue;
+                }
+                let mut ranges = normalize(regions[m].clone());
+                if !policy.train_reasoning {
+                    // Reasoning runs to the next non-reasoning field of the message (so its
+                    // closing `</think>` goes with it), or to its own end.
+                    let mut others: Vec<usize> =
+                        row.spans.iter().filter(|s| s.message == m && s.kind != FieldKind::Reasoning).map(|s| s.start).collect();
+                    others.sort_unstable();
+                    let excluded: Vec<(usize, usize)> = own(FieldKind::Reasoning)
+                        .map(|r| {
+                            let next = others.iter().copied().find(|&o| o >= r.end).unwrap_or(r.end);
+                            (r.start, next)
+                        })
+                        .collect();
+                    ranges = subtract(&ranges, &normalize(excluded));
+                }
+                trained_ranges.extend(ranges);
+            }
+        }
+    }
+    let trained_ranges = normalize(trained_ranges);
+
+    let mut trained = vec![false; n_tokens];
+    let mut straddling = 0;
+    for t in 0..n_tokens {
+        if pos[t].0 < pos[t].1 && overlaps(&trained_ranges, pos[t]) {
+            trained[t] = true;
+            straddling += usize::from(!inside(&trained_ranges, pos[t]));
+        }
+    }
+
+    if policy.source == SpanSource::Messages {
+        let option = |t: usize| if Some(ids[t]) == eos { policy.train_on_eos } else { policy.train_on_eot };
+        let is_eos_class = |t: usize| Some(ids[t]) == eos;
+        let last_of_class = |eos_class: bool| end_token.iter().flatten().copied().filter(|&t| is_eos_class(t) == eos_class).max();
+        for (m, t) in end_token.iter().enumerate() {
+            let Some(t) = *t else { continue };
+            trained[t] = match option(t) {
+                EndTokens::None => false,
+                EndTokens::Turn => row.messages[m].trained(policy),
+                EndTokens::All => true,
+                EndTokens::Last => last_of_class(is_eos_class(t)) == Some(t),
+            };
+        }
+    }
+    let labels = ids.iter().zip(&trained).map(|(&id, &on)| if on { id as i64 } else { IGNORE }).collect();
+    Ok((labels, message_index, straddling))
+}
+
+/// Applies `max_length`. `Ok(false)`: drop the row.
+pub fn fit_length(out: &mut Tokenized, policy: &Policy) -> Result<bool> {
+    let Some(max) = policy.max_length else { return Ok(true) };
+    let len = out.input_ids.len();
+    if len <= max {
+        return Ok(true);
+    }
+    let too_long = |why: String| match policy.overflow {
+        Overflow::Drop => Ok(false),
+        _ => Err(Error::TooLong(why)),
+    };
+    let keep = match policy.overflow {
+        Overflow::Error => return Err(Error::TooLong(format!("{len} tokens, max_length is {max}"))),
+        Overflow::Drop => return Ok(false),
+        Overflow::TruncateRight => 0..max,
+        Overflow::TruncateLeft => {
+            let Some(last) = out.labels.iter().rposition(|&l| l != IGNORE) else {
+                return too_long(format!("{len} tokens, max_length {max}, and no trained token to keep"));
+            };
+            // The last trained message: its first trained token.
+            let message = out.message_index[last];
+            let first = if message >= 0 {
+                (0..=last).find(|&t| out.message_index[t] == message && out.labels[t] != IGNORE).unwrap_or(last)
+            } else {
+                (0..=last).rev().take_while(|&t| out.labels[t] != IGNORE).last().unwrap_or(last)
+            };
+            // Untrained tokens after the target go first, then context from the left.
+            let end = if len - first <= max { len } else { last + 1 };
+            if end - first > max {
+                return too_long(format!(
+                    "the last trained span alone is {} tokens, max_length is {max}",
+                    end - first
+                ));
+            }
+            end - max..end
+        }
+    };
+    out.truncated = len - keep.len();
+    out.input_ids = out.input_ids[keep.clone()].to_vec();
+    out.labels = out.labels[keep.clone()].to_vec();
+    out.message_index = out.message_index[keep].to_vec();
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(message: usize, kind: FieldKind, start: usize, end: usize) -> FieldSpan {
+        FieldSpan { message, kind, start, end }
+    }
+
+    #[test]
+    fn ranges_subtract_and_merge() {
+        assert_eq!(normalize(vec![(5, 7), (0, 2), (2, 3), (6, 9), (4, 4)]), vec![(0, 3), (5, 9)]);
+        assert_eq!(subtract(&[(0, 10)], &[(2, 4), (6, 8)]), vec![(0, 2), (4, 6), (8, 10)]);
+        assert_eq!(subtract(&[(0, 3), (5, 9)], &[(0, 6)]), vec![(6, 9)]);
+    }
+
+    /// "U: hi<E>A: ok<E>" with one token per character, `<E>` a special token at 5 and 11.
+    fn row_fixture() -> (Vec<u32>, Vec<(usize, usize)>, Vec<FieldSpan>, Vec<MessageInfo>) {
+        let text = "U: hi#A: ok#";
+        let ids: Vec<u32> = text.chars().map(|c| if c == '#' { 999 } else { c as u32 }).collect();
+        let pos: Vec<(usize, usize)> = (0..text.len()).map(|i| (i, i + 1)).collect();
+        let spans = vec![span(0, FieldKind::Content, 3, 5), span(1, FieldKind::Content, 9, 11)];
+        let info = vec![
+            MessageInfo { role: Some("user".into()), ..Default::default() },
+            MessageInfo { role: Some("assistant".into()), ..Default::default() },
+        ];
+        (ids, pos, spans, info)
+    }
+
+    fn run(policy: &Policy, info: &[MessageInfo]) -> (Vec<i64>, Vec<i32>) {
+        let (ids, pos, spans, _) = row_fixture();
+        let text = "U: hi#A: ok#";
+        let row = SpanRow {
+            text,
+            generation_prompt: Some("A: "),
+            ids: &ids,
+            positions: &pos,
+            spans: &spans,
+            messages: info,
+            content_origin: &[Some(0), Some(0)],
+            generation: &[],
+        };
+        let (labels, mi, _) = label(&row, policy, None, &|id| id == 999).unwrap();
+        (labels, mi)
+    }
+
+    fn trained(labels: &[i64]) -> Vec<usize> {
+        labels.iter().enumerate().filter(|(_, &l)| l != IGNORE).map(|(i, _)| i).collect()
+    }
+
+    #[test]
+    fn assistant_content_and_its_end_token() {
+        let (_, _, _, info) = row_fixture();
+        let (labels, mi) = run(&Policy::default(), &info);
+        assert_eq!(trained(&labels), vec![9, 10, 11]);
+        assert_eq!(mi, vec![-1, -1, -1, 0, 0, 0, -1, -1, -1, 1, 1, 1]);
+        let none = Policy { train_on_eot: EndTokens::None, ..Policy::default() };
+        assert_eq!(trained(&run(&none, &info).0), vec![9, 10]);
+        let all = Policy { train_on_eot: EndTokens::All, ..Policy::default() };
+        assert_eq!(trained(&run(&all, &info).0), vec![5, 9, 10, 11]);
+        let inputs = Policy { train_on_inputs: true, ..Policy::default() };
+        assert_eq!(trained(&run(&inputs, &info).0), vec![3, 4, 5, 9, 10, 11]);
+    }
+
+    #[test]
+    fn per_message_overrides() {
+        let (_, _, _, mut info) = row_fixture();
+        info[1].training = Some(false);
+        info[0].detail = Some(vec![(1, 1, true)]);
+        assert_eq!(trained(&run(&Policy::default(), &info).0), vec![4, 5]);
+    }
+
+    #[test]
+    fn truncate_left_keeps_the_target() {
+        let mut out = Tokenized {
+            input_ids: (0..10).collect(),
+            labels: vec![IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 6, 7, IGNORE, IGNORE],
+            message_index: vec![0, 0, 0, 0, 1, 1, 1, 1, 1, -1],
+            ..Default::default()
+        };
+        let policy = Policy { max_length: Some(5), overflow: Overflow::TruncateLeft, ..Policy::default() };
+        assert!(fit_length(&mut out, &policy).unwrap());
+        assert_eq!(out.input_ids, vec![5, 6, 7, 8, 9]);
+        let mut short = Tokenized {
+            input_ids: vec![0, 1, 2],
+            labels: vec![IGNORE, 1, 2],
+            message_index: vec![0, 1, 1],
+            ..Default::default()
+        };
+        let tight = Policy { max_length: Some(1), overflow: Overflow::TruncateLeft, ..Policy::default() };
+        assert!(matches!(fit_length(&mut short, &tight), Err(Error::TooLong(_))));
+        let drop = Policy { overflow: Overflow::Drop, ..tight };
+        assert!(!fit_length(&mut short, &drop).unwrap());
+    }
+}
