@@ -427,10 +427,14 @@ pub fn label(
                     let mut others: Vec<usize> =
                         row.spans.iter().filter(|s| s.message == m && s.kind != FieldKind::Reasoning).map(|s| s.start).collect();
                     others.sort_unstable();
+                    // Reasoning that opens the message takes the template text before it
+                    // (`<think>`) along.
+                    let region_start = ranges.first().map_or(0, |r| r.0);
                     let excluded: Vec<(usize, usize)> = own(FieldKind::Reasoning)
                         .map(|r| {
                             let next = others.iter().copied().find(|&o| o >= r.end).unwrap_or(r.end);
-                            (r.start, next)
+                            let opens = !others.iter().any(|&o| o < r.start);
+                            (if opens { region_start.min(r.start) } else { r.start }, next)
                         })
                         .collect();
                     ranges = subtract(&ranges, &normalize(excluded));

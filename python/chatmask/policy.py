@@ -10,6 +10,7 @@ render (see the README, "Training policies").
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Literal, Mapping, Sequence
 
 EndTokens = Literal["none", "turn", "all", "last"]
@@ -110,8 +111,14 @@ class MaskPolicy:
             raise ValueError(f"overflow must be one of {_OVERFLOW}, not {self.overflow!r}")
         if self.source not in ("messages", "generation"):
             raise ValueError(f"source must be 'messages' or 'generation', not {self.source!r}")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise ValueError(f"max_length must be a positive int or None, not {self.max_length!r}")
+        if self.max_length is not None:
+            try:
+                length = operator.index(self.max_length)  # numpy integers too
+            except TypeError:
+                length = 0
+            if isinstance(self.max_length, bool) or length < 1:
+                raise ValueError(f"max_length must be a positive int or None, not {self.max_length!r}")
+            object.__setattr__(self, "max_length", length)
         object.__setattr__(self, "roles_to_train", tuple(self.roles_to_train))
         if self.eot_tokens is not None:
             if isinstance(self.eot_tokens, str):
