@@ -40,6 +40,8 @@ pub struct BatchOutput {
     pub straddling: Vec<u32>,
     pub positions_derived: Vec<bool>,
     pub truncated: Vec<u32>,
+    /// Per output row: whether an input string held a control token's text.
+    pub control_rows: Vec<bool>,
     /// Rows the policy's `overflow="drop"` removed.
     pub dropped: Vec<usize>,
 }
@@ -55,7 +57,8 @@ pub enum Task {
 
 /// One labelled row; `None` when the policy dropped it.
 pub enum RowResult {
-    Reference(Labeled),
+    /// The labels, and whether an input string held a control token's text.
+    Reference(Labeled, bool),
     Policy(Option<(Tokenized, SpanMethod)>),
 }
 
@@ -95,7 +98,12 @@ fn label_row(tok: &ChatTokenizer, row: RowInput, task: &Task, args: &BatchArgs) 
         &own
     };
     match task {
-        Task::Reference(mode) => tok.label(&row.conversation, *mode, row.finish_length, template_args).map(RowResult::Reference),
+        Task::Reference(mode) => {
+            let labeled = tok.label(&row.conversation, *mode, row.finish_length, template_args)?;
+            // Only counted here; a template whose literal text cannot be read counts none.
+            let control = tok.has_control_tokens(&row.conversation, template_args).unwrap_or(false);
+            Ok(RowResult::Reference(labeled, control))
+        }
         Task::Policy(policy) => tok.tokenize(&row.conversation, policy, false, template_args).map(RowResult::Policy),
     }
 }
@@ -218,7 +226,8 @@ impl BatchRunner {
         for (i, result) in labeled.into_iter().enumerate() {
             let row = first_row + i;
             match result {
-                Ok(RowResult::Reference(l)) => {
+                Ok(RowResult::Reference(l, control)) => {
+                    out.control_rows.push(control);
                     out.input_ids.extend_from_slice(&l.tokens);
                     out.labels.extend_from_slice(&l.masks);
                     out.offsets.push(out.input_ids.len() as i64);
@@ -227,6 +236,7 @@ impl BatchRunner {
                 }
                 Ok(RowResult::Policy(None)) => out.dropped.push(row),
                 Ok(RowResult::Policy(Some((t, method)))) => {
+                    out.control_rows.push(t.control_found);
                     out.input_ids.extend_from_slice(&t.input_ids);
                     out.labels.extend_from_slice(&t.labels);
                     out.message_index.extend_from_slice(&t.message_index);

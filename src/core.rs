@@ -11,6 +11,7 @@ use crate::chat::Conversation;
 use crate::encode::Encoder;
 use crate::error::{Error, Result};
 use crate::label::{self, Labeled, Mode};
+use crate::sanitize::{encode_marked, ControlTokens};
 use crate::policy::{self, MessageInfo, Policy, SpanMethod, SpanRow, SpanSource, Tokenized};
 use crate::spans::{
     diff_region, dummy_char, for_each_string, has_plane16, mark_message, replace_field, strip_field_markers, strip_markers,
@@ -43,6 +44,10 @@ pub struct ChatTokenizer {
     special_tokens: Vec<(String, String)>,
     pub eos_token_id: Option<u32>,
     compiled: Mutex<CompiledTemplates>,
+    /// `chat_control_tokens` from tokenizer_config.json (see `sanitize`).
+    pub chat_control_tokens: Option<Vec<String>>,
+    /// Control tokens per template source, found once (parsing the template's literal text).
+    control: Mutex<HashMap<Arc<str>, Arc<ControlTokens>>>,
 }
 
 /// Templates compiled under the current limits; changing the limits empties it.
@@ -80,7 +85,15 @@ impl ChatTokenizer {
             .and_then(|(_, v)| encoder.token_to_id(v));
         // Templates compile lazily: one minijinja cannot compile may still render through the
         // Python fallback, which the caller decides on with `compile_error`.
-        Ok(ChatTokenizer { encoder, sources, special_tokens, eos_token_id, compiled: Mutex::default() })
+        Ok(ChatTokenizer {
+            encoder,
+            sources,
+            special_tokens,
+            eos_token_id,
+            compiled: Mutex::default(),
+            chat_control_tokens: None,
+            control: Mutex::default(),
+        })
     }
 
     /// Why minijinja cannot compile this template source, if it cannot.
@@ -152,7 +165,19 @@ impl ChatTokenizer {
                 special_tokens.push((name.to_string(), v));
             }
         }
-        Self::new(&tokenizer_json, sources, special_tokens)
+        let mut tok = Self::new(&tokenizer_json, sources, special_tokens)?;
+        tok.chat_control_tokens = match config.get("chat_control_tokens") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| Error::Config("`chat_control_tokens` should be a list of strings".into()))?,
+            ),
+            Some(other) => return Err(Error::Config(format!("`chat_control_tokens` should be a list of strings, got {other}"))),
+        };
+        Ok(tok)
     }
 
     /// A dict of templates keeps "default" as the default only through the name.
@@ -397,6 +422,63 @@ impl ChatTokenizer {
         Ok(MessageSpans { text: plain, spans, method, content_origin })
     }
 
+    /// The control tokens `sanitize_control_tokens` protects for this template.
+    pub fn control_tokens(&self, args: &TemplateArgs) -> Result<Arc<ControlTokens>> {
+        let source = &args.template.source;
+        if let Some(found) = self.control.lock().unwrap_or_else(|p| p.into_inner()).get(&**source) {
+            return Ok(found.clone());
+        }
+        let found = Arc::new(ControlTokens::new(&self.encoder, source, self.chat_control_tokens.as_deref())?);
+        self.control.lock().unwrap_or_else(|p| p.into_inner()).insert(source.clone(), found.clone());
+        Ok(found)
+    }
+
+    /// Whether any input string (messages, tools, keyword arguments) holds a control token's
+    /// text, which unsanitized encoding turns into that control token.
+    pub fn has_control_tokens(&self, conv: &Conversation, args: &TemplateArgs) -> Result<bool> {
+        let control = self.control_tokens(args)?;
+        let mut found = false;
+        for value in conv.messages.iter().chain(self.caller_values(args)) {
+            for_each_string(value, &mut |s| found |= control.occurs_in(s));
+        }
+        Ok(found)
+    }
+
+    /// The base-context values that came from the caller: not the tokenizer's own special
+    /// tokens, which transformers adds after marking.
+    fn caller_values<'a>(&'a self, args: &'a TemplateArgs) -> impl Iterator<Item = &'a Value> + 'a {
+        args.base
+            .iter()
+            .filter(|(k, v)| !self.special_tokens.iter().any(|(name, text)| name == k && v.as_str() == Some(text.as_str())))
+            .map(|(_, v)| v)
+    }
+
+    /// transformers' `_mark_chat_inputs`: the conversation and caller arguments with control
+    /// tokens in their strings marked, so `encode_marked` encodes them as text.
+    pub fn sanitized(&self, conv: &Conversation, args: &TemplateArgs) -> Result<(Conversation, TemplateArgs)> {
+        let control = self.control_tokens(args)?;
+        let messages = conv.messages.iter().map(|m| control.mark(m)).collect();
+        let base = args
+            .base
+            .iter()
+            .map(|(k, v)| {
+                let special = self.special_tokens.iter().any(|(name, text)| name == k && v.as_str() == Some(text.as_str()));
+                (k.clone(), if special { v.clone() } else { control.mark(v) })
+            })
+            .collect();
+        Ok((
+            Conversation { messages, roles: conv.roles.clone() },
+            TemplateArgs { template: args.template.clone(), base, generation_prompt: Default::default() },
+        ))
+    }
+
+    /// `apply_chat_template(..., tokenize=True, sanitize_control_tokens=True)`.
+    pub fn encode_sanitized(&self, conv: &Conversation, add_generation_prompt: bool, args: &TemplateArgs) -> Result<Vec<u32>> {
+        let (marked, marked_args) = self.sanitized(conv, args)?;
+        let text = self.render(&marked, marked.len(), add_generation_prompt, &marked_args)?;
+        Ok(encode_marked(&self.encoder, &text)?.0)
+    }
+
     /// What `add_generation_prompt=True` appends after a one-message conversation, when the
     /// template renders that conversation as a prefix of the one with the prompt.
     pub fn generation_prompt(&self, args: &TemplateArgs) -> Option<String> {
@@ -415,6 +497,14 @@ impl ChatTokenizer {
         if conv.is_empty() {
             return Err(Error::EmptyConversation);
         }
+        let control_found = self.has_control_tokens(conv, args)?;
+        let sanitized;
+        let (conv, args) = if policy.sanitize_control_tokens {
+            sanitized = self.sanitized(conv, args)?;
+            (&sanitized.0, &sanitized.1)
+        } else {
+            (conv, args)
+        };
         let located = self.message_spans(conv, add_generation_prompt, args)?;
         let generation = match policy.source {
             SpanSource::Generation => {
@@ -428,7 +518,12 @@ impl ChatTokenizer {
         };
         let messages =
             conv.messages.iter().enumerate().map(|(i, m)| MessageInfo::read(m, i, policy)).collect::<Result<Vec<_>>>()?;
-        let (ids, positions, positions_derived) = self.encoder.encode_with_positions(&located.text)?;
+        let (ids, positions, positions_derived) = if policy.sanitize_control_tokens {
+            let (ids, offsets) = encode_marked(&self.encoder, &located.text)?;
+            (ids, offsets, false)
+        } else {
+            self.encoder.encode_with_positions(&located.text)?
+        };
         let generation_prompt = if policy.train_turn_prefix { self.generation_prompt(args) } else { None };
         let row = SpanRow {
             text: &located.text,
@@ -442,7 +537,8 @@ impl ChatTokenizer {
         };
         let (labels, message_index, straddling) =
             policy::label(&row, policy, self.eos_token_id, &|id| self.encoder.is_special_added(id))?;
-        let mut out = Tokenized { input_ids: ids, labels, message_index, straddling, positions_derived, truncated: 0 };
+        let mut out =
+            Tokenized { input_ids: ids, labels, message_index, straddling, positions_derived, truncated: 0, control_found };
         Ok(policy::fit_length(&mut out, policy)?.then_some((out, located.method)))
     }
 }

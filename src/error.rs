@@ -30,6 +30,8 @@ pub enum Error {
     Config(String),
     /// A row longer than the policy's `max_length` that it may not cut.
     TooLong(String),
+    /// `sanitize_control_tokens`: a marked control token's text encodes back to the token.
+    Unsanitizable(String),
     /// No exact method located a message's text in the render.
     Span(String),
     /// A bug in chatmask (a caught panic), reported instead of crashing the interpreter.
@@ -67,6 +69,7 @@ impl fmt::Display for Error {
             Error::Tokenizer(msg) => write!(f, "tokenizer error: {msg}"),
             Error::Config(msg) => f.write_str(msg),
             Error::TooLong(msg) => write!(f, "row too long: {msg}"),
+            Error::Unsanitizable(msg) => f.write_str(msg),
             Error::Span(msg) => write!(f, "cannot locate message text in the render: {msg}"),
             Error::Internal(msg) => write!(f, "internal error in chatmask (please report): {msg}"),
         }

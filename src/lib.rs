@@ -9,6 +9,7 @@ pub mod encode;
 pub mod error;
 pub mod label;
 pub mod policy;
+pub mod sanitize;
 pub mod spans;
 mod python;
 pub mod template;

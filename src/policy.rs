@@ -88,6 +88,9 @@ pub struct Policy {
     pub max_length: Option<usize>,
     pub overflow: Overflow,
     pub source: SpanSource,
+    /// Encode control-token text in the inputs as text, as transformers 5's
+    /// `apply_chat_template(..., sanitize_control_tokens=True)` does.
+    pub sanitize_control_tokens: bool,
 }
 
 impl Default for Policy {
@@ -105,6 +108,7 @@ impl Default for Policy {
             max_length: None,
             overflow: Overflow::Error,
             source: SpanSource::Messages,
+            sanitize_control_tokens: false,
         }
     }
 }
@@ -211,6 +215,8 @@ pub struct Tokenized {
     pub positions_derived: bool,
     /// Tokens removed by truncation.
     pub truncated: usize,
+    /// Whether an input string held a control token's text (sanitized or not).
+    pub control_found: bool,
 }
 
 /// Sorted, non-overlapping character ranges.

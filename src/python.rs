@@ -47,6 +47,7 @@ fn to_pyerr(py: Python<'_>, err: &Error, row: Option<usize>) -> PyErr {
         Error::Tokenizer(_) | Error::Config(_) => "TokenizerError",
         Error::TooLong(_) => "SequenceTooLongError",
         Error::Span(_) => "SpanError",
+        Error::Unsanitizable(_) => "ConversationError",
         Error::Internal(_) => "ChatMaskError",
     };
     let message = match row {
@@ -256,6 +257,7 @@ impl PyChatTokenizer {
                 }
                 "train_reasoning" => p.train_reasoning = v.extract()?,
                 "train_turn_prefix" => p.train_turn_prefix = v.extract()?,
+                "sanitize_control_tokens" => p.sanitize_control_tokens = v.extract()?,
                 "field_training" => p.field_training = v.extract()?,
                 "field_training_detail" => p.field_training_detail = v.extract()?,
                 "max_length" => p.max_length = v.extract()?,
@@ -523,7 +525,34 @@ impl PyChatTokenizer {
         d.set_item("straddling", out.straddling)?;
         d.set_item("positions_derived", out.positions_derived)?;
         d.set_item("truncated", out.truncated)?;
+        d.set_item("control_tokens_in_input", out.control_found)?;
         Ok(Some(d))
+    }
+
+    /// `apply_chat_template(..., tokenize=True, sanitize_control_tokens=True)`: token ids.
+    #[pyo3(signature = (conversation, add_generation_prompt=false, chat_template=None, **kwargs))]
+    fn encode_sanitized<'py>(
+        &self,
+        py: Python<'py>,
+        conversation: &Bound<'py, PyAny>,
+        add_generation_prompt: bool,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let conv = to_conversation(conversation).map_err(core_err(py))?;
+        let args = self.args(py, chat_template, kwargs)?;
+        let inner = &self.inner;
+        let ids = run(py, || inner.encode_sanitized(&conv, add_generation_prompt, &args))?;
+        ids_list(py, &ids)
+    }
+
+    /// The control tokens `sanitize_control_tokens` encodes as text, for a template.
+    #[pyo3(signature = (chat_template=None, has_tools=false))]
+    fn control_tokens(&self, py: Python<'_>, chat_template: Option<&str>, has_tools: bool) -> PyResult<Vec<String>> {
+        let kwargs = if has_tools { vec![("tools".to_string(), Value::from(vec![Value::from(())]))] } else { Vec::new() };
+        let args = self.inner.template_args(chat_template, kwargs).map_err(core_err(py))?;
+        let found = self.inner.control_tokens(&args).map_err(core_err(py))?;
+        Ok(found.tokens().to_vec())
     }
 
     /// The plain render and where each message's fields landed: `(text, [(message, kind,
@@ -673,6 +702,7 @@ impl PyChatTokenizer {
         d.set_item("offsets", out.offsets.into_pyarray(py))?;
         d.set_item("label_offsets", out.label_offsets.into_pyarray(py))?;
         d.set_item("rows", out.rows.into_pyarray(py))?;
+        d.set_item("control_rows", out.control_rows.into_pyarray(py))?;
         if with_policy {
             d.set_item("message_index", out.message_index.into_pyarray(py))?;
             let methods: Vec<&str> = out.span_methods.iter().map(|m| m.name()).collect();

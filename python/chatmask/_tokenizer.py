@@ -218,6 +218,7 @@ class ChatTokenizer:
         tokenize: bool = True,
         return_assistant_tokens_mask: bool = False,
         chat_template: str | None = None,
+        sanitize_control_tokens: bool = False,
         **kwargs: Any,
     ) -> str | list[int] | dict[str, list[int]]:
         """transformers' `apply_chat_template` with list semantics: the text, or its token ids.
@@ -227,6 +228,22 @@ class ChatTokenizer:
         transformers' two known bugs fixed: a span whose first character maps to no token no
         longer drops every later span, and a span ending in token 0 no longer marks to the end.
         """
+        if sanitize_control_tokens:
+            # transformers 5: control-token text in the inputs is encoded as text.
+            if not tokenize or return_assistant_tokens_mask:
+                raise ValueError(
+                    "`sanitize_control_tokens=True` requires `tokenize=True` and is not compatible with "
+                    "`return_assistant_tokens_mask=True`."
+                )
+            self._require_native(conversation, chat_template, {**kwargs, "tools": tools})
+            return self._core.encode_sanitized(
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+                tools=tools,
+                documents=documents,
+                **kwargs,
+            )
         kwargs = {**kwargs, "tools": tools, "documents": documents}
         renderer = self._route(conversation, chat_template, kwargs)
         if renderer is not None:
@@ -353,10 +370,11 @@ class ChatTokenizer:
         }
 
     def _require_native(self, messages: Conversation, chat_template: str | None, kwargs: dict[str, Any]) -> None:
+        kwargs = {k: v for k, v in kwargs.items() if k != "add_generation_prompt"}
         if self._route(messages, chat_template, kwargs) is not None:
             raise TemplateError(
-                "MaskPolicy needs a template minijinja renders natively; this one takes the Jinja2 path "
-                "(use tokenize_for_trainer's modes, or mode='generation')"
+                "MaskPolicy and sanitize_control_tokens need a template minijinja renders natively; this one "
+                "takes the Jinja2 path (use tokenize_for_trainer's modes, or mode='generation')"
             )
 
     def tokenize_batch(

@@ -25,6 +25,7 @@ class TokenizedBatch:
         label_offsets: np.ndarray,
         rows: np.ndarray,
         errors: list[tuple[int, str]],
+        control_rows: np.ndarray | None = None,
         message_index: np.ndarray | None = None,
         span_methods: list[str] | None = None,
         straddling: np.ndarray | None = None,
@@ -35,6 +36,8 @@ class TokenizedBatch:
         # Under a MaskPolicy: message_index runs along input_ids; the others are per output row,
         # except `dropped` (input rows the policy's overflow="drop" removed).
         self.message_index = message_index
+        # Per output row: an input string held a control token's text (see sanitize_control_tokens).
+        self.control_rows = control_rows
         self.span_methods = span_methods
         self.straddling = straddling
         self.positions_derived = positions_derived

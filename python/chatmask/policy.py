@@ -57,6 +57,10 @@ class MaskPolicy:
         message_field_training / message_field_training_detail: names of the per-message
             override fields: a boolean, and a list of ``{begin_offset, end_offset, train}``
             character ranges of the content (``end_offset`` inclusive, as in axolotl).
+        sanitize_control_tokens: encode control-token text in the inputs (``<|im_start|>``
+            typed by a user) as text, exactly as transformers 5's ``apply_chat_template(...,
+            sanitize_control_tokens=True)``. Rows holding such text are counted either way
+            (``control_tokens_in_input``; the CLI manifest's ``rows_with_control_tokens``).
         source: ``"messages"`` (spans of message fields) or ``"generation"`` (the template's
             ``{% generation %}`` blocks, with ``message_index`` from the message spans).
 
@@ -91,6 +95,7 @@ class MaskPolicy:
     message_field_training: str = "training"
     message_field_training_detail: str = "training_detail"
     source: Literal["messages", "generation"] = "messages"
+    sanitize_control_tokens: bool = False
     max_length: int | None = None
     overflow: Overflow = "error"
     field_messages: str = "messages"
@@ -152,6 +157,7 @@ class MaskPolicy:
             "max_length": self.max_length,
             "overflow": self.overflow,
             "source": self.source,
+            "sanitize_control_tokens": self.sanitize_control_tokens,
         }
 
     # --- dataset shaping -------------------------------------------------------------------

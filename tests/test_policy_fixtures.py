@@ -1,0 +1,130 @@
+"""MaskPolicy on the real fixture tokenizers and conversations (../shared).
+
+CI checks the first rows of every conversation file on every fixture tokenizer; `-m slow`
+checks the whole corpus. Counts are printed (run with -s).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from _parity import TOKENIZERS_DIR, conversation_files, template_kwargs
+from _span_checks import SpanTally, check_corpus
+from conftest import fixture_names, require_shared
+
+from chatmask import ChatTokenizer, MaskPolicy, TemplateError
+
+CI_ROWS = 15
+
+
+def _invariants(name: str, limit: int | None) -> SpanTally:
+    require_shared("fixtures", "tokenizers", name)
+    tally = check_corpus(name, limit)
+    print(
+        f"\n{name}: {tally.rows} rows by method {dict(tally.methods)}, {tally.template_raised} raised in the template, "
+        f"{tally.tokens} tokens, {tally.field_chars_checked} assistant field chars covered, "
+        f"trained template text {dict(tally.template_text)}, {tally.straddling} straddling"
+    )
+    assert tally.problems == []
+    assert tally.rows > 0 and tally.field_chars_checked > 0
+    assert tally.positions_from_offsets == 0, "token positions fell back to the tokenizer's offsets"
+    return tally
+
+
+@pytest.mark.parametrize("name", fixture_names())
+def test_span_invariants(name):
+    _invariants(name, CI_ROWS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", fixture_names())
+def test_span_invariants_whole_corpus(name):
+    _invariants(name, None)
+
+
+def _rows(limit: int | None):
+    for path in conversation_files():
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        for i, row in enumerate(rows[:limit]):
+            yield f"{path.name}:{i}", row
+
+
+def _generation_differences(name: str, limit: int | None):
+    """Span masks (assistant, end token per turn) against the template's {% generation %} masks."""
+    require_shared("fixtures", "tokenizers", name)
+    tok = ChatTokenizer.from_pretrained(TOKENIZERS_DIR / name)
+    rows = tokens = 0
+    differences = []
+    for where, row in _rows(limit):
+        kwargs = template_kwargs(row)
+        try:
+            generation = tok.apply_chat_template(row["messages"], return_assistant_tokens_mask=True, **kwargs)
+        except TemplateError:
+            continue
+        out = tok.tokenize(row["messages"], MaskPolicy(train_on_eot="turn", train_on_eos="turn"), **kwargs)
+        assert out["input_ids"].tolist() == generation["input_ids"], where
+        spans = out["labels"] != -100
+        mask = np.array(generation["assistant_masks"], dtype=bool)
+        rows += 1
+        tokens += len(mask)
+        differ = np.nonzero(spans != mask)[0]
+        for run in np.split(differ, np.nonzero(np.diff(differ) != 1)[0] + 1) if len(differ) else []:
+            text = tok._core.decode(out["input_ids"][run].tolist(), False)
+            after = out["message_index"][run[-1] + 1] if run[-1] + 1 < len(mask) else -1
+            differences.append((where, "generation only" if mask[run[0]] else "spans only", text, int(after)))
+    return rows, tokens, differences
+
+
+@pytest.mark.parametrize("name", ["qwen3-gen", "llama3-gen", "mistral-7b-v0.3-gen"])
+def test_generation_blocks_equal_spans(name):
+    """The hand-written generation blocks wrap exactly what the spans train, turn openers
+    (Qwen3's <think> tags, tool-call openers, [TOOL_CALLS]) included."""
+    rows, tokens, differences = _generation_differences(name, CI_ROWS)
+    print(f"\n{name}: {rows} rows, {tokens} tokens compared, {len(differences)} differences")
+    assert rows > 50 and differences == []
+
+
+def test_smollm3_generation_blocks_wrap_template_text():
+    """SmolLM3's official blocks wrap the whole assistant turn: its header and the newline
+    after <|im_end|> are template text the spans do not train, and an assistant message with
+    empty content has no text to train. Every difference is one of these."""
+    rows, tokens, differences = _generation_differences("smollm3-on-qwen3", CI_ROWS)
+    kinds = {}
+    for where, side, text, _ in differences:
+        assert side == "generation only", (where, text)
+        if text in ("<|im_start|>assistant\n", "\n"):
+            kind = "header or newline after the end token"
+        elif text in ("<|im_start|>assistant\n<|im_end|>\n", "\n<|im_start|>assistant\n<|im_end|>\n"):
+            kind = "empty assistant message"
+        elif text == "\n<|im_start|>assistant\n":
+            kind = "newline, then the next header"
+        else:
+            pytest.fail(f"unexplained difference at {where}: {text!r}")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    print(f"\nsmollm3-on-qwen3: {rows} rows, {tokens} tokens compared, differences {kinds}")
+    assert rows > 50 and kinds
+
+
+def test_metaspace_straddling_tokens_are_trained_and_counted():
+    """Mistral's template writes " " + content; the tokenizer's ▁Hello holds the template's
+    space and the content's first word. Without the turn prefix such a token straddles the
+    span edge: it is trained, and counted."""
+    require_shared("fixtures", "tokenizers", "mistral-7b-v0.3")
+    tok = ChatTokenizer.from_pretrained(TOKENIZERS_DIR / "mistral-7b-v0.3")
+    messages = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there."}]
+    out = tok.tokenize(messages, MaskPolicy(train_turn_prefix=False))
+    pieces = [tok._core.decode([t], False) for t in out["input_ids"][out["labels"] != -100].tolist()]
+    assert out["straddling"] == 1
+    text, spans, _ = tok._core.message_spans(messages)
+    ids, positions, _, _ = tok._core.positions(text)
+    first = int(np.argmax(out["labels"] != -100))
+    start, end = positions[first]
+    content_start = spans[-1][2]
+    assert start == content_start - 1 and text[start] == " " and text[start + 1 : end] == "Hello"
+    assert pieces[0] == "Hello"
+    # With the turn prefix (the default) the space is the message's own text: nothing straddles.
+    assert tok.tokenize(messages)["straddling"] == 0
