@@ -93,6 +93,11 @@ def bench_tokenizer(name, per_file, repeats, threads):
     def batch(mode, n):
         core.tokenize_batch(rows, mode=mode, num_threads=n, date_string=DATE)
 
+    policy = chatmask.MaskPolicy()
+
+    def span_policy(n):
+        core.tokenize_batch(rows, policy=policy, num_threads=n, date_string=DATE)
+
     def floor(parallel):
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"
         fast.encode_batch(texts, add_special_tokens=False)
@@ -107,6 +112,8 @@ def bench_tokenizer(name, per_file, repeats, threads):
         "batch1_all": lambda: batch("all", 1),
         "batchN_last": lambda: batch("last", threads),
         "batchN_all": lambda: batch("all", threads),
+        "policy1": lambda: span_policy(1),
+        "policyN": lambda: span_policy(threads),
         "floor1": lambda: floor(False),
         "floorN": lambda: floor(True),
     }
@@ -130,6 +137,9 @@ RATIOS = {
     "batch 1 thread / floor 1 thread, last-turn": ("floor1", "batch1_last"),
     "batch all cores / batch 1 thread, last-turn": ("batch1_last", "batchN_last"),
     "batch all cores / batch 1 thread, all-turns": ("batch1_all", "batchN_all"),
+    "MaskPolicy batch 1 thread / reference all-turns": ("ref_all", "policy1"),
+    "MaskPolicy batch all cores / floor all cores": ("floorN", "policyN"),
+    "MaskPolicy batch 1 thread / batch 1 thread all-turns": ("batch1_all", "policy1"),
 }
 
 
@@ -186,8 +196,9 @@ def table(results, threads, memory):
         f"conversations/s (c/s) on the same mix for every column.",
         "",
         "| tokenizer | convs | avg tokens | reference last c/s | reference all c/s | drop-in last c/s | drop-in all c/s "
-        "| batch 1t last c/s | batch all last c/s | batch all all-turns c/s | floor 1t c/s | floor all c/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch 1t last c/s | batch all last c/s | batch all all-turns c/s | MaskPolicy 1t c/s | MaskPolicy all c/s "
+        "| floor 1t c/s | floor all c/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         s, n = r["seconds"], r["conversations"]
@@ -195,7 +206,7 @@ def table(results, threads, memory):
         lines.append(
             f"| {r['name']} | {n} | {r['tokens'] / n:,.0f} | {cps('ref_last')} | {cps('ref_all')} | {cps('dropin_last')} "
             f"| {cps('dropin_all')} | {cps('batch1_last')} | {cps('batchN_last')} | {cps('batchN_all')} "
-            f"| {cps('floor1')} | {cps('floorN')} |"
+            f"| {cps('policy1')} | {cps('policyN')} | {cps('floor1')} | {cps('floorN')} |"
         )
     lines += ["", "| ratio (geometric mean over the tokenizers) | value |", "|---|---:|"]
     for label, (slow, fast) in RATIOS.items():

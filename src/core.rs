@@ -497,7 +497,12 @@ impl ChatTokenizer {
         if conv.is_empty() {
             return Err(Error::EmptyConversation);
         }
-        let control_found = self.has_control_tokens(conv, args)?;
+        // Counted whether or not sanitizing; only sanitizing needs the control tokens to exist.
+        let control_found = match self.has_control_tokens(conv, args) {
+            Ok(found) => found,
+            Err(e) if policy.sanitize_control_tokens => return Err(e),
+            Err(_) => false,
+        };
         let sanitized;
         let (conv, args) = if policy.sanitize_control_tokens {
             sanitized = self.sanitized(conv, args)?;

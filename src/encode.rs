@@ -291,6 +291,38 @@ mod tests {
     }
 
     #[test]
+    fn positions_from_token_bytes_equal_offsets() {
+        let texts = [
+            "<|im_start|>user\n  Hello  there é 👋<|im_end|>\n",
+            " leading space, and\nnewlines\n\n",
+            "日本語のテキスト and mixed ñ ü 🤖🤖",
+            "",
+        ];
+        for kind in [DemoKind::ByteLevel, DemoKind::Metaspace] {
+            let enc = &demo::chat_tokenizer(kind).unwrap().encoder;
+            // The Metaspace demo has no byte fallback: CJK and emoji are <unk> there (see below).
+            let known = if kind == DemoKind::ByteLevel { &texts[..] } else { &texts[1..2] };
+            for &text in known {
+                let (ids, positions, derived) = enc.encode_with_positions(text).unwrap();
+                let (want_ids, offsets) = enc.encode_with_char_offsets(text).unwrap();
+                assert!(derived, "{kind:?}: pieces do not spell {text:?}");
+                assert_eq!(ids, want_ids);
+                assert_eq!(positions, offsets, "{kind:?} on {text:?}");
+            }
+            // Pieces that do not spell the text are refused, not guessed: the tokenizer's
+            // offsets are used, and the caller is told.
+            let ids = enc.encode("abc").unwrap();
+            assert!(enc.positions("abd", &ids).is_none());
+            if kind == DemoKind::Metaspace {
+                // No byte fallback: tabs become <unk>, whose piece is not a tab.
+                let (_, positions, derived) = enc.encode_with_positions("a\tb").unwrap();
+                assert!(!derived);
+                assert_eq!(positions, enc.encode_with_char_offsets("a\tb").unwrap().1);
+            }
+        }
+    }
+
+    #[test]
     fn prefix_tokens_equal_plain_encoding() {
         let chat = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n  Hello  there é 👋<|im_end|>\n\
                     <|im_start|>assistant\n<think>\nx\n</think>\n\nHi!<|im_end|>\n<|im_start|>user\nok<|im_end|>\n";

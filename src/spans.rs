@@ -399,6 +399,55 @@ mod tests {
         assert_eq!(token_mask(&offsets, &[(3, 3)]), vec![0; 6]);
     }
 
+    fn message(pairs: Vec<(&str, Value)>) -> Value {
+        Value::from_pairs(pairs)
+    }
+
+    #[test]
+    fn field_markers_round_trip_and_leave_roles_alone() {
+        let call = message(vec![
+            ("type", Value::from("function")),
+            ("function", message(vec![("name", Value::from("f")), ("arguments", message(vec![("x", Value::from("1 "))]))])),
+        ]);
+        let msg = message(vec![
+            ("role", Value::from("assistant")),
+            ("content", Value::from("  hi ")),
+            ("reasoning_content", Value::from("why")),
+            ("tool_calls", Value::from(vec![call])),
+        ]);
+        for inner in [false, true] {
+            let marked = mark_message(&msg, 7, Marking { message: None, kind: None, inner });
+            let role = marked.get_attr("role").unwrap();
+            assert_eq!(role.as_str(), Some("assistant"));
+            let content = marked.get_attr("content").unwrap().to_string();
+            let (text, spans) = strip_field_markers(&content).unwrap();
+            assert_eq!(text, "  hi ");
+            let want = if inner { (2, 4) } else { (0, 5) };
+            assert_eq!((spans[0].message, spans[0].kind, spans[0].start, spans[0].end), (7, FieldKind::Content, want.0, want.1));
+            let tool = marked.get_attr("tool_calls").unwrap().get_item_by_index(0).unwrap();
+            assert_eq!(tool.get_attr("type").unwrap().as_str(), Some("function"));
+            let name = tool.get_attr("function").unwrap().get_attr("name").unwrap().to_string();
+            assert_eq!(strip_field_markers(&name).unwrap().1[0].kind, FieldKind::Tool);
+        }
+        // Unpaired markers (a template that cut a field) are refused.
+        let cut: String = mark_message(&msg, 0, Marking { message: None, kind: None, inner: false })
+            .get_attr("content")
+            .unwrap()
+            .to_string()
+            .chars()
+            .skip(1)
+            .collect();
+        assert!(strip_field_markers(&format!("x{cut}")).is_none());
+    }
+
+    #[test]
+    fn diff_region_is_what_changed() {
+        assert_eq!(diff_region("<a>hello</a>", "<a>\u{100000}</a>"), (3, 8));
+        assert_eq!(diff_region("same", "same"), (4, 4));
+        // Shared characters at both ends of the change are not counted twice.
+        assert_eq!(diff_region("aXa", "aa"), (1, 2));
+    }
+
     #[test]
     fn zero_width_token_between_touching_spans_is_not_trained() {
         // Found by the `spans` fuzz target: merging spans that only touch marked the

@@ -128,3 +128,23 @@ def test_metaspace_straddling_tokens_are_trained_and_counted():
     assert pieces[0] == "Hello"
     # With the turn prefix (the default) the space is the message's own text: nothing straddles.
     assert tok.tokenize(messages)["straddling"] == 0
+
+
+@pytest.mark.parametrize("name", ["qwen3-gen", "smollm3-on-qwen3"])
+def test_generation_source_equals_generation_masks(name):
+    """`MaskPolicy(source="generation")` trains what the {% generation %} blocks wrap, and
+    still gives message_index from the message spans."""
+    require_shared("fixtures", "tokenizers", name)
+    tok = ChatTokenizer.from_pretrained(TOKENIZERS_DIR / name)
+    rows = compared = 0
+    for where, row in _rows(5):
+        kwargs = template_kwargs(row)
+        generation = tok.apply_chat_template(row["messages"], return_assistant_tokens_mask=True, **kwargs)
+        out = tok.tokenize(row["messages"], MaskPolicy(source="generation"), **kwargs)
+        expected = [t if m else -100 for t, m in zip(generation["input_ids"], generation["assistant_masks"])]
+        assert out["labels"].tolist() == expected, where
+        spans = tok.tokenize(row["messages"], **kwargs)
+        assert out["message_index"].tolist() == spans["message_index"].tolist(), where
+        rows += 1
+        compared += len(expected)
+    assert rows > 20 and compared > 10_000

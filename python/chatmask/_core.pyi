@@ -89,5 +89,30 @@ class ChatTokenizer:
         on_error: str = "raise",
         ids_dtype: str = "int32",
         chat_template: str | None = None,
+        policy: Mapping[str, Any] | None = None,
         **kwargs: Any,
-    ) -> dict[str, np.ndarray | list[tuple[int, str]]]: ...
+    ) -> dict[str, Any]: ...
+    def tokenize(
+        self,
+        conversation: Conversation,
+        policy: Mapping[str, Any],
+        add_generation_prompt: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any] | None: ...
+    def message_spans(
+        self,
+        conversation: Conversation,
+        add_generation_prompt: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[str, list[tuple[int, str, int, int]], str]: ...
+    def positions(self, text: str) -> tuple[list[int], list[tuple[int, int]], bool, list[tuple[int, int]]]: ...
+    def encode_sanitized(
+        self,
+        conversation: Conversation,
+        add_generation_prompt: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> list[int]: ...
+    def control_tokens(self, chat_template: str | None = None, has_tools: bool = False) -> list[str]: ...
