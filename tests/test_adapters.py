@@ -509,6 +509,148 @@ def test_ray_data_10k_rows_equal_batch_api(ray_cluster, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# MaskPolicy through the adapters (demo)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_policy_against_batch(tok: chatmask.ChatTokenizer, rows: list[Any], out: Any, policy: chatmask.MaskPolicy) -> int:
+    """Adapter output under a policy (an Arrow table, one row per input row) == tokenize_batch(rows,
+    policy=policy): ids, labels and message_index element by element, span_method and truncated per
+    row; failed and dropped rows empty, with the batch API's message / in ``dropped``. Returns the
+    number of rows with tokens."""
+    ref = tok.tokenize_batch(rows, policy=policy, on_error="skip")
+    n = len(rows)
+    assert out.num_rows == n
+    lengths = np.zeros(n, dtype=np.int64)
+    lengths[ref.rows] = np.diff(ref.offsets)
+    for name, flat in (("input_ids", ref.input_ids), ("labels", ref.labels), ("message_index", ref.message_index)):
+        offsets, values = list_column(out.column(name))
+        np.testing.assert_array_equal(np.diff(offsets), lengths)
+        np.testing.assert_array_equal(values, flat)
+        assert values.dtype == flat.dtype, name
+        if name != "message_index":
+            TOTALS["values"] += len(values)
+    assert out.schema.field("message_index").type == pa.list_(pa.int32())
+    span = [None] * n
+    truncated = [0] * n
+    for k, i in enumerate(ref.rows.tolist()):
+        span[i], truncated[i] = ref.span_methods[k], int(ref.truncated[k])
+    assert out.column("span_method").to_pylist() == span
+    assert out.column("truncated").to_pylist() == truncated
+    if policy.overflow == "drop":
+        assert [i for i, d in enumerate(out.column("dropped").to_pylist()) if d] == sorted(ref.dropped)
+    else:
+        assert "dropped" not in out.column_names
+    if "error" in out.column_names:
+        assert {i: e for i, e in enumerate(out.column("error").to_pylist()) if e} == {
+            i: e.split(": ", 1)[1] if e.startswith("row ") else e for i, e in ref.errors
+        }
+    else:
+        assert not ref.errors
+    TOTALS["rows"] += n
+    return len(ref.rows)
+
+
+def drop_policy(**fields: Any) -> chatmask.MaskPolicy:
+    """A policy whose max_length drops about half the demo rows."""
+    lengths = sorted(len(TOK.tokenize(r, chatmask.MaskPolicy())["input_ids"]) for r in ROWS)
+    return chatmask.MaskPolicy(max_length=lengths[len(lengths) // 2], overflow="drop", **fields)
+
+
+def test_datasets_map_with_policy_equals_batch_api(hf):
+    rows = repeated(ROWS, 8 * 25)
+    policy = drop_policy(train_on_eos="all")
+    ds = hf.Dataset.from_dict(columns(rows))
+    fn = chatmask.datasets.map_fn(TOK, policy=policy, on_error="mark")
+    out = ds.map(fn, batched=True, batch_size=48, remove_columns=ds.column_names)
+    assert out.column_names == ["input_ids", "labels", "message_index", "span_method", "truncated", "dropped", "error"]
+    schema = out.data.schema
+    assert schema.field("span_method").type == pa.string() and schema.field("truncated").type == pa.int32()
+    assert schema.field("dropped").type == pa.bool_()
+    good = check_policy_against_batch(TOK, rows, out.data.table, policy)
+    assert 0 < good < len(rows) and out.filter(lambda r: not r["dropped"]).num_rows == good
+    # A policy without overflow="drop": no dropped column; on_error="raise" has no error column.
+    plain = ds.map(chatmask.datasets.map_fn(TOK, policy=chatmask.MaskPolicy()), batched=True, remove_columns=ds.column_names)
+    assert plain.column_names == ["input_ids", "labels", "message_index", "span_method", "truncated"]
+    check_policy_against_batch(TOK, rows, plain.data.table, chatmask.MaskPolicy())
+
+    # Fingerprint by content: an equal policy built separately hashes the same, another policy differently.
+    from datasets.fingerprint import Hasher
+
+    again = chatmask.datasets.map_fn(demo_tokenizer(), policy=drop_policy(train_on_eos="all"), on_error="mark")
+    assert pickle.dumps(again) == pickle.dumps(fn)
+    assert Hasher.hash(fn) == Hasher.hash(again)
+    assert Hasher.hash(fn) != Hasher.hash(chatmask.datasets.map_fn(TOK, policy=drop_policy(), on_error="mark"))
+    assert Hasher.hash(fn) != Hasher.hash(chatmask.datasets.map_fn(TOK, on_error="mark"))
+    twice = ds.map(again, batched=True, batch_size=48, remove_columns=ds.column_names)
+    assert twice._fingerprint == out._fingerprint
+
+
+def test_datasets_policy_sharegpt_and_errors(hf):
+    names = {"user": "human", "assistant": "gpt"}
+    rows = [
+        {
+            "id": r["id"],
+            "conversations": [
+                {"from": names.get(m["role"], m["role"]), "value": m["content"]}
+                for m in r["messages"]
+                if m["role"] in names and isinstance(m.get("content"), str)
+            ],
+            "sys": "Be brief.",
+        }
+        for r in ROWS
+    ]
+    policy = chatmask.MaskPolicy(field_messages="conversations", field_system="sys", train_on_eos="last")
+    ds = hf.Dataset.from_dict(columns(rows))
+    out = ds.map(chatmask.datasets.map_fn(TOK, policy=policy), batched=True, batch_size=3, remove_columns=ds.column_names)
+    check_policy_against_batch(TOK, rows, out.data.table, policy)
+    assert out[0]["message_index"][0] == -1 and 0 in out[0]["message_index"]  # the system prompt is message 0
+    # A bad message (Arrow cannot hold one, so a plain batch as a with_indices map passes it): named
+    # by its dataset row under "raise", marked with the shaping message under "mark".
+    bad = columns(rows[4:8])
+    bad["conversations"][1] = [{"from": "human", "value": "hi"}, "not a message"]
+    with pytest.raises(chatmask.ConversationTypeError) as info:
+        chatmask.datasets.map_fn(TOK, policy=policy)(bad, [4, 5, 6, 7])
+    assert info.value.row == 5 and info.value.batch_row == 1
+    assert str(info.value) == "dataset row 5 (row 1 of the batch, id 'demo-5'): message 1 is a str, not a dict"
+    marked = chatmask.datasets.map_fn(TOK, policy=policy, on_error="mark")(bad, [4, 5, 6, 7])
+    assert marked["error"] == ["", "message 1 is a str, not a dict", "", ""]
+    assert len(marked["input_ids"][1]) == len(marked["message_index"][1]) == 0 and marked["span_method"][1] is None
+    with pytest.raises(ValueError, match="cannot be combined with policy"):
+        chatmask.datasets.map_fn(TOK, "all", policy=policy)
+    with pytest.raises(ValueError, match="messages_field"):
+        chatmask.datasets.map_fn(TOK, messages_field="conversations", policy=policy)
+
+
+def test_tokenize_batch_with_policy_on_arrow_and_mappings():
+    rows = repeated(ROWS, 40)
+    policy = drop_policy()
+    table = arrow_table(rows)
+    out = TokenizeBatch(TOK, policy=policy, on_error="mark")(table)
+    assert out.column_names == ["id", "input_ids", "labels", "message_index", "span_method", "truncated", "dropped", "error"]
+    check_policy_against_batch(TOK, rows, out, policy)
+    mapping = TokenizeBatch(TOK, policy=policy)({"id": np.array([r["id"] for r in rows]), "messages": [r["messages"] for r in rows]})
+    assert list(mapping) == ["id", "input_ids", "labels", "message_index", "span_method", "truncated", "dropped"]
+    ref = TOK.tokenize_batch([r["messages"] for r in rows], policy=policy)
+    kept = [i for i, d in enumerate(mapping["dropped"]) if not d]
+    assert kept == ref.rows.tolist()
+    for k, i in enumerate(kept):
+        assert mapping["message_index"][i].tolist() == ref[k]["message_index"].tolist()
+        assert mapping["input_ids"][i].tolist() == ref[k]["input_ids"].tolist()
+
+
+@RAY_OWN_WARNINGS
+def test_ray_data_with_policy(ray_cluster, tmp_path):
+    rows = repeated(ROWS, 2_000)
+    policy = drop_policy(train_on_eos="all")
+    src = write_parts(arrow_table(rows), tmp_path / "in", 2)
+    result = in_input_order(run_ray(ray_cluster, src, tmp_path / "out", TOK, policy=policy, on_error="mark"), rows)
+    assert result.column_names == ["id", "input_ids", "labels", "message_index", "span_method", "truncated", "dropped", "error"]
+    good = check_policy_against_batch(TOK, rows, result, policy)
+    assert 0 < good < len(rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # ../shared fixtures: real conversations and tokenizers
 # ---------------------------------------------------------------------------------------------
 

@@ -8,6 +8,12 @@ only struct fields lose their nulls: a value stored as JSON (``datasets``' ``Jso
 ``arrow.json``) keeps its real nulls (``"required": null`` in a tool schema renders as such).
 The good rows go through :meth:`ChatTokenizer.tokenize_batch` in one call; the result has
 exactly one entry per input row, in order.
+
+With a :class:`chatmask.MaskPolicy`, the policy's ``field_messages`` / ``field_tools`` /
+``field_system`` name the columns, each row goes to ``tokenize_batch(policy=...)`` keyed by
+them (the policy maps roles and properties, ShareGPT's ``from``/``value`` included), and the
+result also has ``message_index`` (per token), ``span_method`` and ``truncated`` (per row) and,
+under ``overflow="drop"``, which rows the policy dropped (they keep empty lists).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import numpy as np
 
 from ._tokenizer import MODES, ChatTokenizer
 from .errors import ChatMaskError, ConversationTypeError
-from .pipeline import parse_row
+from .pipeline import parse_policy_row, parse_row
+from .policy import MaskPolicy
 
 ON_ERROR = ("raise", "mark")
 
@@ -110,6 +117,12 @@ class TokenizedColumns:
     labels: np.ndarray
     label_offsets: np.ndarray
     errors: list[str]
+    # Under a policy: message_index along input_ids (same offsets); per row the span method
+    # (None for a row without tokens), the tokens truncated, and whether the policy dropped it.
+    message_index: np.ndarray | None = None
+    span_method: list[str | None] | None = None
+    truncated: np.ndarray | None = None
+    dropped: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -118,12 +131,17 @@ class TokenizedColumns:
         ids, off = self.input_ids, self.offsets.tolist()
         return [ids[off[i] : off[i + 1]] for i in range(len(self))]
 
+    def message_index_rows(self) -> list[np.ndarray]:
+        assert self.message_index is not None, "message_index exists only under a policy"
+        index, off = self.message_index, self.offsets.tolist()
+        return [index[off[i] : off[i + 1]] for i in range(len(self))]
+
     def label_rows(self) -> list[np.ndarray]:
         labels, off = self.labels, self.label_offsets.tolist()
         return [labels[off[i] : off[i + 1]] for i in range(len(self))]
 
 
-_ROW_PREFIX = re.compile(r"^row \d+: ")
+_ROW_PREFIX = re.compile(r"^row (\d+): (?:row \d+: )*")  # tokenize_batch(policy) may name the row twice
 
 
 class RowTokenizer:
@@ -132,25 +150,54 @@ class RowTokenizer:
     def __init__(
         self,
         tokenizer: Any,
-        mode: str = "last",
+        mode: str | None = None,
         *,
-        messages_field: str = "messages",
-        tools_field: str = "tools",
+        messages_field: str | None = None,
+        tools_field: str | None = None,
         finish_reason_field: str | None = None,
         on_error: str = "raise",
         num_threads: int | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
+        policy: MaskPolicy | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        """`mode`, `messages_field` and `tools_field` default (None) to ``last``, ``messages`` and
+        ``tools``; with a `policy` they (and `finish_reason_field`) must not be given: the policy
+        decides the labels and its ``field_*`` name the columns."""
+        if policy is not None:
+            if not isinstance(policy, MaskPolicy):
+                raise TypeError(f"policy must be a chatmask.MaskPolicy or None, not {type(policy).__name__}")
+            given = [
+                name
+                for name, value in (
+                    ("mode", mode),
+                    ("finish_reason_field", finish_reason_field),
+                    ("messages_field", messages_field),
+                    ("tools_field", tools_field),
+                )
+                if value is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} cannot be combined with policy: the policy decides the labels, and its "
+                    "field_messages / field_tools / field_system name the columns"
+                )
+            messages_field, tools_field = policy.field_messages, policy.field_tools
+        else:
+            mode = "last" if mode is None else mode
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+            messages_field = "messages" if messages_field is None else messages_field
+            tools_field = "tools" if tools_field is None else tools_field
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be 'raise' or 'mark', not {on_error!r}")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive int or None, not {num_threads!r}")
         self.tokenizer = resolve_tokenizer(tokenizer)
+        self.policy = policy
         self.mode = mode
         self.messages_field = messages_field
         self.tools_field = tools_field
+        self.system_field = None if policy is None else policy.field_system
         self.finish_reason_field = finish_reason_field
         self.on_error = on_error
         self.num_threads = num_threads
@@ -183,10 +230,12 @@ class RowTokenizer:
                 "use ds.map(..., batched=True)"
             )
         tools = columns[self.tools_field] if self.tools_field in columns else None
+        system = columns[self.system_field] if self.system_field is not None and self.system_field in columns else None
         if types is not None:
             messages = _read_column(messages, types.get(self.messages_field), decode_json)
             tools = None if tools is None else _read_column(tools, types.get(self.tools_field), decode_json)
         finish = columns[self.finish_reason_field] if self.finish_reason_field is not None else None
+        policy = self.policy
 
         conversations: list[Any] = []
         finish_reasons: list[str | None] = []
@@ -198,13 +247,19 @@ class RowTokenizer:
                 payload[self.tools_field] = tools[i]
             if finish is not None:
                 payload[self.finish_reason_field] = finish[i]  # type: ignore[index]
-            parsed = parse_row(
-                payload,
-                self.messages_field,
-                self.tools_field,
-                self.finish_reason_field,
-                strip_nulls=None if types is None else False,
-            )
+            if policy is not None:
+                if system is not None:
+                    payload[self.system_field] = system[i]  # type: ignore[index]
+                # (`types` known: struct nulls are already gone; unknown: drop every null key.)
+                parsed = parse_policy_row(payload, policy, strip_nulls=types is None)
+            else:
+                parsed = parse_row(
+                    payload,
+                    self.messages_field,
+                    self.tools_field,
+                    self.finish_reason_field,
+                    strip_nulls=None if types is None else False,
+                )
             if parsed.error is not None:
                 if self.on_error == "raise":
                     error = ConversationTypeError(self._where(i, indices, columns, id_column) + parsed.error)
@@ -217,17 +272,25 @@ class RowTokenizer:
             finish_reasons.append(parsed.finish_reason)
             good.append(i)
 
+        if policy is not None:
+            label_kwargs: dict[str, Any] = {"policy": policy}
+        else:
+            label_kwargs = {"mode": self.mode, "finish_reason": finish_reasons if finish is not None else ""}
         try:
             batch = self.tokenizer.tokenize_batch(
                 conversations,
-                mode=self.mode,
-                finish_reason=finish_reasons if finish is not None else "",
                 num_threads=self.num_threads,
                 on_error="raise" if self.on_error == "raise" else "skip",
                 ids_dtype="int32",
+                **label_kwargs,
                 **self.template_kwargs,
             )
         except ChatMaskError as e:
+            if e.row is None:
+                # The policy's row shaping names the row only in its message ("row 3: ...").
+                match = _ROW_PREFIX.match(str(e))
+                if match is not None:
+                    e.row = int(match.group(1))
             if e.row is None or not 0 <= e.row < len(good):
                 raise
             i = good[e.row]
@@ -238,15 +301,38 @@ class RowTokenizer:
             raise
         good_arr = np.asarray(good, dtype=np.int64)
         for j, message in batch.errors:
-            errors[good[j]] = message
+            # Under a policy, shaping errors start with "row <index in the call>: ", which names no
+            # row of the dataset; the error column is per row anyway.
+            errors[good[j]] = _ROW_PREFIX.sub("", message, count=1) if policy is not None else message
         done = good_arr[batch.rows] if len(batch.rows) else np.zeros(0, dtype=np.int64)
-        return TokenizedColumns(
+        offsets = _spread(batch.offsets, done, n)
+        out = TokenizedColumns(
             input_ids=batch.input_ids,
-            offsets=_spread(batch.offsets, done, n),
+            offsets=offsets,
             labels=batch.labels,
             label_offsets=_spread(batch.label_offsets, done, n),
             errors=errors,
         )
+        if policy is not None:
+            span_method: list[str | None] = [None] * n
+            for k, i in enumerate(done.tolist()):
+                span_method[i] = batch.span_methods[k]
+            truncated = np.zeros(n, dtype=np.int32)
+            truncated[done] = np.asarray(batch.truncated, dtype=np.int64)
+            dropped = np.zeros(n, dtype=bool)
+            if batch.dropped:
+                dropped[good_arr[np.asarray(batch.dropped, dtype=np.int64)]] = True
+            out.message_index = np.asarray(batch.message_index, dtype=np.int32)
+            out.span_method = span_method
+            out.truncated = truncated
+            out.dropped = dropped
+        return out
+
+    def policy_columns(self) -> list[str]:
+        """The columns a policy adds after ``input_ids`` and ``labels`` (none without a policy)."""
+        if self.policy is None:
+            return []
+        return ["message_index", "span_method", "truncated"] + (["dropped"] if self.policy.overflow == "drop" else [])
 
     @staticmethod
     def _where(

@@ -418,11 +418,14 @@ class ChatTokenizer:
         shape_errors: list[tuple[int, str]] = []
         for i, row in enumerate(rows):
             try:
-                messages, tools = policy.shape(row, i)
+                messages, tools = policy.shape(row)
             except (KeyError, TypeError, ValueError) as e:
+                reason = e.args[0] if e.args else str(e)  # a KeyError's str() adds quotes
                 if on_error == "raise":
-                    raise ConversationTypeError(f"row {i}: {e}") from None
-                shape_errors.append((i, str(e)))
+                    error = ConversationTypeError(f"row {i}: {reason}")
+                    error.row = i
+                    raise error from None
+                shape_errors.append((i, reason))
                 messages, tools = None, None
             row_out = {"messages": messages}
             if tools is not None:

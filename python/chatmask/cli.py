@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 from typing import Sequence
 
 from ._tokenizer import MODES
@@ -14,6 +15,7 @@ from .pipeline import (  # noqa: F401 - render_mask is re-exported for callers o
     ShowOptions,
     TokenizeOptions,
     UsageError,
+    load_policy,
     render_mask,
     run_show,
     run_tokenize,
@@ -21,6 +23,8 @@ from .pipeline import (  # noqa: F401 - render_mask is re-exported for callers o
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    # --mode and the field options default to None here so that giving one with --policy is
+    # caught (run_tokenize fills in the defaults: last, messages, tools).
     run_tokenize(
         TokenizeOptions(
             inputs=args.inputs,
@@ -35,6 +39,8 @@ def _tokenize(args: argparse.Namespace) -> int:
             batch_rows=args.batch_rows,
             resume=args.resume,
             quiet=args.quiet,
+            policy=load_policy(args.policy) if args.policy is not None else None,
+            sanitize_control_tokens=args.sanitize_control_tokens,
         )
     )
     return 0
@@ -52,8 +58,8 @@ def _show(args: argparse.Namespace) -> int:
             mode=args.mode,
             html=args.html,
             no_color=args.no_color,
-            messages_field=args.messages_field,
-            tools_field=args.tools_field,
+            messages_field=args.messages_field if args.messages_field is not None else "messages",
+            tools_field=args.tools_field if args.tools_field is not None else "tools",
             finish_reason_field=args.finish_reason_field,
         )
     )
@@ -119,10 +125,30 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_fields(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--messages-field", default="messages", help="field holding the list of messages (default: messages)")
-    p.add_argument("--tools-field", default="tools", help="field holding the row's tools, if any (default: tools)")
-    p.add_argument("--finish-reason-field", default=None, help="field holding the row's finish reason (e.g. 'length')")
+def _add_fields(p: argparse.ArgumentParser, policy: bool = False) -> None:
+    # Defaults are None (= messages / tools) so that `tokenize` can tell an explicit one from none.
+    p.add_argument(
+        "--messages-field",
+        default=None,
+        help="field holding the list of messages (default: messages"
+        + ("; with --policy, the policy's field_messages)" if policy else ")"),
+    )
+    p.add_argument(
+        "--tools-field",
+        default=None,
+        help="field holding the row's tools, if any (default: tools"
+        + ("; with --policy, the policy's field_tools)" if policy else ")"),
+    )
+    p.add_argument(
+        "--finish-reason-field",
+        default=None,
+        help="field holding the row's finish reason (e.g. 'length')" + ("; not with --policy" if policy else ""),
+    )
+
+
+def _paragraphs(*paragraphs: str) -> str:
+    """Help text kept in paragraphs (RawDescriptionHelpFormatter), each wrapped."""
+    return "\n\n".join(textwrap.fill(p, width=88) for p in paragraphs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,15 +158,43 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser(
         "tokenize",
         help="tokenize JSONL/Parquet conversations into Parquet parts (resumable, nothing lost)",
-        description="Tokenize JSONL (plain, .gz, .zst) or Parquet conversations into Parquet part files, "
-        "errors.jsonl and manifest.json in OUTDIR. Every input row lands in exactly one part or errors.jsonl.",
+        description=_paragraphs(
+            "Tokenize JSONL (plain, .gz, .zst) or Parquet conversations into Parquet part files, errors.jsonl "
+            "and manifest.json in OUTDIR. Every input row lands in exactly one part or errors.jsonl (or, under a "
+            "policy with overflow \"drop\", dropped.jsonl): rows_in == rows_out + rows_failed + rows_dropped.",
+            "Labels come from --mode (the reference's modes) or from --policy FILE, a JSON object of "
+            "chatmask.MaskPolicy fields, e.g. {\"roles_to_train\": [\"assistant\"], \"max_length\": 4096, "
+            "\"overflow\": \"drop\", \"field_messages\": \"conversations\"}. A policy replaces --mode, "
+            "--finish-reason-field, --messages-field and --tools-field, and combining them with it is an error: "
+            "the policy's field_messages / field_tools / field_system and its role and property mappings read "
+            "each row as it is in the file (ShareGPT's from/value too). With a policy the parts gain "
+            "message_index (list<int32> along input_ids; -1 for template text), span_method and truncated "
+            "columns; rows longer than max_length under overflow \"drop\" go to dropped.jsonl; the policy is in "
+            "manifest.json, and --resume refuses a different one.",
+            "manifest.json always counts rows_with_control_tokens: output rows whose text held a control "
+            "token's text such as <|im_start|>. That text becomes the control token, unless "
+            "--sanitize-control-tokens (needs --policy) encodes it as text, as transformers 5 does.",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tok.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories (their *.jsonl[.gz|.zst], *.parquet)")
     tok.add_argument("-o", "--out", required=True, metavar="OUTDIR", help="output directory (new or empty, or --resume)")
     tok.add_argument("--tokenizer", required=True, help="local tokenizer directory, or 'demo' (nothing is downloaded)")
-    tok.add_argument("--mode", default="last", choices=MODES, help="label mode (default: last)")
+    tok.add_argument("--mode", default=None, choices=MODES, help="label mode (default: last; not with --policy)")
+    tok.add_argument(
+        "--policy",
+        default=None,
+        metavar="FILE",
+        help="label with a chatmask.MaskPolicy read from FILE (JSON object of its fields; unknown fields are errors)",
+    )
+    tok.add_argument(
+        "--sanitize-control-tokens",
+        action="store_true",
+        help="encode control-token text in the inputs (a user typing <|im_start|>) as text, as transformers 5 "
+        "does; sets the policy's sanitize_control_tokens, so it needs --policy",
+    )
     tok.add_argument("--threads", type=_positive, default=None, help="tokenizer threads (default: all cores)")
-    _add_fields(tok)
+    _add_fields(tok, policy=True)
     tok.add_argument("--rows-per-file", type=_positive, default=100_000, help="rows per part file (default: 100000)")
     tok.add_argument("--batch-rows", type=_positive, default=4096, help="rows read and tokenized at a time (default: 4096)")
     tok.add_argument("--resume", action="store_true", help="finish an interrupted job in OUTDIR")

@@ -8,6 +8,11 @@ masked), one row per input row, computed by :meth:`ChatTokenizer.tokenize_batch`
 engine). It pickles (the tokenizer travels as the files or parts it was built from), so it works
 with ``num_proc``, and it pickles the same way every time, so `datasets` can fingerprint it and
 reuse its cache. This module does not import `datasets`.
+
+With ``policy=chatmask.MaskPolicy(...)`` the rows are read and labelled as
+``tokenize_batch(policy=...)`` does, and the function also adds ``message_index``
+(``List(int32)``, along ``input_ids``), ``span_method`` (string) and ``truncated`` (int32), and
+``dropped`` (bool) when the policy's ``overflow`` is ``"drop"``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ._adapter import RowTokenizer
+from .policy import MaskPolicy
 
 
 class MapFn:
     """The callable :func:`map_fn` returns: ``fn(batch)`` or, with ``with_indices=True``,
-    ``fn(batch, indices)``, returning ``{"input_ids", "labels"}`` (plus ``"error"`` with
-    ``on_error="mark"``) as lists with one numpy array (or string) per row."""
+    ``fn(batch, indices)``, returning ``{"input_ids", "labels"}`` (plus the policy's columns
+    with a policy, and ``"error"`` with ``on_error="mark"``) as lists with one numpy array (or
+    string) per row."""
 
     def __init__(self, rows: RowTokenizer) -> None:
         from . import __version__
@@ -35,13 +42,21 @@ class MapFn:
                 raise TypeError("chatmask.datasets.map_fn needs ds.map(..., batched=True)")
             indices = list(indices)
         out = self.rows.tokenize(batch, indices=indices, types=_arrow_types(batch))
-        result: dict[str, list[Any]] = {"input_ids": out.id_rows(), "labels": out.label_rows()}
+        result: dict[str, Any] = {"input_ids": out.id_rows(), "labels": out.label_rows()}
+        if self.rows.policy is not None:
+            result["message_index"] = out.message_index_rows()
+            result["span_method"] = out.span_method
+            result["truncated"] = out.truncated
+            if self.rows.policy.overflow == "drop":
+                result["dropped"] = out.dropped
         if self.rows.on_error == "mark":
             result["error"] = out.errors
         return result
 
     def __repr__(self) -> str:
         r = self.rows
+        if r.policy is not None:
+            return f"chatmask.datasets.map_fn(policy={r.policy!r}, on_error={r.on_error!r})"
         return f"chatmask.datasets.map_fn(mode={r.mode!r}, messages_field={r.messages_field!r}, on_error={r.on_error!r})"
 
 
@@ -56,23 +71,33 @@ def _arrow_types(batch: Any) -> dict[str, Any] | None:
 
 def map_fn(
     tokenizer: Any,
-    mode: str = "last",
+    mode: str | None = None,
     *,
-    messages_field: str = "messages",
-    tools_field: str = "tools",
+    messages_field: str | None = None,
+    tools_field: str | None = None,
     finish_reason_field: str | None = None,
     on_error: str = "raise",
     num_threads: int | None = None,
+    policy: MaskPolicy | None = None,
     **template_kwargs: Any,
 ) -> MapFn:
     """A function for ``ds.map(fn, batched=True)`` that tokenizes and labels each row's conversation.
 
     * `tokenizer`: a :class:`chatmask.ChatTokenizer`, a local tokenizer directory, or a
       transformers fast tokenizer (converted once, here).
-    * `mode`: ``last``, ``all``, ``multistep`` or ``generation``, as in ``tokenize_batch``.
-    * `messages_field` / `tools_field`: the columns holding the messages and (optional) tools; a
-      tools value that is a JSON string is parsed. `finish_reason_field`: a column of finish
-      reasons (``"length"`` drops a trailing eos), or None.
+    * `mode`: ``last`` (default), ``all``, ``multistep`` or ``generation``, as in ``tokenize_batch``.
+    * `messages_field` / `tools_field`: the columns holding the messages (default ``messages``)
+      and (optional) tools (default ``tools``); a tools value that is a JSON string is parsed.
+      `finish_reason_field`: a column of finish reasons (``"length"`` drops a trailing eos), or None.
+    * `policy`: a :class:`chatmask.MaskPolicy`: rows are read and labelled as
+      ``tokenize_batch(policy=...)`` does, and the output also has ``message_index``
+      (``List(int32)``, -1 for template text), ``span_method`` (string; None for a row without
+      tokens) and ``truncated`` (int32), plus ``dropped`` (bool) when ``overflow="drop"``: a
+      dropped row keeps empty ``input_ids`` / ``labels``, so rows stay one to one (filter them
+      with ``ds.filter(lambda r: not r["dropped"])``). The policy's ``field_messages`` /
+      ``field_tools`` / ``field_system`` name the columns, so `mode`, `messages_field`,
+      `tools_field` and `finish_reason_field` cannot be given with it. The policy is part of
+      the function's pickle, so it is part of the `datasets` fingerprint.
     * `on_error`: ``"raise"`` (default) raises the first failing row's
       :class:`chatmask.ChatMaskError`, its message naming the row: the dataset row with
       ``ds.map(..., with_indices=True)``, else the row within the batch (``exc.row``;
@@ -100,6 +125,7 @@ def map_fn(
         on_error=on_error,
         num_threads=num_threads,
         template_kwargs=template_kwargs,
+        policy=policy,
     )
     return MapFn(rows)
 

@@ -11,7 +11,8 @@ Decisions (and why):
   given (a directory contributes its ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` and
   ``*.parquet`` files, sorted by name). Every row ends up in exactly one place: a part file
   (column ``row``) or ``errors.jsonl``. Nothing is silently dropped, so ``rows_in ==
-  rows_out + rows_failed`` always holds and is checked before the manifest is written.
+  rows_out + rows_failed`` (``+ rows_dropped`` under a policy, see below) always holds and is
+  checked before the manifest is written.
 * **JSONL lines** are split on ``b"\\n"`` only, on bytes, and each line is decoded as UTF-8 on its
   own: ``str.splitlines`` would also break on U+2028, U+0085, ``\\r`` and friends, which real text
   contains inside JSON strings. A trailing ``\\r`` (CRLF files) is JSON whitespace and harmless.
@@ -56,6 +57,29 @@ Decisions (and why):
 * **Finish.** ``manifest.json`` is written atomically at the end, then ``progress.json`` is
   removed; the directory then holds ``part-*.parquet``, ``errors.jsonl`` and ``manifest.json``.
   ``seconds`` in the manifest adds up the runs (up to each run's last commit).
+* **Training policies** (``--policy FILE``, a JSON object of :class:`chatmask.MaskPolicy`
+  fields). The policy replaces ``--mode``, ``--finish-reason-field``, ``--messages-field`` and
+  ``--tools-field`` (giving any of them with ``--policy`` is a usage error: the policy's
+  ``field_messages`` / ``field_tools`` name the columns, its labelling fields decide the
+  labels). Each row is handed to ``tokenize_batch(policy=...)`` keyed by the policy's own
+  fields (messages, tools, ``field_system``), so the policy's shaping (role map, property
+  mappings such as ShareGPT's ``from``/``value``, ``drop_system_message``, ``split_thinking``)
+  applies to the row as it is in the file; the same checks as above still make a row an error
+  row first (the messages field missing or not a list, bad tools), and a JSONL line that is a
+  JSON array is read as the list of messages. Parts gain ``message_index`` (list<int32>,
+  aligned with ``input_ids``; -1 for template text), ``span_method`` (string) and
+  ``truncated`` (int32, tokens cut by ``overflow="truncate_*"``). Rows the policy drops
+  (``overflow="drop"``) go to ``dropped.jsonl`` (``row``, ``id``, ``reason``,
+  ``source_file``), written and committed exactly like ``errors.jsonl`` (its committed length
+  is ``dropped_bytes``), so ``rows_in == rows_out + rows_failed + rows_dropped``. The policy
+  (``MaskPolicy.to_dict()``) is part of what ``--resume`` must match. ``dropped.jsonl`` exists
+  only for policy runs; without a policy nothing is ever dropped.
+* **Control tokens.** A row whose text holds a control token's text (``<|im_start|>`` typed by a
+  user) is counted (``rows_with_control_tokens``, over output rows) with or without a policy;
+  plain encoding turns such text into the control token, ``--sanitize-control-tokens`` (which
+  sets the policy's ``sanitize_control_tokens``, so it needs ``--policy``) encodes it as text,
+  as transformers 5 does. Rows of a template on the Jinja2 path are not checked: then the
+  manifest's count is null.
 
 ``show`` renders one conversation's tokens: trained tokens green, masked ones dim, special
 tokens in reverse video (without colour: trained spans in ``[[...]]``, special tokens in
@@ -71,6 +95,7 @@ role tokens).
 from __future__ import annotations
 
 import gzip
+import dataclasses
 import hashlib
 import html
 import json
@@ -86,12 +111,15 @@ import numpy as np
 
 from ._tokenizer import MODES, ChatTokenizer
 from .errors import ChatMaskError
+from .policy import MaskPolicy
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIX = ".parquet"
 PROGRESS = "progress.json"
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
+DROPPED = "dropped.jsonl"
+DROP_REASON = "longer than max_length"
 READ_CHUNK = 1 << 20
 
 
@@ -363,39 +391,15 @@ def parse_row(
     row) unless `strip_nulls` says otherwise (the `datasets` / Ray adapters strip them by Arrow
     type first, keeping the nulls of JSON-typed values).
     """
-    if isinstance(payload, (bytes, bytearray)):
-        if not payload.strip():
-            return ParsedRow(None, error="empty line")
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return ParsedRow(None, error=f"invalid UTF-8: {e}")
-        try:
-            obj = json.loads(text, strict=False)  # raw control characters (\r, tabs) inside strings are kept
-        except (ValueError, RecursionError) as e:
-            return ParsedRow(None, error=f"invalid JSON: {e}")
-        from_parquet = False
-    else:
-        obj, from_parquet = payload, True
+    obj, from_parquet, error = _load_payload(payload)
+    if error is not None:
+        return ParsedRow(None, error=error)
     if not isinstance(obj, dict):
         return ParsedRow(None, error=f"row is a JSON {_type_name(obj)}, not an object")
-    raw_id = obj.get("id")
-    row_id = None if raw_id is None else raw_id if isinstance(raw_id, str) else json.dumps(raw_id)
-    if messages_field not in obj:
-        return ParsedRow(None, id=row_id, error=f"missing field {messages_field!r}")
-    messages = obj[messages_field]
-    if not isinstance(messages, list):
-        return ParsedRow(
-            None, id=row_id, error=f"field {messages_field!r} is a {_type_name(messages)}, not a list of messages"
-        )
-    tools = obj.get(tools_field)
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except ValueError as e:
-            return ParsedRow(None, id=row_id, error=f"field {tools_field!r} is a string but not JSON: {e}")
-    if tools is not None and not isinstance(tools, list):
-        return ParsedRow(None, id=row_id, error=f"field {tools_field!r} is a {_type_name(tools)}, not a list")
+    row_id = _row_id(obj)
+    messages, tools, error = _messages_and_tools(obj, messages_field, tools_field)
+    if error is not None:
+        return ParsedRow(None, id=row_id, error=error)
     finish = None
     if finish_reason_field is not None:
         finish = obj.get(finish_reason_field)
@@ -412,8 +416,113 @@ def parse_row(
     return ParsedRow(conversation, finish, row_id)
 
 
+def _load_payload(payload: bytes | dict[str, Any]) -> tuple[Any, bool, str | None]:
+    """(the row's JSON value, whether it came from Parquet, or the reason it cannot be read)."""
+    if isinstance(payload, (bytes, bytearray)):
+        if not payload.strip():
+            return None, False, "empty line"
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, False, f"invalid UTF-8: {e}"
+        try:
+            obj = json.loads(text, strict=False)  # raw control characters (\r, tabs) inside strings are kept
+        except (ValueError, RecursionError) as e:
+            return None, False, f"invalid JSON: {e}"
+        return obj, False, None
+    return payload, True, None
+
+
+def _row_id(obj: Mapping[str, Any]) -> str | None:
+    raw_id = obj.get("id")
+    return None if raw_id is None else raw_id if isinstance(raw_id, str) else json.dumps(raw_id)
+
+
+def _messages_and_tools(obj: Mapping[str, Any], messages_field: str, tools_field: str) -> tuple[Any, Any, str | None]:
+    """A row's messages (a list) and tools (a list, a JSON string parsed, or None), or an error."""
+    if messages_field not in obj:
+        return None, None, f"missing field {messages_field!r}"
+    messages = obj[messages_field]
+    if not isinstance(messages, list):
+        return None, None, f"field {messages_field!r} is a {_type_name(messages)}, not a list of messages"
+    tools = obj.get(tools_field)
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            return None, None, f"field {tools_field!r} is a string but not JSON: {e}"
+    if tools is not None and not isinstance(tools, list):
+        return None, None, f"field {tools_field!r} is a {_type_name(tools)}, not a list"
+    return messages, tools, None
+
+
+def parse_policy_row(
+    payload: bytes | dict[str, Any] | list[Any], policy: MaskPolicy, *, strip_nulls: bool | None = None
+) -> ParsedRow:
+    """One row for ``tokenize_batch(policy=...)``: the row keyed by the policy's own fields.
+
+    The conversation is ``{field_messages: [...], field_tools: [...] (if any), field_system: ...
+    (if set and present)}``, the messages as they are in the row (the policy maps roles and
+    properties when it tokenizes), or the row itself when it is a list (a JSONL line holding a
+    JSON array of messages). The checks are `parse_row`'s; a failure is a message, never an
+    exception. Null-valued keys are dropped from messages and tools as in `parse_row`.
+    """
+    if isinstance(payload, list):
+        obj, from_parquet, error = payload, False, None
+    else:
+        obj, from_parquet, error = _load_payload(payload)
+    if error is not None:
+        return ParsedRow(None, error=error)
+    strip = from_parquet if strip_nulls is None else strip_nulls
+    if isinstance(obj, list):
+        return ParsedRow({policy.field_messages: _strip_nulls(obj) if strip else obj})
+    if not isinstance(obj, dict):
+        return ParsedRow(None, error=f"row is a JSON {_type_name(obj)}, not an object or a list of messages")
+    row_id = _row_id(obj)
+    messages, tools, error = _messages_and_tools(obj, policy.field_messages, policy.field_tools)
+    if error is not None:
+        return ParsedRow(None, id=row_id, error=error)
+    if strip:
+        messages = _strip_nulls(messages)
+        tools = _strip_nulls(tools)
+    conversation: dict[str, Any] = {policy.field_messages: messages}
+    if tools is not None:
+        conversation[policy.field_tools] = tools
+    if policy.field_system is not None and obj.get(policy.field_system) is not None:
+        conversation[policy.field_system] = obj[policy.field_system]
+    return ParsedRow(conversation, None, row_id)
+
+
 def _fields(messages_field: str, tools_field: str, finish_reason_field: str | None) -> list[str]:
     return [messages_field, tools_field, "id"] + ([finish_reason_field] if finish_reason_field else [])
+
+
+def _policy_fields(policy: MaskPolicy) -> list[str]:
+    """The columns a policy run reads (Parquet reads only these)."""
+    return [policy.field_messages, policy.field_tools, "id"] + ([policy.field_system] if policy.field_system else [])
+
+
+def load_policy(path: str) -> MaskPolicy:
+    """A :class:`MaskPolicy` from a JSON file of its fields; any problem is a UsageError naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--policy {path!r}: cannot read it: {e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--policy {path!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--policy {path!r} must hold a JSON object of MaskPolicy fields, not a JSON {_type_name(data)}")
+    try:
+        policy = MaskPolicy.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--policy {path!r}: {e}") from None
+    for name in ("field_messages", "field_tools", "field_system"):
+        value = getattr(policy, name)
+        if not isinstance(value, str) and not (name == "field_system" and value is None):
+            raise UsageError(f"--policy {path!r}: {name} must be a string, not a JSON {_type_name(value)}")
+    return policy
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,18 +532,67 @@ def _fields(messages_field: str, tools_field: str, finish_reason_field: str | No
 
 @dataclass
 class TokenizeOptions:
+    """What `run_tokenize` does. `mode`, `messages_field` and `tools_field` default (None) to
+    ``last``, ``messages`` and ``tools`` without a `policy`; with one they must stay None (the
+    policy names the fields and decides the labels), as must `finish_reason_field`.
+    `sanitize_control_tokens` sets the policy's field and needs a `policy`."""
+
     inputs: list[str]
     outdir: str
     tokenizer: str
-    mode: str = "last"
+    mode: str | None = None
     threads: int | None = None
-    messages_field: str = "messages"
-    tools_field: str = "tools"
+    messages_field: str | None = None
+    tools_field: str | None = None
     finish_reason_field: str | None = None
     rows_per_file: int = 100_000
     batch_rows: int = 4096
     resume: bool = False
     quiet: bool = False
+    policy: MaskPolicy | None = None
+    sanitize_control_tokens: bool = False
+
+
+def _resolve_options(opts: TokenizeOptions) -> TokenizeOptions:
+    """The options with their defaults filled in and the policy settled; UsageError on a conflict."""
+    if opts.policy is not None and not isinstance(opts.policy, MaskPolicy):
+        raise UsageError(f"policy must be a chatmask.MaskPolicy, not {type(opts.policy).__name__}")
+    if opts.policy is None:
+        if opts.sanitize_control_tokens:
+            raise UsageError(
+                "--sanitize-control-tokens needs --policy (it sets the policy's sanitize_control_tokens; "
+                "the reference modes encode control-token text as the tokens, as transformers 4 does)"
+            )
+        mode = opts.mode if opts.mode is not None else "last"
+        if mode not in MODES:
+            raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+        return dataclasses.replace(
+            opts,
+            mode=mode,
+            messages_field=opts.messages_field if opts.messages_field is not None else "messages",
+            tools_field=opts.tools_field if opts.tools_field is not None else "tools",
+        )
+    given = [
+        flag
+        for flag, value in (
+            ("--mode", opts.mode),
+            ("--finish-reason-field", opts.finish_reason_field),
+            ("--messages-field", opts.messages_field),
+            ("--tools-field", opts.tools_field),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} cannot be combined with --policy: the policy decides the labels, and its "
+            "field_messages / field_tools / field_system name the fields"
+        )
+    policy = opts.policy
+    if opts.sanitize_control_tokens and not policy.sanitize_control_tokens:
+        policy = dataclasses.replace(policy, sanitize_control_tokens=True)
+    return dataclasses.replace(
+        opts, policy=policy, messages_field=policy.field_messages, tools_field=policy.field_tools
+    )
 
 
 @dataclass
@@ -450,6 +608,15 @@ class _State:
     tokens: int = 0
     trained_tokens: int = 0
     seconds: float = 0.0
+    # Policy runs: rows dropped (the first `dropped_bytes` bytes of dropped.jsonl), span methods
+    # and truncated rows of the committed parts.
+    dropped_bytes: int = 0
+    rows_dropped: int = 0
+    span_methods: dict[str, int] = field(default_factory=dict)
+    rows_truncated: int = 0
+    # Committed output rows whose inputs held control-token text; None once a batch went
+    # unchecked (a template on the Jinja2 path).
+    rows_with_control_tokens: int | None = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -463,6 +630,11 @@ class _State:
             "tokens": self.tokens,
             "trained_tokens": self.trained_tokens,
             "seconds": self.seconds,
+            "dropped_bytes": self.dropped_bytes,
+            "rows_dropped": self.rows_dropped,
+            "span_methods": self.span_methods,
+            "rows_truncated": self.rows_truncated,
+            "rows_with_control_tokens": self.rows_with_control_tokens,
         }
 
     @classmethod
@@ -477,6 +649,12 @@ class _State:
             tokens=int(data["tokens"]),
             trained_tokens=int(data["trained_tokens"]),
             seconds=float(data.get("seconds", 0.0)),
+            dropped_bytes=int(data.get("dropped_bytes", 0)),
+            rows_dropped=int(data.get("rows_dropped", 0)),
+            span_methods={str(k): int(v) for k, v in (data.get("span_methods") or {}).items()},
+            rows_truncated=int(data.get("rows_truncated", 0)),
+            # A progress.json from before this count existed: its committed rows were never checked.
+            rows_with_control_tokens=data["rows_with_control_tokens"] if "rows_with_control_tokens" in data else None,
         )
 
 
@@ -510,17 +688,17 @@ def _part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def _schema() -> Any:
+def _schema(policy: bool = False) -> Any:
     pa, _ = _pyarrow()
-    return pa.schema(
-        [
-            ("row", pa.int64()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("labels", pa.list_(pa.int64())),
-            ("id", pa.string()),
-            ("source_file", pa.string()),
-        ]
-    )
+    columns = [
+        ("row", pa.int64()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int64())),
+    ]
+    if policy:
+        columns += [("message_index", pa.list_(pa.int32())), ("span_method", pa.string()), ("truncated", pa.int32())]
+    columns += [("id", pa.string()), ("source_file", pa.string())]
+    return pa.schema(columns)
 
 
 def _config(opts: TokenizeOptions, inputs: Sequence[InputFile], tokenizer: LoadedTokenizer) -> dict[str, Any]:
@@ -528,18 +706,23 @@ def _config(opts: TokenizeOptions, inputs: Sequence[InputFile], tokenizer: Loade
     return {
         "inputs": [{"path": os.path.abspath(f.path), "size": f.size} for f in inputs],
         "tokenizer_sha256": tokenizer.sha256,
-        "mode": opts.mode,
+        "mode": None if opts.policy is not None else opts.mode,
         "messages_field": opts.messages_field,
         "tools_field": opts.tools_field,
         "finish_reason_field": opts.finish_reason_field,
+        # The whole policy (labelling and shaping, sanitize_control_tokens included); None without one.
+        "policy": None if opts.policy is None else opts.policy.to_dict(),
     }
 
 
 def _start(out: str, config: dict[str, Any]) -> _State:
-    """A new job: progress.json first (so any later kill is resumable), then an empty errors.jsonl."""
+    """A new job: progress.json first (so any later kill is resumable), then an empty errors.jsonl
+    (and dropped.jsonl under a policy)."""
     state = _State(config)
     write_json_atomic(os.path.join(out, PROGRESS), state.to_json())
     open(os.path.join(out, ERRORS), "wb").close()
+    if config.get("policy") is not None:
+        open(os.path.join(out, DROPPED), "wb").close()
     return state
 
 
@@ -582,12 +765,16 @@ def _prepare_outdir(opts: TokenizeOptions, config: dict[str, Any]) -> _State | N
     for name in entries:
         if name.endswith(".tmp") or (name.startswith("part-") and name not in committed):
             os.remove(os.path.join(out, name))  # an uncommitted part (or temp file): its rows are redone
-    errors_path = os.path.join(out, ERRORS)
-    size = os.path.getsize(errors_path) if os.path.exists(errors_path) else 0
-    if size < state.errors_bytes:
-        raise UsageError(f"--resume: {ERRORS} is shorter than its committed length; the output is damaged")
-    with open(errors_path, "r+b" if os.path.exists(errors_path) else "wb") as f:
-        f.truncate(state.errors_bytes)
+    files = [(ERRORS, state.errors_bytes)]
+    if config.get("policy") is not None:
+        files.append((DROPPED, state.dropped_bytes))
+    for name, committed_bytes in files:
+        path = os.path.join(out, name)
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        if size < committed_bytes:
+            raise UsageError(f"--resume: {name} is shorter than its committed length; the output is damaged")
+        with open(path, "r+b" if os.path.exists(path) else "wb") as f:
+            f.truncate(committed_bytes)
     return state
 
 
@@ -634,10 +821,11 @@ def _duration(seconds: float) -> str:
 
 
 class _Job:
-    """The streaming loop: one batch at a time, parts and errors committed in row order."""
+    """The streaming loop: one batch at a time, parts, errors and dropped rows committed in row order."""
 
     def __init__(self, opts: TokenizeOptions, tokenizer: LoadedTokenizer, inputs: list[InputFile], state: _State):
         self.opts = opts
+        self.policy = opts.policy
         self.tok = tokenizer.tok
         self.inputs = inputs
         self.state = state
@@ -646,14 +834,19 @@ class _Job:
         import pyarrow.compute as pc
 
         self.pc = pc
-        self.schema = _schema()
+        self.schema = _schema(self.policy is not None)
         self.errors_file = open(os.path.join(self.out, ERRORS), "ab")
+        self.dropped_file = open(os.path.join(self.out, DROPPED), "ab") if self.policy is not None else None
         # The part in progress: its writer, and its counts (not yet in `state`).
         self.writer: Any = None
         self.part_rows = 0
         self.part_tokens = 0
         self.part_trained = 0
+        self.part_control: int | None = 0  # None: some of the part's rows went unchecked
+        self.part_truncated = 0
+        self.part_methods: dict[str, int] = {}
         self.pending_failed = 0  # error rows written after the last commit
+        self.pending_dropped = 0  # dropped rows written after the last commit
         self.run_started = time.perf_counter()
         self.seconds_before = state.seconds
 
@@ -662,7 +855,8 @@ class _Job:
     def _tmp_path(self) -> str:
         return os.path.join(self.out, "." + _part_name(len(self.state.parts)) + ".tmp")
 
-    def _write_rows(self, table: Any) -> None:
+    def _write_rows(self, table: Any, control: np.ndarray | None) -> None:
+        """Append `table` to the part in progress; `control` flags its rows with control-token text."""
         if table.num_rows == 0:
             return
         if self.writer is None:
@@ -672,6 +866,14 @@ class _Job:
         self.part_tokens += int(self.pc.sum(self.pc.list_value_length(table.column("input_ids"))).as_py() or 0)
         trained = self.pc.not_equal(self.pc.list_flatten(table.column("labels")), -100)
         self.part_trained += int(self.pc.sum(trained).as_py() or 0)
+        if control is None:
+            self.part_control = None
+        elif self.part_control is not None:
+            self.part_control += int(np.count_nonzero(control))
+        if self.policy is not None:
+            for method in table.column("span_method").to_pylist():
+                self.part_methods[method] = self.part_methods.get(method, 0) + 1
+            self.part_truncated += int(self.pc.sum(self.pc.greater(table.column("truncated"), 0)).as_py() or 0)
 
     def _write_errors(self, errors: Sequence[tuple[int, str, int]]) -> None:
         """Append (row, message, source index) lines in row order; flushed, fsynced only at a commit."""
@@ -685,10 +887,28 @@ class _Job:
         self.errors_file.flush()
         self.pending_failed += len(errors)
 
+    def _write_dropped(self, dropped: Sequence[tuple[int, int, str | None]]) -> None:
+        """Append (row, source index, id) lines to dropped.jsonl in row order, as `_write_errors` does."""
+        if not dropped:
+            return
+        assert self.dropped_file is not None, "only a policy drops rows"
+        names = self.inputs
+        lines = [
+            json.dumps({"row": row, "id": row_id, "reason": DROP_REASON, "source_file": names[src].name}) + "\n"
+            for row, src, row_id in dropped
+        ]
+        self.dropped_file.write("".join(lines).encode("utf-8"))
+        self.dropped_file.flush()
+        self.pending_dropped += len(dropped)
+
     def _commit(self, next_row: int) -> None:
-        """Errors fsynced, then the part renamed, then progress.json replaced (see the module docstring)."""
+        """Errors and dropped rows fsynced, then the part renamed, then progress.json replaced
+        (see the module docstring)."""
         self.errors_file.flush()
         os.fsync(self.errors_file.fileno())
+        if self.dropped_file is not None:
+            self.dropped_file.flush()
+            os.fsync(self.dropped_file.fileno())
         state = self.state
         if self.writer is not None:
             self.writer.close()
@@ -704,45 +924,74 @@ class _Job:
             state.rows_out += self.part_rows
             state.tokens += self.part_tokens
             state.trained_tokens += self.part_trained
+            if state.rows_with_control_tokens is not None:
+                state.rows_with_control_tokens = (
+                    None if self.part_control is None else state.rows_with_control_tokens + self.part_control
+                )
+            state.rows_truncated += self.part_truncated
+            for method, count in self.part_methods.items():
+                state.span_methods[method] = state.span_methods.get(method, 0) + count
         state.rows_failed += self.pending_failed
         state.errors_bytes = self.errors_file.tell()
+        if self.dropped_file is not None:
+            state.rows_dropped += self.pending_dropped
+            state.dropped_bytes = self.dropped_file.tell()
         state.next_row = next_row
         state.seconds = self.seconds_before + time.perf_counter() - self.run_started
-        self.part_rows = self.part_tokens = self.part_trained = self.pending_failed = 0
+        self.part_rows = self.part_tokens = self.part_trained = self.pending_failed = self.pending_dropped = 0
+        self.part_control, self.part_truncated, self.part_methods = 0, 0, {}
         write_json_atomic(os.path.join(self.out, PROGRESS), state.to_json())
 
     # -- batches --------------------------------------------------------------------------
 
-    def _tokenize(self, good: list[ParsedRow]) -> tuple[Any, list[tuple[int, str]]]:
-        """`tokenize_batch` on the good rows; if the batch call itself fails, row by row."""
+    def _call(self, rows: list[Any], finish: list[str | None] | str) -> Any:
+        if self.policy is not None:
+            return self.tok.tokenize_batch(rows, policy=self.policy, num_threads=self.opts.threads, on_error="skip")
+        return self.tok.tokenize_batch(
+            rows, mode=self.opts.mode, finish_reason=finish, num_threads=self.opts.threads, on_error="skip"
+        )
+
+    def _message(self, message: str) -> str:
+        # The policy's row shaping names the row by its index in the batch call: not the input row.
+        return _BATCH_ROW_PREFIX.sub("", message, count=1) if self.policy is not None else message
+
+    def _tokenize(self, good: list[ParsedRow]) -> tuple[Any, list[tuple[int, str]], list[int]]:
+        """`tokenize_batch` on the good rows: (batch, errors, dropped), indices into `good`; if the
+        batch call itself fails, row by row."""
         finish: list[str | None] | str = [r.finish_reason or "" for r in good] if self.opts.finish_reason_field else ""
         rows = [r.conversation for r in good]
-        kwargs = {"mode": self.opts.mode, "num_threads": self.opts.threads, "on_error": "skip"}
         try:
-            batch = self.tok.tokenize_batch(rows, finish_reason=finish, **kwargs)
-            return batch, list(batch.errors)
+            batch = self._call(rows, finish)
+            return batch, [(i, self._message(msg)) for i, msg in batch.errors], [int(i) for i in batch.dropped]
         except Exception:  # noqa: BLE001 - isolate the row that broke the batch; never lose the rest
             pass
-        tables, errors, kept = [], [], []
+        tables, errors, kept, dropped = [], [], [], []
         for i, row in enumerate(rows):
             try:
-                one = self.tok.tokenize_batch([row], finish_reason=finish if isinstance(finish, str) else [finish[i]], **kwargs)
+                one = self._call([row], finish if isinstance(finish, str) else [finish[i]])
             except Exception as e:  # noqa: BLE001
                 errors.append((i, f"{type(e).__name__}: {e}"))
                 continue
-            errors.extend((i, msg) for _, msg in one.errors)
+            errors.extend((i, self._message(msg)) for _, msg in one.errors)
+            if one.dropped:
+                dropped.append(i)
             if len(one):
                 tables.append(one)
                 kept.append(i)
-        return _merge_batches(tables, kept), errors
+        return _merge_batches(tables, kept, self.policy is not None), errors, dropped
 
     def process(self, batch_rows: list[RawRow]) -> None:
         opts = self.opts
-        parsed = [
-            parse_row(r.payload, opts.messages_field, opts.tools_field, opts.finish_reason_field)  # type: ignore[arg-type]
-            for r in batch_rows
-        ]
+        pa = self.pa
+        if self.policy is not None:
+            parsed = [parse_policy_row(r.payload, self.policy) for r in batch_rows]  # type: ignore[arg-type]
+        else:
+            parsed = [
+                parse_row(r.payload, opts.messages_field, opts.tools_field, opts.finish_reason_field)  # type: ignore[arg-type]
+                for r in batch_rows
+            ]
         errors: list[tuple[int, str, int]] = []
+        dropped: list[tuple[int, int, str | None]] = []
         good_idx = []
         for i, p in enumerate(parsed):
             if p.error is not None:
@@ -750,49 +999,72 @@ class _Job:
             else:
                 good_idx.append(i)
         table = None
+        control = None
         if good_idx:
-            batch, batch_errors = self._tokenize([parsed[i] for i in good_idx])
+            batch, batch_errors, batch_dropped = self._tokenize([parsed[i] for i in good_idx])
             for local, msg in batch_errors:
                 i = good_idx[local]
                 errors.append((batch_rows[i].row, msg, batch_rows[i].source))
+            for local in batch_dropped:
+                i = good_idx[local]
+                dropped.append((batch_rows[i].row, batch_rows[i].source, parsed[i].id))
             if len(batch):
                 idx = [good_idx[int(j)] for j in batch.rows]
                 arrow = batch.to_arrow()
-                table = self.pa.table(
-                    {
-                        "row": self.pa.array([batch_rows[i].row for i in idx], self.pa.int64()),
-                        "input_ids": arrow.column("input_ids"),
-                        "labels": arrow.column("labels"),
-                        "id": self.pa.array([parsed[i].id for i in idx], self.pa.string()),
-                        "source_file": self.pa.array([self.inputs[batch_rows[i].source].name for i in idx], self.pa.string()),
-                    }
-                ).cast(self.schema)
+                columns = {
+                    "row": pa.array([batch_rows[i].row for i in idx], pa.int64()),
+                    "input_ids": arrow.column("input_ids"),
+                    "labels": arrow.column("labels"),
+                }
+                if self.policy is not None:
+                    columns["message_index"] = pa.ListArray.from_arrays(
+                        pa.array(batch.offsets.astype(np.int32, copy=False)), pa.array(batch.message_index)
+                    )
+                    columns["span_method"] = pa.array(batch.span_methods, pa.string())
+                    columns["truncated"] = pa.array(np.asarray(batch.truncated)).cast(pa.int32())
+                columns["id"] = pa.array([parsed[i].id for i in idx], pa.string())
+                columns["source_file"] = pa.array([self.inputs[batch_rows[i].source].name for i in idx], pa.string())
+                table = pa.table(columns).cast(self.schema)
+                if batch.control_rows is not None:
+                    control = np.asarray(batch.control_rows, dtype=bool)
         errors.sort()
-        self._place(table, errors, batch_rows[-1].row + 1)
+        dropped.sort()
+        self._place(table, control, errors, dropped, batch_rows[-1].row + 1)
 
-    def _place(self, table: Any, errors: list[tuple[int, str, int]], batch_end: int) -> None:
+    def _place(
+        self,
+        table: Any,
+        control: np.ndarray | None,
+        errors: list[tuple[int, str, int]],
+        dropped: list[tuple[int, int, str | None]],
+        batch_end: int,
+    ) -> None:
         """Put a batch's rows into parts, committing each part as it fills (split mid-batch if needed)."""
         per_file = self.opts.rows_per_file
         while table is not None and table.num_rows > 0:
             need = per_file - self.part_rows
             if table.num_rows < need:
-                self._write_rows(table)
+                self._write_rows(table, control)
                 break
             head = table.slice(0, need)
             last = int(head.column("row")[need - 1].as_py())
-            self._write_rows(head)
+            self._write_rows(head, None if control is None else control[:need])
             self._write_errors([e for e in errors if e[0] <= last])
             errors = [e for e in errors if e[0] > last]
+            self._write_dropped([d for d in dropped if d[0] <= last])
+            dropped = [d for d in dropped if d[0] > last]
             self._commit(last + 1)
             table = table.slice(need)
+            control = None if control is None else control[need:]
         self._write_errors(errors)
+        self._write_dropped(dropped)
         if self.writer is None and batch_end > self.state.next_row:
             self._commit(batch_end)  # nothing in progress: make the batch's errors durable too
 
     def finish(self, rows_in: int) -> None:
-        if self.writer is not None or rows_in > self.state.next_row or self.pending_failed:
+        if self.writer is not None or rows_in > self.state.next_row or self.pending_failed or self.pending_dropped:
             self._commit(rows_in)
-        self.errors_file.close()
+        self._close_files()
 
     def abort(self) -> None:
         """Leave the directory as a kill would (resume reconciles it); just release the files."""
@@ -801,37 +1073,71 @@ class _Job:
                 self.writer.close()
             except Exception:  # noqa: BLE001
                 pass
+        self._close_files()
+
+    def _close_files(self) -> None:
         self.errors_file.close()
+        if self.dropped_file is not None:
+            self.dropped_file.close()
 
 
-def _merge_batches(batches: list[Any], kept: list[int]) -> Any:
+_BATCH_ROW_PREFIX = re.compile(r"^(?:row \d+: )+")
+
+
+def _merge_batches(batches: list[Any], kept: list[int], policy: bool = False) -> Any:
     """Single-row TokenizedBatches glued into one (only for the row-by-row fallback)."""
     from .batch import TokenizedBatch
 
-    if not batches:
-        empty = np.zeros(1, np.int64)
-        return TokenizedBatch(np.zeros(0, np.int32), np.zeros(0, np.int64), empty, empty.copy(), np.zeros(0, np.int64), [])
-    ids = np.concatenate([b.input_ids for b in batches])
-    labels = np.concatenate([b.labels for b in batches])
-    offsets = np.concatenate([[0], np.cumsum([len(b.input_ids) for b in batches])]).astype(np.int64)
-    loffsets = np.concatenate([[0], np.cumsum([len(b.labels) for b in batches])]).astype(np.int64)
-    return TokenizedBatch(ids, labels, offsets, loffsets, np.array(kept, np.int64), [])
+    def cat(name: str, dtype: Any) -> np.ndarray:
+        return np.concatenate([getattr(b, name) for b in batches]) if batches else np.zeros(0, dtype)
+
+    ids = cat("input_ids", np.int32)
+    labels = cat("labels", np.int64)
+    offsets = np.concatenate([[0], np.cumsum([len(b.input_ids) for b in batches], dtype=np.int64)]).astype(np.int64)
+    loffsets = np.concatenate([[0], np.cumsum([len(b.labels) for b in batches], dtype=np.int64)]).astype(np.int64)
+    control = cat("control_rows", bool) if all(b.control_rows is not None for b in batches) else None
+    extra: dict[str, Any] = {}
+    if policy:
+        extra = {
+            "message_index": cat("message_index", np.int32),
+            "span_methods": [m for b in batches for m in b.span_methods],
+            "straddling": cat("straddling", np.uint32),
+            "positions_derived": cat("positions_derived", bool),
+            "truncated": cat("truncated", np.uint32),
+        }
+    return TokenizedBatch(ids, labels, offsets, loffsets, np.array(kept, np.int64), [], control_rows=control, **extra)
+
+
+def _side_rows(outdir: str, name: str, rows_in: int) -> np.ndarray:
+    """The rows listed in errors.jsonl or dropped.jsonl (strictly increasing, within the input)."""
+    rows: list[int] = []
+    path = os.path.join(outdir, name)
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for line in f:
+                rows.append(int(json.loads(line)["row"]))
+    out = np.array(rows, dtype=np.int64)
+    if len(out) and not (np.all(np.diff(out) > 0) and out[0] >= 0 and out[-1] < rows_in):
+        raise AssertionError(f"{name} rows are not strictly increasing within the input")
+    return out
 
 
 def verify_output(outdir: str, rows_in: int, parts: Sequence[Mapping[str, Any]]) -> None:
-    """Check that every input row is in exactly one part or in errors.jsonl (streaming, sorted merge).
+    """Check that every input row is in exactly one part, in errors.jsonl or in dropped.jsonl
+    (streaming, sorted merge).
 
-    Parts hold increasing row numbers and errors.jsonl is in row order, so two strictly increasing
-    sequences that are disjoint and add up to `rows_in` in-range rows are exactly ``range(rows_in)``.
+    Parts hold increasing row numbers and errors.jsonl / dropped.jsonl are in row order, so
+    strictly increasing sequences that are disjoint and add up to `rows_in` in-range rows are
+    exactly ``range(rows_in)``.
     """
     _, pq = _pyarrow()
-    error_rows_list: list[int] = []
-    with open(os.path.join(outdir, ERRORS), "rb") as f:
-        for line in f:
-            error_rows_list.append(int(json.loads(line)["row"]))
-    error_rows = np.array(error_rows_list, dtype=np.int64)
-    if len(error_rows) and not (np.all(np.diff(error_rows) > 0) and error_rows[0] >= 0 and error_rows[-1] < rows_in):
-        raise AssertionError("errors.jsonl rows are not strictly increasing within the input")
+    error_rows = _side_rows(outdir, ERRORS, rows_in)
+    dropped_rows = _side_rows(outdir, DROPPED, rows_in)
+    if len(dropped_rows):
+        merged = np.sort(np.concatenate([error_rows, dropped_rows]))
+        if np.any(np.diff(merged) == 0):
+            raise AssertionError(f"a row is both in {ERRORS} and in {DROPPED}")
+        error_rows = merged
     previous = -1
     count = len(error_rows)
     for part in parts:
@@ -845,7 +1151,7 @@ def verify_output(outdir: str, rows_in: int, parts: Sequence[Mapping[str, Any]])
         lo, hi = np.searchsorted(error_rows, [rows[0], rows[-1] + 1])
         inside = error_rows[lo:hi]
         if len(inside) and np.any(rows[np.minimum(np.searchsorted(rows, inside), len(rows) - 1)] == inside):
-            raise AssertionError(f"{part['file']}: a row is both in the part and in errors.jsonl")
+            raise AssertionError(f"{part['file']}: a row is both in the part and in {ERRORS} or {DROPPED}")
         previous = int(rows[-1])
         count += len(rows)
     if count != rows_in:
@@ -854,8 +1160,8 @@ def verify_output(outdir: str, rows_in: int, parts: Sequence[Mapping[str, Any]])
 
 def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
     """The whole `chatmask tokenize` job; returns the manifest. Raises UsageError for bad usage."""
-    if opts.mode not in MODES:
-        raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+    opts = _resolve_options(opts)
+    policy = opts.policy
     if opts.rows_per_file < 1 or opts.batch_rows < 1:
         raise UsageError("--rows-per-file and --batch-rows must be positive")
     if opts.threads is not None and opts.threads < 1:
@@ -873,7 +1179,10 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
     job = _Job(opts, tokenizer, inputs, state)
     counter = _Counter(inputs)
     progress = _Progress(sys.stderr.isatty() and not opts.quiet, counter)
-    fields = _fields(opts.messages_field, opts.tools_field, opts.finish_reason_field)
+    if policy is not None:
+        fields = _policy_fields(policy)
+    else:
+        fields = _fields(opts.messages_field, opts.tools_field, opts.finish_reason_field)  # type: ignore[arg-type]
     rows_in = 0
     done_rows = 0
     done_tokens = 0
@@ -903,35 +1212,55 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
         raise
     progress.close()
     verify_output(opts.outdir, rows_in, state.parts)
-    assert rows_in == state.rows_out + state.rows_failed, (rows_in, state.rows_out, state.rows_failed)
+    rows_dropped = state.rows_dropped
+    assert rows_in == state.rows_out + state.rows_failed + rows_dropped, (
+        rows_in,
+        state.rows_out,
+        state.rows_failed,
+        rows_dropped,
+    )
     from . import __version__
 
+    sanitize = policy is not None and policy.sanitize_control_tokens
     manifest = {
         "complete": True,
         "rows_in": rows_in,
         "rows_out": state.rows_out,
         "rows_failed": state.rows_failed,
+        "rows_dropped": rows_dropped,
         "tokens": state.tokens,
         "trained_tokens": state.trained_tokens,
         "seconds": round(state.seconds, 3),
         "tokenizer": tokenizer.name,
         "tokenizer_sha256": tokenizer.sha256,
-        "mode": opts.mode,
+        "mode": None if policy is not None else opts.mode,
         "messages_field": opts.messages_field,
         "tools_field": opts.tools_field,
         "finish_reason_field": opts.finish_reason_field,
+        "policy": None if policy is None else policy.to_dict(),
+        "span_methods": None if policy is None else dict(sorted(state.span_methods.items())),
+        "rows_truncated": None if policy is None else state.rows_truncated,
+        "rows_with_control_tokens": state.rows_with_control_tokens,
+        "sanitize_control_tokens": sanitize,
         "chatmask_version": __version__,
         "inputs": [f.path for f in inputs],
         "parts": [{"file": p["file"], "rows": p["rows"]} for p in state.parts],
         "errors_file": ERRORS,
+        "dropped_file": None if policy is None else DROPPED,
     }
     write_json_atomic(os.path.join(opts.outdir, MANIFEST), manifest)
     os.remove(os.path.join(opts.outdir, PROGRESS))
     if not opts.quiet:
+        dropped = f", {rows_dropped:,} dropped ({DROPPED})" if policy is not None else ""
+        if state.rows_with_control_tokens is None:
+            control = "control tokens in inputs not checked (Jinja2 template path)"
+        else:
+            how = "encoded as text" if sanitize else "encoded as control tokens"
+            control = f"{state.rows_with_control_tokens:,} row(s) with control-token text ({how})"
         print(
             f"chatmask tokenize: {rows_in:,} rows in -> {state.rows_out:,} out in {len(state.parts)} part(s), "
-            f"{state.rows_failed:,} failed ({ERRORS}); {state.tokens:,} tokens ({state.trained_tokens:,} trained); "
-            f"{state.seconds:.2f} s -> {opts.outdir}",
+            f"{state.rows_failed:,} failed ({ERRORS}){dropped}; {state.tokens:,} tokens "
+            f"({state.trained_tokens:,} trained); {control}; {state.seconds:.2f} s -> {opts.outdir}",
             file=sys.stderr,
         )
     return manifest

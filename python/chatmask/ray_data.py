@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ._adapter import RowTokenizer, TokenizedColumns
+from .policy import MaskPolicy
 
 INT32_MAX = 2**31 - 1
 
@@ -49,12 +50,15 @@ class TokenizeBatch:
     `tokenizer` is a :class:`chatmask.ChatTokenizer` (pickled with the files or parts it was
     built from, so workers need no access to the original directory), a tokenizer directory
     path (loaded by each worker, so it must exist on every node), or a transformers fast
-    tokenizer. `mode`, `messages_field`, `tools_field`, `finish_reason_field` and template
-    keyword arguments are as in :func:`chatmask.datasets.map_fn`.
+    tokenizer. `mode`, `messages_field`, `tools_field`, `finish_reason_field`, `policy` and
+    template keyword arguments are as in :func:`chatmask.datasets.map_fn`.
 
     The output has one row per input row, in order: the `keep_columns` (default: every input
-    column except the messages and tools columns), then ``input_ids`` (``list<int32>``) and
-    ``labels`` (``list<int64>``, ``-100`` masked). ``on_error="raise"`` (default) fails the
+    column except the messages and tools columns, and the policy's ``field_system`` column),
+    then ``input_ids`` (``list<int32>``) and ``labels`` (``list<int64>``, ``-100`` masked); with
+    a `policy`, then ``message_index`` (``list<int32>``), ``span_method`` (string),
+    ``truncated`` (int32) and, under ``overflow="drop"``, ``dropped`` (bool; a dropped row has
+    empty lists). ``on_error="raise"`` (default) fails the
     batch on the first bad row, naming it by its position in the batch and its ``id``;
     ``on_error="mark"`` keeps the row with empty lists and its message in an ``error`` column
     (``""`` for rows that tokenized).
@@ -66,14 +70,15 @@ class TokenizeBatch:
     def __init__(
         self,
         tokenizer: Any,
-        mode: str = "last",
+        mode: str | None = None,
         *,
-        messages_field: str = "messages",
-        tools_field: str = "tools",
+        messages_field: str | None = None,
+        tools_field: str | None = None,
         finish_reason_field: str | None = None,
         on_error: str = "raise",
         num_threads: int | None = None,
         keep_columns: Sequence[str] | None = None,
+        policy: MaskPolicy | None = None,
         **template_kwargs: Any,
     ) -> None:
         if num_threads is None:
@@ -87,17 +92,26 @@ class TokenizeBatch:
             on_error=on_error,
             num_threads=num_threads,
             template_kwargs=template_kwargs,
+            policy=policy,
         )
         self.keep_columns = None if keep_columns is None else list(keep_columns)
 
     def _kept(self, names: Sequence[str]) -> list[str]:
         if self.keep_columns is None:
-            skip = {self.rows.messages_field, self.rows.tools_field, "input_ids", "labels", "error"}
+            skip = {self.rows.messages_field, self.rows.tools_field, self.rows.system_field, *self._outputs()}
             return [n for n in names if n not in skip]
         missing = [n for n in self.keep_columns if n not in names]
         if missing:
             raise KeyError(f"keep_columns {missing} are not in the batch (columns: {', '.join(names)})")
         return self.keep_columns
+
+    def _outputs(self) -> list[str]:
+        """The columns this adds (an input column of the same name is replaced)."""
+        return ["input_ids", "labels", *self.rows.policy_columns(), "error"]
+
+    def _wanted(self) -> list[str]:
+        rows = self.rows
+        return [n for n in (rows.messages_field, rows.tools_field, rows.system_field, rows.finish_reason_field, "id") if n]
 
     def __call__(self, batch: Any) -> Any:
         """A ``pyarrow.Table`` in, a ``pyarrow.Table`` out; a mapping of columns in, a dict out."""
@@ -116,27 +130,31 @@ class TokenizeBatch:
 
     def _table(self, table: Any, pa: Any) -> Any:
         names = list(table.column_names)
-        wanted = [self.rows.messages_field, self.rows.tools_field, self.rows.finish_reason_field, "id"]
         for n in (self.rows.messages_field, self.rows.finish_reason_field):
             if n is not None and n not in names:
                 raise KeyError(f"the batch has no column {n!r} (columns: {', '.join(names)})")
-        columns = {n: table.column(n).to_pylist() for n in dict.fromkeys(wanted) if n is not None and n in names}
+        columns = {n: table.column(n).to_pylist() for n in dict.fromkeys(self._wanted()) if n in names}
         types = {n: table.schema.field(n).type for n in columns}
         out = self.rows.tokenize(columns, types=types, decode_json=True)
         result = {n: table.column(n) for n in self._kept(names)}
         result["input_ids"] = _list_array(pa, out.offsets, out.input_ids)
         result["labels"] = _list_array(pa, out.label_offsets, out.labels)
+        if self.rows.policy is not None:
+            result["message_index"] = _list_array(pa, out.offsets, out.message_index)
+            result["span_method"] = pa.array(out.span_method, type=pa.string())
+            result["truncated"] = pa.array(out.truncated, type=pa.int32())
+            if self.rows.policy.overflow == "drop":
+                result["dropped"] = pa.array(out.dropped, type=pa.bool_())
         if self.rows.on_error == "mark":
             result["error"] = pa.array(out.errors, type=pa.string())
         return pa.table(result)
 
     def _mapping(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         names = list(batch)
-        wanted = [self.rows.messages_field, self.rows.tools_field, self.rows.finish_reason_field, "id"]
         columns = {
             n: (batch[n].tolist() if isinstance(batch[n], np.ndarray) else list(batch[n]))
-            for n in dict.fromkeys(wanted)
-            if n is not None and n in batch
+            for n in dict.fromkeys(self._wanted())
+            if n in batch
         }
         for n in (self.rows.messages_field, self.rows.finish_reason_field):
             if n is not None and n not in batch:
@@ -145,6 +163,12 @@ class TokenizeBatch:
         result: dict[str, Any] = {n: batch[n] for n in self._kept(names)}
         result["input_ids"] = out.id_rows()
         result["labels"] = out.label_rows()
+        if self.rows.policy is not None:
+            result["message_index"] = out.message_index_rows()
+            result["span_method"] = out.span_method
+            result["truncated"] = out.truncated
+            if self.rows.policy.overflow == "drop":
+                result["dropped"] = out.dropped
         if self.rows.on_error == "mark":
             result["error"] = out.errors
         return result
