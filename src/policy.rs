@@ -339,11 +339,19 @@ pub fn label(
     // (then `after_end_token`).
     let mut boundary = 0usize;
     let mut after_end_token = false;
+    // Each message's first and last segment, so a long conversation stays linear.
+    let mut first_seg = vec![usize::MAX; n_messages];
+    let mut last_seg = vec![0usize; n_messages];
     for (k, seg) in segs.iter().enumerate() {
-        let Some(region) = regions.get_mut(seg.message) else {
+        if seg.message >= n_messages {
             return Err(Error::Internal(format!("span of message {} beyond the conversation", seg.message)));
-        };
-        let first_of_message = !segs[..k].iter().any(|s| s.message == seg.message);
+        }
+        first_seg[seg.message] = first_seg[seg.message].min(k);
+        last_seg[seg.message] = k;
+    }
+    for (k, seg) in segs.iter().enumerate() {
+        let region = &mut regions[seg.message];
+        let first_of_message = first_seg[seg.message] == k;
         let mut start = seg.start;
         if let (true, Some((prompt, offsets))) = (first_of_message, &char_bytes) {
             // The message's own output starts where the generation prompt before it ends. An
@@ -371,8 +379,7 @@ pub fn label(
         if seg.end > boundary {
             (boundary, after_end_token) = (seg.end, false);
         }
-        let last_of_message = !segs[k + 1..].iter().any(|s| s.message == seg.message);
-        if !last_of_message {
+        if last_seg[seg.message] != k {
             continue;
         }
         // The end token: the first end-of-turn token after the message's last field, before
@@ -404,11 +411,15 @@ pub fn label(
     match policy.source {
         SpanSource::Generation => trained_ranges.extend_from_slice(row.generation),
         SpanSource::Messages => {
+            let mut spans_of: Vec<Vec<&FieldSpan>> = vec![Vec::new(); n_messages];
+            for span in row.spans {
+                spans_of[span.message].push(span);
+            }
             for (m, info) in row.messages.iter().enumerate() {
                 if !info.trained(policy) {
                     continue;
                 }
-                let own = |kind: FieldKind| row.spans.iter().filter(move |s| s.message == m && s.kind == kind);
+                let own = |kind: FieldKind| spans_of[m].iter().copied().filter(move |s| s.kind == kind);
                 if let Some(detail) = &info.detail {
                     let Some(origin) = row.content_origin.get(m).copied().flatten() else {
                         return Err(Error::InvalidInput(format!(
@@ -431,7 +442,7 @@ pub fn label(
                     // Reasoning runs to the next non-reasoning field of the message (so its
                     // closing `</think>` goes with it), or to its own end.
                     let mut others: Vec<usize> =
-                        row.spans.iter().filter(|s| s.message == m && s.kind != FieldKind::Reasoning).map(|s| s.start).collect();
+                        spans_of[m].iter().filter(|s| s.kind != FieldKind::Reasoning).map(|s| s.start).collect();
                     others.sort_unstable();
                     // Reasoning that opens the message takes the template text before it
                     // (`<think>`) along.

@@ -10,6 +10,7 @@ import argparse
 import collections
 import json
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def check_row(tok: ChatTokenizer, messages: list, tally: SpanTally, where: str, 
        belongs to an assistant message;
     4. trained tokens outside every field lie between the neighbouring messages' fields and
        are tallied by where they sit (the text the model writes around its fields);
-    5. token positions agree with the tokenizer's own offsets.
+    5. token positions agree with the tokenizer's own offsets, and come from the tokens' own
+       bytes except where a normalizer changed the text.
     """
     try:
         out = tok.tokenize(messages, **kwargs)
@@ -77,6 +79,10 @@ def check_row(tok: ChatTokenizer, messages: list, tally: SpanTally, where: str, 
     tally.tokens += len(ids)
     tally.methods[method] += 1
     tally.positions_from_offsets += not derived
+    if not derived and unicodedata.normalize("NFC", text) == text:
+        # Only a normalizer that changes the text (Qwen's NFC on non-NFC input) should stop the
+        # tokens' own bytes from spelling it.
+        problems.append(f"{where}: token positions not derived from the tokens on NFC text")
     if [tuple(p) for p in positions] != [tuple(o) for o in offsets]:
         problems.append(f"{where}: token positions differ from the tokenizer's offsets")
     roles = [m.get("role") for m in messages]
