@@ -34,8 +34,8 @@ pub struct TemplateSources {
 pub struct TemplateArgs {
     pub template: Arc<ChatTemplate>,
     pub base: Vec<(String, Value)>,
-    /// [`ChatTokenizer::generation_prompt`] for these arguments, found once.
-    generation_prompt: std::sync::OnceLock<Option<String>>,
+    /// [`ChatTokenizer::generation_prompt`] for these arguments and its special tokens, found once.
+    generation_prompt: std::sync::OnceLock<Option<(String, Vec<u32>)>>,
 }
 
 pub struct ChatTokenizer {
@@ -481,8 +481,16 @@ impl ChatTokenizer {
 
     /// What `add_generation_prompt=True` appends after a one-message conversation, when the
     /// template renders that conversation as a prefix of the one with the prompt.
-    pub fn generation_prompt(&self, args: &TemplateArgs) -> Option<String> {
-        args.generation_prompt.get_or_init(|| self.probe_generation_prompt(args)).clone()
+    pub fn generation_prompt<'a>(&self, args: &'a TemplateArgs) -> Option<&'a (String, Vec<u32>)> {
+        args.generation_prompt
+            .get_or_init(|| {
+                let prompt = self.probe_generation_prompt(args)?;
+                // Its special tokens (`<|im_start|>`, `<|start_header_id|>`) open turns.
+                let mut ids = self.encoder.encode(&prompt).ok()?;
+                ids.retain(|&id| self.encoder.is_special_added(id));
+                Some((prompt, ids))
+            })
+            .as_ref()
     }
 
     fn probe_generation_prompt(&self, args: &TemplateArgs) -> Option<String> {
@@ -529,10 +537,11 @@ impl ChatTokenizer {
         } else {
             self.encoder.encode_with_positions(&located.text)?
         };
-        let generation_prompt = if policy.train_turn_prefix { self.generation_prompt(args) } else { None };
+        let generation_prompt = self.generation_prompt(args);
         let row = SpanRow {
             text: &located.text,
-            generation_prompt: generation_prompt.as_deref(),
+            generation_prompt: generation_prompt.map(|(text, _)| text.as_str()),
+            opener_ids: generation_prompt.map_or(&[], |(_, ids)| ids.as_slice()),
             ids: &ids,
             positions: &positions,
             spans: &located.spans,

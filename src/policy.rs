@@ -294,8 +294,10 @@ fn segments(spans: &[FieldSpan]) -> Vec<Segment> {
 pub struct SpanRow<'a> {
     /// The plain render.
     pub text: &'a str,
-    /// What `add_generation_prompt=True` appends (see [`SpanRow::turn_prefix`]), if known.
+    /// What `add_generation_prompt=True` appends after a one-message conversation, if known.
     pub generation_prompt: Option<&'a str>,
+    /// The special tokens of the generation prompt: they open turns, never end them.
+    pub opener_ids: &'a [u32],
     pub ids: &'a [u32],
     pub positions: &'a [(usize, usize)],
     pub spans: &'a [FieldSpan],
@@ -332,7 +334,9 @@ pub fn label(
     let mut end_token: Vec<Option<usize>> = vec![None; n_messages];
     let is_end = |id: u32| match &policy.eot_tokens {
         Some(list) => list.contains(&id) || Some(id) == eos,
-        None => is_special(id),
+        // A special token the generation prompt holds opens turns (`<|im_start|>`), even
+        // where a template leaves a turn unclosed (SmolLM3's system block).
+        None => is_special(id) && !row.opener_ids.contains(&id),
     };
     let char_bytes = row.generation_prompt.filter(|_| policy.train_turn_prefix).map(|g| (g, char_byte_offsets(row.text)));
     // Where the text after the previous message ends: its last segment, or its end token
@@ -351,18 +355,23 @@ pub fn label(
     }
     for (k, seg) in segs.iter().enumerate() {
         let region = &mut regions[seg.message];
-        let first_of_message = first_seg[seg.message] == k;
         let mut start = seg.start;
-        if let (true, Some((prompt, offsets))) = (first_of_message, &char_bytes) {
-            // The message's own output starts where the generation prompt before it ends. An
-            // empty prompt (Mistral's) opens an assistant turn right after the previous end token.
+        if let (true, Some((prompt, offsets))) = (first_seg[seg.message] == k, &char_bytes) {
+            // The message's own output starts where the generation prompt before it ends, and
+            // holds no turn header (after an empty turn, the gap holds that turn's scaffolding).
             let from = boundary.min(seg.start);
             let gap = &row.text[offsets[from]..offsets[seg.start]];
             let prefix_start = if prompt.is_empty() {
+                // An empty prompt (Mistral's) opens an assistant turn right after the previous
+                // message's end token, when no empty message lies in between.
+                let follows_previous = k.checked_sub(1).map_or(seg.message == 0, |prev| segs[prev].message + 1 == seg.message);
                 let assistant = row.messages.get(seg.message).and_then(|m| m.role.as_deref()) == Some("assistant");
-                (assistant && after_end_token).then_some(from)
+                (assistant && after_end_token && follows_previous).then_some(from)
             } else {
-                gap.rfind(prompt).map(|at| from + gap[..at + prompt.len()].chars().count())
+                gap.rfind(prompt).map(|at| from + gap[..at + prompt.len()].chars().count()).filter(|&p| {
+                    let tokens = token_ending_after(p)..token_starting_at(seg.start);
+                    !ids[tokens].iter().any(|id| row.opener_ids.contains(id))
+                })
             };
             if let Some(prefix_start) = prefix_start.filter(|&p| p < seg.start) {
                 start = prefix_start;
@@ -496,17 +505,13 @@ pub fn fit_length(out: &mut Tokenized, policy: &Policy) -> Result<bool> {
     if len <= max {
         return Ok(true);
     }
-    let too_long = |why: String| match policy.overflow {
-        Overflow::Drop => Ok(false),
-        _ => Err(Error::TooLong(why)),
-    };
     let keep = match policy.overflow {
         Overflow::Error => return Err(Error::TooLong(format!("{len} tokens, max_length is {max}"))),
         Overflow::Drop => return Ok(false),
         Overflow::TruncateRight => 0..max,
         Overflow::TruncateLeft => {
             let Some(last) = out.labels.iter().rposition(|&l| l != IGNORE) else {
-                return too_long(format!("{len} tokens, max_length {max}, and no trained token to keep"));
+                return Err(Error::TooLong(format!("{len} tokens, max_length {max}, and no trained token to keep")));
             };
             // The last trained message: its first trained token.
             let message = out.message_index[last];
@@ -518,10 +523,10 @@ pub fn fit_length(out: &mut Tokenized, policy: &Policy) -> Result<bool> {
             // Untrained tokens after the target go first, then context from the left.
             let end = if len - first <= max { len } else { last + 1 };
             if end - first > max {
-                return too_long(format!(
+                return Err(Error::TooLong(format!(
                     "the last trained span alone is {} tokens, max_length is {max}",
                     end - first
-                ));
+                )));
             }
             end - max..end
         }
@@ -567,6 +572,7 @@ mod tests {
         let row = SpanRow {
             text,
             generation_prompt: Some("A: "),
+            opener_ids: &[],
             ids: &ids,
             positions: &pos,
             spans: &spans,

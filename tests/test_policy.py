@@ -344,3 +344,47 @@ def test_axolotl_end_of_turn_window(tok):
     assert trained.endswith("slowly. -- end of answer, thank you<|im_end|>")
     theirs = decoded_trained(tok, ids, axolotl_labels(tok, messages, chat_template=template))
     assert not theirs.endswith("<|im_end|>")
+
+
+# --- found while documenting: each was wrong before ------------------------------------------
+
+
+def test_empty_message_scaffolding_goes_to_nobody(tok):
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"},
+    ]
+    out = tok.tokenize(messages, MaskPolicy(train_on_inputs=True))
+    assert trained_text(tok, out) == ["a<|im_end|>", "b<|im_end|>", "c<|im_end|>"]
+    index = out["message_index"]
+    assert tok._core.decode(out["input_ids"][index == 2].tolist(), False) == "b<|im_end|>"
+
+
+def test_turn_openers_are_not_end_tokens(tok):
+    # A system block left unclosed: the first special token after it opens the user turn.
+    template = tok._core.template_source().replace(
+        "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}",
+        "{{- '<|im_start|>system\\n' + messages[0].content + '\\n' }}",
+    )
+    assert template != tok._core.template_source()
+    messages = [{"role": "system", "content": "S"}] + DEMO["demo-1"]["messages"]
+    out = tok.tokenize(messages, MaskPolicy(train_on_eos="all", train_on_inputs=True), chat_template=template)
+    im_start = tok.encode("<|im_start|>")[0]
+    trained = out["input_ids"][out["labels"] != -100].tolist()
+    assert im_start not in trained and trained_text(tok, out)[0] == "S"
+
+
+def test_field_system_only_when_there_is_none(tok):
+    messages = [{"role": "system", "content": "Mine."}] + DEMO["demo-1"]["messages"]
+    shaped, _ = MaskPolicy(field_system="sys").shape({"messages": messages, "sys": "Other."})
+    assert [m["content"] for m in shaped if m["role"] == "system"] == ["Mine."]
+
+
+def test_roles_to_train_and_eot_default_as_axolotl(tok):
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    out = tok.tokenize(row, MaskPolicy(field_messages="conversations", roles_to_train=["gpt"]))
+    assert trained_text(tok, out) == ["yo<|im_end|>"]
+    assert MaskPolicy(train_on_eos="none").train_on_eot == "none"
+    assert MaskPolicy(train_on_eos="all", train_on_eot="turn").train_on_eot == "turn"

@@ -38,15 +38,18 @@ class MaskPolicy:
     axolotl has one; see the README table.
 
     Labelling:
-        roles_to_train: roles whose messages are trained.
+        roles_to_train: roles whose messages are trained (dataset names like ``gpt`` map
+            through `roles`).
         train_on_inputs: train every message, whatever its role.
         train_on_eot / train_on_eos: ``"none"``, ``"turn"`` (the end token of each trained
             message), ``"all"`` (of every message) or ``"last"`` (only the last one). A
             message's end token is the first end-of-turn token after its last field and before
             the next message, found on the spans. `train_on_eos` rules tokens equal to the
-            tokenizer's eos token, `train_on_eot` the others.
+            tokenizer's eos token, `train_on_eot` the others; `train_on_eot=None` (the
+            default) takes `train_on_eos`'s value, as axolotl does.
         eot_tokens: end-of-turn token strings; ``None`` takes the first special added token
-            after each message (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ``[/INST]``).
+            after each message (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ``[/INST]``) that is
+            not part of the generation prompt (``<|im_start|>`` opens turns, never ends one).
         train_reasoning: train a message's reasoning (``reasoning_content``/``thinking``) and
             the template text up to its next field (``</think>``).
         train_turn_prefix: give a message the template text between the generation prompt
@@ -66,14 +69,15 @@ class MaskPolicy:
 
     Length:
         max_length: tokens per row; ``None`` for no limit.
-        overflow: ``"error"`` (raise :class:`chatmask.SequenceTooLongError`), ``"drop"``,
-            ``"truncate_right"``, or ``"truncate_left"`` (keep the last trained message whole,
-            cut context from the left; a target longer than `max_length` alone is an error, or
-            dropped under ``"drop"``, never cut).
+        overflow: ``"error"`` (raise :class:`chatmask.SequenceTooLongError`), ``"drop"`` (the
+            row is left out and listed), ``"truncate_right"``, or ``"truncate_left"`` (keep the
+            last trained message whole, cut context from the left; a target longer than
+            `max_length` on its own raises, it is never cut).
 
     Dataset shape (applied in Python before labelling):
         field_messages: the row key holding the messages (rows may also be plain lists).
-        field_system: a row key holding a system prompt to put first, if any.
+        field_system: a row key holding a system prompt to put first when the messages do not
+            start with one.
         field_tools: the row key holding the row's tools, passed to the template.
         roles: template role -> the dataset role names mapped to it (ShareGPT's ``human`` and
             ``gpt`` included by default).
@@ -87,7 +91,7 @@ class MaskPolicy:
 
     roles_to_train: Sequence[str] = ("assistant",)
     train_on_inputs: bool = False
-    train_on_eot: EndTokens = "turn"
+    train_on_eot: EndTokens | None = None
     train_on_eos: EndTokens = "turn"
     eot_tokens: Sequence[str] | None = None
     train_reasoning: bool = True
@@ -109,6 +113,8 @@ class MaskPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.roles_to_train, str):
             raise TypeError("roles_to_train must be a list of role names, not a str")
+        if self.train_on_eot is None:
+            object.__setattr__(self, "train_on_eot", self.train_on_eos)  # axolotl's fallback
         for name in ("train_on_eot", "train_on_eos"):
             if getattr(self, name) not in _END_TOKENS:
                 raise ValueError(f"{name} must be one of {_END_TOKENS}, not {getattr(self, name)!r}")
@@ -145,7 +151,8 @@ class MaskPolicy:
     def to_core(self) -> dict[str, Any]:
         """The labelling half, as the Rust core takes it."""
         return {
-            "roles_to_train": list(self.roles_to_train),
+            # Dataset role names map to template roles, as messages' roles do (axolotl too).
+            "roles_to_train": [self._role_lookup().get(r, r) for r in self.roles_to_train],
             "train_on_inputs": self.train_on_inputs,
             "train_on_eot": self.train_on_eot,
             "train_on_eos": self.train_on_eos,
@@ -187,8 +194,8 @@ class MaskPolicy:
             raise TypeError(f"{where}messages must be a list of message dicts, not {type(raw).__name__}")
         lookup = self._role_lookup()
         messages = [self._message(m, lookup, where, i) for i, m in enumerate(raw)]
-        if system:
-            messages.insert(0, {"role": "system", "content": system})
+        if system and not (messages and messages[0].get("role") == "system"):
+            messages.insert(0, {"role": "system", "content": system})  # as axolotl: only if none
         if self.drop_system_message and messages and messages[0].get("role") == "system":
             messages = messages[1:]
         return messages, tools
