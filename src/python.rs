@@ -221,6 +221,18 @@ impl PyChatTokenizer {
         let values = kwargs_to_values(kwargs).map_err(core_err(py))?;
         self.inner.template_args(chat_template, values).map_err(core_err(py))
     }
+
+    /// A call's conversation and template arguments, converted with the GIL held.
+    fn prepare(
+        &self,
+        py: Python<'_>,
+        conversation: &Bound<'_, PyAny>,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<(Conversation, TemplateArgs)> {
+        let conv = to_conversation(conversation).map_err(core_err(py))?;
+        Ok((conv, self.args(py, chat_template, kwargs)?))
+    }
 }
 
 impl PyChatTokenizer {
@@ -371,8 +383,7 @@ impl PyChatTokenizer {
         chat_template: Option<&str>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
-        let conv = to_conversation(conversation).map_err(core_err(py))?;
-        let args = self.args(py, chat_template, kwargs)?;
+        let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
         run(py, || inner.render(&conv, conv.len(), add_generation_prompt, &args))
     }
@@ -387,8 +398,7 @@ impl PyChatTokenizer {
         chat_template: Option<&str>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
-        let conv = to_conversation(conversation).map_err(core_err(py))?;
-        let args = self.args(py, chat_template, kwargs)?;
+        let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
         let (ids, mask) = run(py, || inner.assistant_mask(&conv, add_generation_prompt, &args))?;
         Ok((ids_list(py, &ids)?, PyList::new(py, &mask)?))
@@ -404,8 +414,7 @@ impl PyChatTokenizer {
         chat_template: Option<&str>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<(String, Vec<(usize, usize)>)> {
-        let conv = to_conversation(conversation).map_err(core_err(py))?;
-        let args = self.args(py, chat_template, kwargs)?;
+        let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
         run(py, || inner.render_with_spans(&conv, conv.len(), add_generation_prompt, &args))
     }
@@ -489,8 +498,7 @@ impl PyChatTokenizer {
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
         let mode = Mode::parse(mode).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let conv = to_conversation(conversation).map_err(core_err(py))?;
-        let args = self.args(py, chat_template, kwargs)?;
+        let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let finish_length = finish_reason == "length";
         let inner = &self.inner;
         let out = run(py, || inner.label(&conv, mode, finish_length, &args))?;
@@ -511,8 +519,7 @@ impl PyChatTokenizer {
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
         let policy = self.policy(policy)?;
-        let conv = to_conversation(conversation).map_err(core_err(py))?;
-        let args = self.args(py, chat_template, kwargs)?;
+        let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
         let Some((out, method)) = run(py, || inner.tokenize(&conv, &policy, add_generation_prompt, &args))? else {
             return Ok(None);
@@ -539,8 +546,7 @@ impl PyChatTokenizer {
         chat_template: Option<&str>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let conv = to_conversation(conversation).map_err(core_err(py))?;
-        let args = self.args(py, chat_template, kwargs)?;
+        let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
         let ids = run(py, || inner.encode_sanitized(&conv, add_generation_prompt, &args))?;
         ids_list(py, &ids)
@@ -566,8 +572,7 @@ impl PyChatTokenizer {
         chat_template: Option<&str>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<(String, Vec<(usize, &'static str, usize, usize)>, &'static str)> {
-        let conv = to_conversation(conversation).map_err(core_err(py))?;
-        let args = self.args(py, chat_template, kwargs)?;
+        let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
         let located = run(py, || inner.message_spans(&conv, add_generation_prompt, &args))?;
         let spans = located

@@ -140,6 +140,19 @@ class TokenizedColumns:
         labels, off = self.labels, self.label_offsets.tolist()
         return [labels[off[i] : off[i + 1]] for i in range(len(self))]
 
+    def output_columns(self, policy: Any, on_error: str) -> dict[str, Any]:
+        """The columns both adapters add: ids and labels, the policy's, and ``error`` when marked."""
+        result: dict[str, Any] = {"input_ids": self.id_rows(), "labels": self.label_rows()}
+        if policy is not None:
+            result["message_index"] = self.message_index_rows()
+            result["span_method"] = self.span_method
+            result["truncated"] = self.truncated
+            if policy.overflow == "drop":
+                result["dropped"] = self.dropped
+        if on_error == "mark":
+            result["error"] = self.errors
+        return result
+
 
 _ROW_PREFIX = re.compile(r"^row (\d+): (?:row \d+: )*")  # tokenize_batch(policy) may name the row twice
 

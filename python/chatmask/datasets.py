@@ -42,16 +42,7 @@ class MapFn:
                 raise TypeError("chatmask.datasets.map_fn needs ds.map(..., batched=True)")
             indices = list(indices)
         out = self.rows.tokenize(batch, indices=indices, types=_arrow_types(batch))
-        result: dict[str, Any] = {"input_ids": out.id_rows(), "labels": out.label_rows()}
-        if self.rows.policy is not None:
-            result["message_index"] = out.message_index_rows()
-            result["span_method"] = out.span_method
-            result["truncated"] = out.truncated
-            if self.rows.policy.overflow == "drop":
-                result["dropped"] = out.dropped
-        if self.rows.on_error == "mark":
-            result["error"] = out.errors
-        return result
+        return out.output_columns(self.rows.policy, self.rows.on_error)
 
     def __repr__(self) -> str:
         r = self.rows

@@ -161,16 +161,7 @@ class TokenizeBatch:
                 raise KeyError(f"the batch has no column {n!r} (columns: {', '.join(map(str, names))})")
         out: TokenizedColumns = self.rows.tokenize(columns)
         result: dict[str, Any] = {n: batch[n] for n in self._kept(names)}
-        result["input_ids"] = out.id_rows()
-        result["labels"] = out.label_rows()
-        if self.rows.policy is not None:
-            result["message_index"] = out.message_index_rows()
-            result["span_method"] = out.span_method
-            result["truncated"] = out.truncated
-            if self.rows.policy.overflow == "drop":
-                result["dropped"] = out.dropped
-        if self.rows.on_error == "mark":
-            result["error"] = out.errors
+        result.update(out.output_columns(self.rows.policy, self.rows.on_error))
         return result
 
 
