@@ -5,7 +5,9 @@ file), it times:
 
 * the reference (atropos' code on transformers 5, through ../shared/reference/oracle.py);
 * the chatmask drop-in called in a loop (one thread);
-* `ChatTokenizer.tokenize_batch` with 1 thread and with all threads;
+* `ChatTokenizer.tokenize_batch` with 1 thread and with all threads (the fast engine, and the
+  same core forced onto the `tokenizers` crate for comparison);
+* the drop-in and the reference on a 2-message chat (the per-call overhead);
 * the floor: Python `tokenizers` `encode_batch(texts, add_special_tokens=False)` of the same
   conversations, pre-rendered (rendering not timed), sequential and parallel.
 
@@ -75,6 +77,7 @@ def bench_tokenizer(name, per_file, repeats, threads):
     ref = _parity.oracle()
     tok = ref.load_tokenizer(name)
     core = chatmask.ChatTokenizer.from_transformers(tok)
+    slow_core = chatmask.ChatTokenizer.from_transformers(tok, encoder="tokenizers")
     rows = build_mix(tok, per_file)
     chats = [r["messages"] for r in rows]
     texts = [tok.apply_chat_template(r["messages"], tokenize=False, **kwargs_of(r)) for r in rows]
@@ -90,8 +93,18 @@ def bench_tokenizer(name, per_file, repeats, threads):
         for r in rows:
             chatmask.tokenize_for_trainer(tok, r["messages"], train_on_all_assistant_turns=mode == "all", **kwargs_of(r))
 
-    def batch(mode, n):
-        core.tokenize_batch(rows, mode=mode, num_threads=n, date_string=DATE)
+    def batch(mode, n, on=core):
+        on.tokenize_batch(rows, mode=mode, num_threads=n, date_string=DATE)
+
+    small = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]
+
+    def small_chat(fn):
+        for _ in range(200):
+            fn()
+
+    def small_reference():
+        with contextlib.redirect_stdout(io.StringIO()):
+            small_chat(lambda: ref.reference(tok, small, "last", date_string=DATE))
 
     policy = chatmask.MaskPolicy()
 
@@ -114,6 +127,9 @@ def bench_tokenizer(name, per_file, repeats, threads):
         "batchN_all": lambda: batch("all", threads),
         "policy1": lambda: span_policy(1),
         "policyN": lambda: span_policy(threads),
+        "slowbatch1_last": lambda: batch("last", 1, slow_core),
+        "small_ref": small_reference,
+        "small_dropin": lambda: small_chat(lambda: chatmask.tokenize_for_trainer(tok, small, date_string=DATE)),
         "floor1": lambda: floor(False),
         "floorN": lambda: floor(True),
     }
@@ -126,7 +142,20 @@ def bench_tokenizer(name, per_file, repeats, threads):
             samples[k].append(time.perf_counter() - t0)
     t = {k: statistics.median(v) for k, v in samples.items()}
     os.environ.pop("TOKENIZERS_PARALLELISM", None)
-    return {"name": name, "conversations": len(rows), "tokens": n_tokens, "seconds": t, "chats": len(chats)}
+    # The engine starts no threads of its own: with one thread, CPU time equals wall time.
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    batch("last", 1)
+    cpu_over_wall = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    return {
+        "name": name,
+        "conversations": len(rows),
+        "tokens": n_tokens,
+        "seconds": t,
+        "chats": len(chats),
+        "encoder": core.encoder_backend,
+        "check_seconds": core._core.encoder_check_seconds,
+        "cpu_over_wall_1t": cpu_over_wall,
+    }
 
 
 RATIOS = {
@@ -135,6 +164,9 @@ RATIOS = {
     "batch all cores / floor all cores, last-turn": ("floorN", "batchN_last"),
     "batch all cores / floor all cores, all-turns": ("floorN", "batchN_all"),
     "batch 1 thread / floor 1 thread, last-turn": ("floor1", "batch1_last"),
+    "batch 1 thread (tokenizers engine) / floor 1 thread, last-turn": ("floor1", "slowbatch1_last"),
+    "drop-in / reference, 2-message chat": ("small_ref", "small_dropin"),
+    "MaskPolicy batch 1 thread / floor 1 thread": ("floor1", "policy1"),
     "batch all cores / batch 1 thread, last-turn": ("batch1_last", "batchN_last"),
     "batch all cores / batch 1 thread, all-turns": ("batch1_all", "batchN_all"),
     "MaskPolicy batch 1 thread / reference all-turns": ("ref_all", "policy1"),
@@ -166,7 +198,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 b = core.tokenize_batch(rows, mode="all", on_error="skip", date_string="26 Jul 2024")
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out = sum(a.nbytes for a in (b.input_ids, b.labels, b.offsets, b.label_offsets, b.rows))
-print(json.dumps({{"rows": {n_rows}, "growth": after - before, "returned": out}}))
+print(json.dumps({{"rows": {n_rows}, "growth": after - before, "returned": out, "encoder": core.encoder_backend}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -211,9 +243,18 @@ def table(results, threads, memory):
     lines += ["", "| ratio (geometric mean over the tokenizers) | value |", "|---|---:|"]
     for label, (slow, fast) in RATIOS.items():
         lines.append(f"| {label} | {geomean([speedup(r, slow, fast) for r in results]):.2f}x |")
+    lines.append("")
+    lines.append(
+        "Encoder per tokenizer (self-check load cost; CPU/wall of a 1-thread batch): "
+        + "; ".join(
+            f"{r['name']} {r['encoder']} ({r['check_seconds'] * 1000:.0f} ms; {r['cpu_over_wall_1t']:.2f})" for r in results
+        )
+        + "."
+    )
     if memory:
         lines.append(
             f"| peak-RSS growth of tokenize_batch over {memory['rows']:,} conversations / bytes returned "
+            f"({memory['encoder']} engine) "
             f"| {memory['growth'] / memory['returned']:.2f}x |"
         )
     return "\n".join(lines)

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use minijinja::value::Value;
 
 use crate::chat::Conversation;
-use crate::encode::Encoder;
+use crate::encode::{Encoder, EncoderChoice};
 use crate::error::{Error, Result};
 use crate::label::{self, Labeled, Mode};
 use crate::sanitize::{encode_marked, ControlTokens};
@@ -77,8 +77,13 @@ fn token_text(v: &serde_json::Value) -> Option<String> {
 }
 
 impl ChatTokenizer {
-    pub fn new(tokenizer_json: &str, sources: TemplateSources, special_tokens: Vec<(String, String)>) -> Result<Self> {
-        let encoder = Encoder::from_json(tokenizer_json)?;
+    pub fn new(
+        tokenizer_json: &str,
+        sources: TemplateSources,
+        special_tokens: Vec<(String, String)>,
+        encoder: EncoderChoice,
+    ) -> Result<Self> {
+        let encoder = Encoder::from_json(tokenizer_json, encoder)?;
         let eos_token_id = special_tokens
             .iter()
             .find(|(k, _)| k == "eos_token")
@@ -110,7 +115,7 @@ impl ChatTokenizer {
     /// and `additional_chat_templates/*.jinja` win over `chat_template` in
     /// `tokenizer_config.json`; special tokens come from the config, then
     /// `special_tokens_map.json`.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
+    pub fn from_dir(dir: &Path, encoder: EncoderChoice) -> Result<Self> {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path)
             .map_err(|e| Error::Config(format!("{}: {e}", tokenizer_path.display())))?;
@@ -165,7 +170,7 @@ impl ChatTokenizer {
                 special_tokens.push((name.to_string(), v));
             }
         }
-        let mut tok = Self::new(&tokenizer_json, sources, special_tokens)?;
+        let mut tok = Self::new(&tokenizer_json, sources, special_tokens, encoder)?;
         tok.chat_control_tokens = match config.get("chat_control_tokens") {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::Array(items)) => Some(

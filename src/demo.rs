@@ -74,5 +74,6 @@ pub fn tokenizer_json(kind: DemoKind) -> Result<String> {
 /// The demo tokenizer wrapped as a [`crate::core::ChatTokenizer`] with the demo template.
 pub fn chat_tokenizer(kind: DemoKind) -> Result<crate::core::ChatTokenizer> {
     let sources = crate::core::TemplateSources { default: Some(CHAT_TEMPLATE.to_string()), named: Vec::new() };
-    crate::core::ChatTokenizer::new(&tokenizer_json(kind)?, sources, vec![("eos_token".into(), EOS_TOKEN.into())])
+    let specials = vec![("eos_token".into(), EOS_TOKEN.into())];
+    crate::core::ChatTokenizer::new(&tokenizer_json(kind)?, sources, specials, crate::encode::EncoderChoice::Auto)
 }

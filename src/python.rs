@@ -18,6 +18,7 @@ use crate::batch::{self, OnError};
 use crate::chat::Conversation;
 use crate::core::{ChatTokenizer, TemplateArgs, TemplateSources};
 use crate::demo;
+use crate::encode::EncoderChoice;
 use crate::error::{catch_panic, Error};
 use crate::label::Mode;
 use crate::policy::{EndTokens, Overflow, Policy, SpanSource};
@@ -288,25 +289,34 @@ impl PyChatTokenizer {
     }
 }
 
+fn encoder_choice(name: &str) -> PyResult<EncoderChoice> {
+    EncoderChoice::parse(name)
+        .ok_or_else(|| PyValueError::new_err(format!("encoder must be 'auto', 'fast' or 'tokenizers', not {name:?}")))
+}
+
 #[pymethods]
 impl PyChatTokenizer {
     /// Loads a local tokenizer directory (tokenizer.json, tokenizer_config.json, chat_template.jinja).
     #[staticmethod]
-    fn from_pretrained(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = run(py, || ChatTokenizer::from_dir(&path))?;
+    #[pyo3(signature = (path, encoder="auto"))]
+    fn from_pretrained(py: Python<'_>, path: PathBuf, encoder: &str) -> PyResult<Self> {
+        let encoder = encoder_choice(encoder)?;
+        let inner = run(py, || ChatTokenizer::from_dir(&path, encoder))?;
         Ok(PyChatTokenizer { inner: Arc::new(inner) })
     }
 
     /// Builds the core from a serialized tokenizer, a template (a string, or a dict of named
     /// templates) and the named special tokens.
     #[staticmethod]
-    #[pyo3(signature = (tokenizer_json, chat_template=None, special_tokens=None))]
+    #[pyo3(signature = (tokenizer_json, chat_template=None, special_tokens=None, encoder="auto"))]
     fn from_parts(
         py: Python<'_>,
         tokenizer_json: String,
         chat_template: Option<&Bound<'_, PyAny>>,
         special_tokens: Option<&Bound<'_, PyDict>>,
+        encoder: &str,
     ) -> PyResult<Self> {
+        let encoder = encoder_choice(encoder)?;
         let mut sources = TemplateSources::default();
         if let Some(t) = chat_template {
             if let Ok(s) = t.extract::<String>() {
@@ -325,8 +335,35 @@ impl PyChatTokenizer {
                 specials.push((k.extract::<String>()?, v.str()?.to_string()));
             }
         }
-        let inner = run(py, || ChatTokenizer::new(&tokenizer_json, sources, specials))?;
+        let inner = run(py, || ChatTokenizer::new(&tokenizer_json, sources, specials, encoder))?;
         Ok(PyChatTokenizer { inner: Arc::new(inner) })
+    }
+
+    /// `"fast"` or `"tokenizers"`: the engine that encodes for this tokenizer.
+    #[getter]
+    fn encoder_backend(&self) -> &'static str {
+        self.inner.encoder.backend()
+    }
+
+    /// Why the `tokenizers` crate encodes (None when the fast engine does), and whether that
+    /// is because the self-check found a difference.
+    #[getter]
+    fn encoder_fallback(&self) -> Option<(String, bool)> {
+        use crate::encode::Fallback;
+        self.inner.encoder.fallback().map(|f| (f.describe(), matches!(f, Fallback::Differs(_))))
+    }
+
+    /// Seconds the engine gate took when this tokenizer was first loaded in the process:
+    /// `(building the fast engine, the probe self-check)`.
+    #[getter]
+    fn encoder_check_seconds(&self) -> (f64, f64) {
+        let t = self.inner.encoder.gate_timing();
+        (t.build, t.probes)
+    }
+
+    /// Token ids from the `tokenizers` crate, whatever the engine (for differential tests).
+    fn reference_encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
+        run(py, || self.inner.encoder.reference_encode(text))
     }
 
     #[getter]

@@ -546,7 +546,7 @@ mod tests {
 
     /// A fixture tokenizer with its config's `chat_control_tokens`.
     fn load(dir: &str) -> (crate::core::ChatTokenizer, Option<Vec<String>>) {
-        let tok = crate::core::ChatTokenizer::from_dir(std::path::Path::new(dir)).unwrap();
+        let tok = crate::core::ChatTokenizer::from_dir(std::path::Path::new(dir), crate::encode::EncoderChoice::Auto).unwrap();
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(dir).join("tokenizer_config.json")).unwrap()).unwrap();
         let listed = config.get("chat_control_tokens").and_then(|v| v.as_array()).map(|items| {

@@ -22,6 +22,9 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 PARITY_TOTALS = {"cases": 0, "tokens_compared": 0, "both_raised": 0, "mismatches": 0}
 
 # Collected by tests/test_fuzz.py (hypothesis examples compared with the reference) and printed at the end.
+# Collected by tests/test_encoder.py (fast engine vs the tokenizers crate) and printed at the end.
+ENCODER_TOTALS = {"texts": 0, "ids": 0, "differences": 0, "fuzz_examples": 0, "output_rows": 0, "output_values": 0}
+
 FUZZ_TOTALS = {"examples": 0, "cases": 0, "tokens_compared": 0, "both_raised": 0, "failures": 0, "span_examples": 0}
 
 
@@ -55,6 +58,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"parity vs reference: {t['cases']} cases, {t['tokens_compared']} tokens+labels compared element "
             f"by element, {t['both_raised']} raised alike, {t['mismatches']} mismatches"
+        )
+    if ENCODER_TOTALS["texts"]:
+        e = ENCODER_TOTALS
+        terminalreporter.write_line(
+            f"fast encoder vs tokenizers: {e['texts']} texts ({e['fuzz_examples']} fuzz examples), {e['ids']} ids "
+            f"compared element by element, {e['differences']} differences; {e['output_rows']} row outputs, "
+            f"{e['output_values']} output values equal on both engines"
         )
     if FUZZ_TOTALS["examples"] or FUZZ_TOTALS["span_examples"]:
         f = FUZZ_TOTALS

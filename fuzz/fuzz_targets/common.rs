@@ -6,6 +6,7 @@ use arbitrary::Arbitrary;
 use chatmask::chat::Conversation;
 use chatmask::core::{ChatTokenizer, TemplateSources};
 use chatmask::demo::{self, DemoKind};
+use chatmask::encode::EncoderChoice;
 use minijinja::value::Value;
 
 pub fn tokenizer() -> &'static ChatTokenizer {
@@ -13,7 +14,7 @@ pub fn tokenizer() -> &'static ChatTokenizer {
     TOK.get_or_init(|| {
         let json = demo::tokenizer_json(DemoKind::ByteLevel).expect("demo tokenizer");
         let sources = TemplateSources { default: Some(demo::CHAT_TEMPLATE.to_string()), named: vec![] };
-        ChatTokenizer::new(&json, sources, vec![("eos_token".into(), demo::EOS_TOKEN.into())]).expect("demo core")
+        ChatTokenizer::new(&json, sources, vec![("eos_token".into(), demo::EOS_TOKEN.into())], EncoderChoice::Auto).expect("demo core")
     })
 }
 

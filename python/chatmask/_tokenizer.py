@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +20,10 @@ Message = Mapping[str, Any]
 Conversation = Sequence[Message]
 
 MODES = ("last", "all", "multistep", "generation")
+
+# The encoding engines a constructor may ask for (see `ChatTokenizer.from_pretrained`).
+EncoderChoice = Literal["auto", "fast", "tokenizers"]
+ENCODERS: tuple[EncoderChoice, ...] = ("auto", "fast", "tokenizers")
 
 
 def _split_template_kwargs(kwargs: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
@@ -50,6 +54,9 @@ class ChatTokenizer:
         self._recipe: tuple[Any, ...] | None = None
         for source in core.template_sources():
             self._renderer_for(source)
+        fallback = core.encoder_fallback
+        if fallback is not None and fallback[1]:
+            warnings.warn(f"chatmask encodes with the tokenizers crate: {fallback[0]}", stacklevel=3)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as the inputs it was built from, so it crosses processes and machines.
@@ -142,19 +149,41 @@ class ChatTokenizer:
             renderer = self._verify(chat, source, kwargs)
         return renderer
 
+    @property
+    def encoder_backend(self) -> str:
+        """``"fast"`` (chatmask's exact fast engine) or ``"tokenizers"`` (the reference crate)."""
+        return self._core.encoder_backend
+
+    @property
+    def encoder_fallback_reason(self) -> str | None:
+        """Why the ``tokenizers`` crate encodes (an unsupported component, the self-check, or the choice)."""
+        fallback = self._core.encoder_fallback
+        return None if fallback is None else fallback[0]
+
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], verify: int = DEFAULT_VERIFY) -> ChatTokenizer:
-        """Load a local tokenizer directory the way transformers 5 does (offline, no hub)."""
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], verify: int = DEFAULT_VERIFY, encoder: EncoderChoice = "auto"
+    ) -> ChatTokenizer:
+        """Load a local tokenizer directory the way transformers 5 does (offline, no hub).
+
+        ``encoder``: ``"auto"`` (the fast engine where the load-time gate shows it exact),
+        ``"fast"`` (that engine or a :class:`TokenizerError` naming what stops it) or
+        ``"tokenizers"`` (always the reference crate).
+        """
         if not os.path.isdir(path):
             raise TokenizerError(f"{os.fspath(path)!r} is not a local tokenizer directory (chatmask never downloads)")
         files = _read_tokenizer_files(os.fspath(path))
-        tok = cls(_core.ChatTokenizer.from_pretrained(os.fspath(path)), verify)
-        tok._recipe = ("files", files)
+        tok = cls(_core.ChatTokenizer.from_pretrained(os.fspath(path), encoder), verify)
+        tok._recipe = ("files", files, encoder)
         return tok
 
     @classmethod
     def from_transformers(
-        cls, tokenizer: Any, chat_template: str | dict[str, str] | None = None, verify: int = DEFAULT_VERIFY
+        cls,
+        tokenizer: Any,
+        chat_template: str | dict[str, str] | None = None,
+        verify: int = DEFAULT_VERIFY,
+        encoder: EncoderChoice = "auto",
     ) -> ChatTokenizer:
         """Build from a transformers fast tokenizer (v4.45+ or v5).
 
@@ -169,7 +198,7 @@ class ChatTokenizer:
             )
         template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
         specials = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
-        return cls.from_parts(backend.to_str(), template, specials, verify)
+        return cls.from_parts(backend.to_str(), template, specials, verify, encoder)
 
     @classmethod
     def from_parts(
@@ -178,12 +207,13 @@ class ChatTokenizer:
         chat_template: str | dict[str, str] | None = None,
         special_tokens: Mapping[str, str] | None = None,
         verify: int = DEFAULT_VERIFY,
+        encoder: EncoderChoice = "auto",
     ) -> ChatTokenizer:
         """Build from a serialized `tokenizers` tokenizer, a template and the named special tokens."""
         specials = dict(special_tokens or {})
-        tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, specials), verify)
+        tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, specials, encoder), verify)
         template = dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
-        tok._recipe = ("parts", tokenizer_json, template, specials)
+        tok._recipe = ("parts", tokenizer_json, template, specials, encoder)
         return tok
 
     @property
@@ -540,16 +570,17 @@ def _restore(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if recipe[0] == "files":
+            _, files, encoder = recipe
             with tempfile.TemporaryDirectory(prefix="chatmask-tokenizer-") as tmp:
-                for name, data in recipe[1]:
+                for name, data in files:
                     target = os.path.join(tmp, *name.split("/"))
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     with open(target, "wb") as f:
                         f.write(data)
-                tok = cls(_core.ChatTokenizer.from_pretrained(tmp), verify)
+                tok = cls(_core.ChatTokenizer.from_pretrained(tmp, encoder), verify)
         elif recipe[0] == "parts":
-            _, tokenizer_json, template, specials = recipe
-            tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, template, dict(specials)), verify)
+            _, tokenizer_json, template, specials, encoder = recipe
+            tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, template, dict(specials), encoder), verify)
         else:  # pragma: no cover - only pickles of this module's own making reach here
             raise ValueError(f"unknown ChatTokenizer pickle recipe {recipe[0]!r}")
         tok._recipe = recipe

@@ -3,18 +3,33 @@
 Same arguments, same output (quirks included), computed by the Rust core. The core for a
 transformers tokenizer is built once and cached per tokenizer object and template, so a loop of
 single calls does not re-parse the tokenizer each time.
+
+The drop-in functions keep atropos' signatures, so their encoding engine is chosen for the
+process: ``CHATMASK_ENCODER`` in the environment or :func:`use_encoder` (``"auto"`` by default).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Any
 
-from ._tokenizer import ChatTokenizer, Conversation
+from ._tokenizer import ENCODERS, ChatTokenizer, Conversation, EncoderChoice
 
 _lock = threading.Lock()
 _cache: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], ChatTokenizer]] = weakref.WeakKeyDictionary()
+
+
+_encoder: str = os.environ.get("CHATMASK_ENCODER", "auto")
+
+
+def use_encoder(encoder: EncoderChoice) -> None:
+    """Choose the engine the drop-in functions encode with (``"auto"``, ``"fast"``, ``"tokenizers"``)."""
+    global _encoder
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, not {encoder!r}")
+    _encoder = encoder
 
 
 def _template_key(template: Any) -> Any:
@@ -40,12 +55,13 @@ def core_for(tokenizer: Any) -> ChatTokenizer:
         size = len(tokenizer)
     except TypeError:
         raise not_a_tokenizer from None
-    key = (_template_key(getattr(tokenizer, "chat_template", None)), size)
+    encoder = _encoder
+    key = (_template_key(getattr(tokenizer, "chat_template", None)), size, encoder)
     with _lock:
         per_tok = _cache.get(tokenizer)
         if per_tok is not None and key in per_tok:
             return per_tok[key]
-    core = ChatTokenizer.from_transformers(tokenizer)
+    core = ChatTokenizer.from_transformers(tokenizer, encoder=encoder)  # type: ignore[arg-type]
     with _lock:
         _cache.setdefault(tokenizer, {})[key] = core
     return core

@@ -1,5 +1,6 @@
-//! Encoding with the `tokenizers` crate, and exact token counts of texts that share a prefix
-//! with an already encoded text.
+//! Encoding (a fast exact engine where the load-time gate admits it, else the `tokenizers`
+//! crate, see [`engine`]), and exact token counts of texts that share a prefix with an already
+//! encoded text.
 //!
 //! The tokenizer splits its input at added tokens before it normalizes and pre-tokenizes, so the
 //! tokens before an added token depend only on the text before it. To count the tokens of a text
@@ -10,7 +11,16 @@
 //! pre-tokenizer sees (a Metaspace `prepend_scheme: first` only fires at offset 0, which neither
 //! the tail's second segment nor `F`'s has).
 
+mod engine;
+mod probe;
+mod sentencepiece;
+
+use std::sync::Arc;
+
 use tokenizers::Tokenizer;
+
+pub use engine::{EncoderChoice, Fallback, GateTiming};
+use engine::Gate;
 
 use crate::error::{Error, Result};
 
@@ -18,7 +28,11 @@ const WORD_CACHE_CAPACITY: usize = 200_000;
 
 /// A tokenizer, with what the prefix arithmetic needs to know about its added tokens.
 pub struct Encoder {
+    /// The reference engine: always loaded, for offsets, the self-check and the fallback.
     tokenizer: Tokenizer,
+    /// The fast engine when the gate admitted one, else why not.
+    gate: Arc<Gate>,
+    choice: EncoderChoice,
     /// The text bytes each token id stands for, from the vocabulary (see [`Encoder::positions`]).
     pieces: Vec<Box<[u8]>>,
     /// Whether a token may carry a space the pre-tokenizer added (Metaspace's prepended `▁`).
@@ -140,7 +154,12 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
 impl Encoder {
     /// Wraps a tokenizer. Truncation and padding are switched off, as transformers does when
     /// `apply_chat_template` encodes.
-    pub fn new(mut tokenizer: Tokenizer) -> Result<Encoder> {
+    pub fn new(tokenizer: Tokenizer) -> Result<Encoder> {
+        Encoder::with_choice(tokenizer, EncoderChoice::Auto)
+    }
+
+    /// Wraps a tokenizer and runs the engine gate for `choice`.
+    pub fn with_choice(mut tokenizer: Tokenizer, choice: EncoderChoice) -> Result<Encoder> {
         // A corpus has far more distinct words than the default 10k-entry BPE word cache holds.
         let mut model = tokenizer.get_model().clone();
         model.resize_cache(WORD_CACHE_CAPACITY);
@@ -163,14 +182,55 @@ impl Encoder {
         }
         special_added.sort_unstable();
         let (pieces, virtual_space) = token_pieces(&tokenizer, &added_content);
-        Ok(Encoder { tokenizer, pieces, virtual_space, special_added, added_content, max_added_len })
+        let json = tokenizer.to_string(false).map_err(|e| Error::Tokenizer(format!("cannot serialize the tokenizer: {e}")))?;
+        let gate = engine::select(&tokenizer, &json, choice)?;
+        Ok(Encoder {
+            tokenizer,
+            gate,
+            choice,
+            pieces,
+            virtual_space,
+            special_added,
+            added_content,
+            max_added_len,
+        })
     }
 
-    pub fn from_json(json: &str) -> Result<Encoder> {
+    pub fn from_json(json: &str, choice: EncoderChoice) -> Result<Encoder> {
         let tokenizer: Tokenizer = json
             .parse()
             .map_err(|e: tokenizers::Error| Error::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
-        Encoder::new(tokenizer)
+        Encoder::with_choice(tokenizer, choice)
+    }
+
+    /// `"fast"` or `"tokenizers"`: the engine `encode` uses.
+    pub fn backend(&self) -> &'static str {
+        if self.gate.fast.is_some() {
+            "fast"
+        } else {
+            "tokenizers"
+        }
+    }
+
+    /// Why the `tokenizers` crate encodes, when it does.
+    pub fn fallback(&self) -> Option<&Fallback> {
+        self.gate.fallback.as_ref()
+    }
+
+    /// What the caller asked for at load.
+    pub fn choice(&self) -> EncoderChoice {
+        self.choice
+    }
+
+    /// What the engine gate cost when this tokenizer was first loaded in the process.
+    pub fn gate_timing(&self) -> GateTiming {
+        self.gate.timing
+    }
+
+    /// Token ids from the `tokenizers` crate, whatever the engine (differential tests).
+    pub fn reference_encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -183,11 +243,15 @@ impl Encoder {
 
     /// Token ids of `text`, without special tokens added around it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        match &self.gate.fast {
+            Some(fast) => fast.encode(text),
+            None => self.reference_encode(text),
+        }
     }
 
-    /// Token ids and each token's `(start, end)` in code points, as transformers' `char_to_token` sees them.
+    /// Token ids and each token's `(start, end)` in code points, as transformers' `char_to_token`
+    /// sees them. Always the `tokenizers` crate: these are the tokenizer's own offsets, which
+    /// the generation masks must reproduce quirks included.
     pub fn encode_with_char_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
         let enc = self.tokenizer.encode_char_offsets(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
@@ -246,6 +310,12 @@ impl Encoder {
 
     /// Encodes `text` and records where its added tokens are.
     pub fn encode_full(&self, text: String) -> Result<Encoded> {
+        if self.gate.fast.is_some() {
+            let ids = self.encode(&text)?;
+            if let Some(anchors) = self.anchors_from_pieces(&text, &ids) {
+                return Ok(Encoded { text, ids, anchors });
+            }
+        }
         let enc = self.tokenizer.encode(text.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut anchors = Vec::new();
         for (idx, (&id, &(start, end))) in enc.get_ids().iter().zip(enc.get_offsets()).enumerate() {
@@ -256,6 +326,30 @@ impl Encoder {
             }
         }
         Ok(Encoded { ids: enc.get_ids().to_vec(), text, anchors })
+    }
+
+    /// The added tokens of `ids` and their byte offsets, found by laying the tokens' pieces
+    /// along `text`; `None` unless the pieces spell it exactly (a normalizer changed it).
+    fn anchors_from_pieces(&self, text: &str, ids: &[u32]) -> Option<Vec<(usize, usize)>> {
+        let bytes = text.as_bytes();
+        let mut at = 0;
+        let mut anchors = Vec::new();
+        for (idx, &id) in ids.iter().enumerate() {
+            let piece: &[u8] = self.pieces.get(id as usize)?;
+            let rest = &bytes[at..];
+            let len = if rest.starts_with(piece) {
+                piece.len()
+            } else if self.virtual_space && piece.first() == Some(&b' ') && rest.starts_with(&piece[1..]) {
+                piece.len() - 1
+            } else {
+                return None;
+            };
+            if matches!(self.added_content.get(id as usize), Some(Some(_))) {
+                anchors.push((at, idx));
+            }
+            at += len;
+        }
+        (at == bytes.len()).then_some(anchors)
     }
 
     /// The tokens of `other`, reusing `full`'s tokens up to an added token both texts share.
@@ -275,6 +369,7 @@ impl Encoder {
 
 #[cfg(test)]
 mod tests {
+    use super::{Encoder, EncoderChoice};
     use crate::demo::{self, DemoKind};
 
     /// Texts that share prefixes with a chat in the ways templates produce: cut anywhere,
@@ -326,22 +421,26 @@ mod tests {
     fn prefix_tokens_equal_plain_encoding() {
         let chat = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n  Hello  there é 👋<|im_end|>\n\
                     <|im_start|>assistant\n<think>\nx\n</think>\n\nHi!<|im_end|>\n<|im_start|>user\nok<|im_end|>\n";
-        for kind in [DemoKind::ByteLevel, DemoKind::Metaspace] {
+        for (kind, choice) in [DemoKind::ByteLevel, DemoKind::Metaspace]
+            .into_iter()
+            .flat_map(|k| [(k, EncoderChoice::Fast), (k, EncoderChoice::Tokenizers)])
+        {
             let tok = demo::chat_tokenizer(kind).unwrap();
-            let enc = &tok.encoder;
+            let enc = &Encoder::with_choice(tok.encoder.tokenizer().clone(), choice).unwrap();
+            assert_eq!(enc.backend(), if choice == EncoderChoice::Fast { "fast" } else { "tokenizers" });
             let full = enc.encode_full(chat.to_string()).unwrap();
-            assert_eq!(full.ids, enc.encode(chat).unwrap());
+            assert_eq!(full.ids, enc.reference_encode(chat).unwrap());
             let mut compared = 0;
             let mut reused = 0;
             for v in variants(chat) {
-                let want = enc.encode(&v).unwrap();
+                let want = enc.reference_encode(&v).unwrap();
                 let got = enc.prefix_tokens(&full, &v).unwrap();
                 let got_ids: Vec<u32> = (0..got.len()).map(|i| got.get(i)).collect();
                 assert_eq!(got_ids, want, "{kind:?} on {v:?}");
                 compared += 1;
                 reused += usize::from(got.tail_len() < want.len());
             }
-            assert!(compared > 100 && reused > compared / 2, "{kind:?}: {reused} of {compared} reused a prefix");
+            assert!(compared > 100 && reused > compared / 2, "{kind:?} {choice:?}: {reused} of {compared} reused a prefix");
         }
     }
 }
