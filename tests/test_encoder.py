@@ -284,6 +284,16 @@ def test_drop_in_encoder_choice():
         dropin.use_encoder("nope")
 
 
+def test_adapters_carry_the_encoder_choice():
+    from chatmask._adapter import RowTokenizer
+
+    path = require_shared("fixtures", "tokenizers", "mistral-7b-v0.3")
+    assert RowTokenizer(str(path), encoder="tokenizers").tokenizer.encoder_backend == "tokenizers"
+    assert RowTokenizer(str(path)).tokenizer.encoder_backend == "fast"
+    with pytest.raises(ValueError, match="encoder="):
+        RowTokenizer(loaded("mistral-7b-v0.3"), encoder="fast")
+
+
 # --- Fuzz -----------------------------------------------------------------------------------
 
 try:

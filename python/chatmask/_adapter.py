@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ._tokenizer import MODES, ChatTokenizer
+from ._tokenizer import MODES, ChatTokenizer, EncoderChoice
 from .errors import ChatMaskError, ConversationTypeError
 from .pipeline import parse_policy_row, parse_row
 from .policy import MaskPolicy
@@ -92,14 +92,19 @@ def value_reader(arrow_type: Any, decode_json: bool) -> Callable[[Any], Any] | N
     return None
 
 
-def resolve_tokenizer(tokenizer: Any) -> ChatTokenizer:
-    """A `ChatTokenizer`, a local tokenizer directory, or a transformers fast tokenizer."""
+def resolve_tokenizer(tokenizer: Any, encoder: EncoderChoice | None = None) -> ChatTokenizer:
+    """A `ChatTokenizer`, a local tokenizer directory, or a transformers fast tokenizer.
+
+    `encoder` chooses the engine for the last two (default ``"auto"``); a `ChatTokenizer` already
+    carries its own, so giving one with it is refused rather than ignored."""
     if isinstance(tokenizer, ChatTokenizer):
+        if encoder is not None:
+            raise ValueError("encoder= applies to a tokenizer path or a transformers tokenizer; build the ChatTokenizer with encoder= instead")
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
-        return ChatTokenizer.from_pretrained(tokenizer)
+        return ChatTokenizer.from_pretrained(tokenizer, encoder=encoder or "auto")
     if getattr(tokenizer, "backend_tokenizer", None) is not None:
-        return ChatTokenizer.from_transformers(tokenizer)
+        return ChatTokenizer.from_transformers(tokenizer, encoder=encoder or "auto")
     raise TypeError(
         "tokenizer must be a chatmask.ChatTokenizer, a local tokenizer directory or a transformers fast "
         f"tokenizer, not {type(tokenizer).__name__}"
@@ -172,6 +177,7 @@ class RowTokenizer:
         num_threads: int | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
         policy: MaskPolicy | None = None,
+        encoder: EncoderChoice | None = None,
     ) -> None:
         """`mode`, `messages_field` and `tools_field` default (None) to ``last``, ``messages`` and
         ``tools``; with a `policy` they (and `finish_reason_field`) must not be given: the policy
@@ -205,7 +211,7 @@ class RowTokenizer:
             raise ValueError(f"on_error must be 'raise' or 'mark', not {on_error!r}")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive int or None, not {num_threads!r}")
-        self.tokenizer = resolve_tokenizer(tokenizer)
+        self.tokenizer = resolve_tokenizer(tokenizer, encoder)
         self.policy = policy
         self.mode = mode
         self.messages_field = messages_field

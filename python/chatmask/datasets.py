@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ._adapter import RowTokenizer
+from ._tokenizer import EncoderChoice
 from .policy import MaskPolicy
 
 
@@ -70,6 +71,7 @@ def map_fn(
     on_error: str = "raise",
     num_threads: int | None = None,
     policy: MaskPolicy | None = None,
+    encoder: EncoderChoice | None = None,
     **template_kwargs: Any,
 ) -> MapFn:
     """A function for ``ds.map(fn, batched=True)`` that tokenizes and labels each row's conversation.
@@ -96,6 +98,8 @@ def map_fn(
       one. ``"mark"`` keeps every row: a failing row gets empty ``input_ids`` / ``labels`` and its
       message in an ``error`` column (``""`` for rows that tokenized), so nothing disappears
       silently; drop the failures explicitly with ``ds.filter(lambda r: not r["error"])``.
+    * `encoder`: the encoding engine when `tokenizer` is a path or a transformers tokenizer
+      (``"auto"``, ``"fast"``, ``"tokenizers"``; a `ChatTokenizer` carries its own).
     * `num_threads`: threads per call (default: every core; with ``num_proc=P`` pass
       ``cores // P`` to avoid oversubscription).
     * Other keyword arguments go to the template, as in ``apply_chat_template`` (``chat_template``
@@ -117,6 +121,7 @@ def map_fn(
         num_threads=num_threads,
         template_kwargs=template_kwargs,
         policy=policy,
+        encoder=encoder,
     )
     return MapFn(rows)
 

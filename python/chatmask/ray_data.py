@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ._adapter import RowTokenizer, TokenizedColumns
+from ._tokenizer import EncoderChoice
 from .policy import MaskPolicy
 
 INT32_MAX = 2**31 - 1
@@ -50,8 +51,9 @@ class TokenizeBatch:
     `tokenizer` is a :class:`chatmask.ChatTokenizer` (pickled with the files or parts it was
     built from, so workers need no access to the original directory), a tokenizer directory
     path (loaded by each worker, so it must exist on every node), or a transformers fast
-    tokenizer. `mode`, `messages_field`, `tools_field`, `finish_reason_field`, `policy` and
-    template keyword arguments are as in :func:`chatmask.datasets.map_fn`.
+    tokenizer (``encoder=`` picks the engine for those two). `mode`, `messages_field`,
+    `tools_field`, `finish_reason_field`, `policy` and template keyword arguments are as in
+    :func:`chatmask.datasets.map_fn`.
 
     The output has one row per input row, in order: the `keep_columns` (default: every input
     column except the messages and tools columns, and the policy's ``field_system`` column),
@@ -79,6 +81,7 @@ class TokenizeBatch:
         num_threads: int | None = None,
         keep_columns: Sequence[str] | None = None,
         policy: MaskPolicy | None = None,
+        encoder: EncoderChoice | None = None,
         **template_kwargs: Any,
     ) -> None:
         if num_threads is None:
@@ -93,6 +96,7 @@ class TokenizeBatch:
             num_threads=num_threads,
             template_kwargs=template_kwargs,
             policy=policy,
+            encoder=encoder,
         )
         self.keep_columns = None if keep_columns is None else list(keep_columns)
 
