@@ -276,36 +276,45 @@ impl Encoder {
         Ok((ids, offsets, false))
     }
 
-    /// Lays the pieces of `ids` along `text`; `None` unless they spell it exactly.
-    pub fn positions(&self, text: &str, ids: &[u32]) -> Option<Vec<(usize, usize)>> {
+    /// Lays the pieces of `ids` along `text`, calling `visit(token index, id, byte start, byte
+    /// length)` for each; false unless they spell it exactly.
+    fn lay_pieces(&self, text: &str, ids: &[u32], mut visit: impl FnMut(usize, u32, usize, usize)) -> bool {
         let bytes = text.as_bytes();
-        let mut out = Vec::with_capacity(ids.len());
-        // Byte cursor, and the code points that start before it (UTF-8 lead bytes).
         let mut at = 0usize;
-        let mut chars_before = 0usize;
-        let advance = |to: usize, chars_before: &mut usize, at: &mut usize| {
-            *chars_before += bytes[*at..to].iter().filter(|&&b| b & 0xC0 != 0x80).count();
-            *at = to;
-        };
-        for &id in ids {
-            let piece: &[u8] = self.pieces.get(id as usize)?;
+        for (idx, &id) in ids.iter().enumerate() {
+            let Some(piece) = self.pieces.get(id as usize) else { return false };
             let rest = &bytes[at..];
             let len = if rest.starts_with(piece) {
                 piece.len()
             } else if self.virtual_space && piece.first() == Some(&b' ') && rest.starts_with(&piece[1..]) {
                 piece.len() - 1
             } else {
-                return None;
+                return false;
             };
+            visit(idx, id, at, len);
+            at += len;
+        }
+        at == bytes.len()
+    }
+
+    /// Each token's `(start, end)` in code points, laid along `text`; `None` unless the
+    /// tokens' pieces spell it exactly.
+    pub fn positions(&self, text: &str, ids: &[u32]) -> Option<Vec<(usize, usize)>> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(ids.len());
+        // The code points that start before the cursor (UTF-8 lead bytes).
+        let mut chars_before = 0usize;
+        let spelled = self.lay_pieces(text, ids, |_, _, at, len| {
             // A token that starts inside a code point (byte fallback splits one) owns that
             // code point from its start; one that ends inside it owns it to its end.
             let mid_start = at < bytes.len() && bytes[at] & 0xC0 == 0x80;
             let start = chars_before - usize::from(mid_start);
-            advance(at + len, &mut chars_before, &mut at);
-            let mid_end = at < bytes.len() && bytes[at] & 0xC0 == 0x80;
+            chars_before += bytes[at..at + len].iter().filter(|&&b| b & 0xC0 != 0x80).count();
+            let end = at + len;
+            let mid_end = end < bytes.len() && bytes[end] & 0xC0 == 0x80;
             out.push((start, if len == 0 { start.max(chars_before - usize::from(mid_end)) } else { chars_before }));
-        }
-        (at == bytes.len()).then_some(out)
+        });
+        spelled.then_some(out)
     }
 
     /// Encodes `text` and records where its added tokens are.
@@ -331,25 +340,13 @@ impl Encoder {
     /// The added tokens of `ids` and their byte offsets, found by laying the tokens' pieces
     /// along `text`; `None` unless the pieces spell it exactly (a normalizer changed it).
     fn anchors_from_pieces(&self, text: &str, ids: &[u32]) -> Option<Vec<(usize, usize)>> {
-        let bytes = text.as_bytes();
-        let mut at = 0;
         let mut anchors = Vec::new();
-        for (idx, &id) in ids.iter().enumerate() {
-            let piece: &[u8] = self.pieces.get(id as usize)?;
-            let rest = &bytes[at..];
-            let len = if rest.starts_with(piece) {
-                piece.len()
-            } else if self.virtual_space && piece.first() == Some(&b' ') && rest.starts_with(&piece[1..]) {
-                piece.len() - 1
-            } else {
-                return None;
-            };
+        let spelled = self.lay_pieces(text, ids, |idx, id, at, _| {
             if matches!(self.added_content.get(id as usize), Some(Some(_))) {
                 anchors.push((at, idx));
             }
-            at += len;
-        }
-        (at == bytes.len()).then_some(anchors)
+        });
+        spelled.then_some(anchors)
     }
 
     /// The tokens of `other`, reusing `full`'s tokens up to an added token both texts share.

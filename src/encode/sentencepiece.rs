@@ -37,7 +37,7 @@ pub struct SentencePieceBpe {
     replacement: char,
     prepend: PrependScheme,
     split: bool,
-    char_ids: FxHashMap<char, u32>,
+    char_ids: CharIds,
     byte_ids: Option<[u32; 256]>,
     unk: Option<(u32, char, char)>,
     fuse_unk: bool,
@@ -46,6 +46,39 @@ pub struct SentencePieceBpe {
     merges: FxHashMap<(u32, u32), (u32, u32)>,
     bridges: Bridges,
     cache: RwLock<FxHashMap<Box<[u8]>, Box<[u32]>>>,
+}
+
+/// Vocabulary ids of single characters: a table for the Basic Multilingual Plane (looked up
+/// once per character of every word), a map above it.
+struct CharIds {
+    bmp: Box<[u32]>,
+    astral: FxHashMap<char, u32>,
+}
+
+impl CharIds {
+    const NONE: u32 = u32::MAX;
+
+    fn new(chars: impl Iterator<Item = (char, u32)>) -> Self {
+        let mut bmp = vec![Self::NONE; 0x10000].into_boxed_slice();
+        let mut astral = FxHashMap::default();
+        for (c, id) in chars {
+            match bmp.get_mut(c as usize) {
+                Some(slot) => *slot = id,
+                None => {
+                    astral.insert(c, id);
+                }
+            }
+        }
+        CharIds { bmp, astral }
+    }
+
+    #[inline]
+    fn get(&self, c: char) -> Option<u32> {
+        match self.bmp.get(c as usize) {
+            Some(&id) => (id != Self::NONE).then_some(id),
+            None => self.astral.get(&c).copied(),
+        }
+    }
 }
 
 /// One symbol of a word being merged (the reference's `Symbol`).
@@ -93,16 +126,13 @@ impl SentencePieceBpe {
             .iter()
             .map(|(k, v)| Ok((k.as_str(), v.as_u64().ok_or("vocab id is not a number")? as u32)))
             .collect::<Result<_, &str>>()?;
-        let char_ids = vocab
-            .iter()
-            .filter_map(|(k, &id)| {
-                let mut chars = k.chars();
-                match (chars.next(), chars.next()) {
-                    (Some(c), None) => Some((c, id)),
-                    _ => None,
-                }
-            })
-            .collect();
+        let char_ids = CharIds::new(vocab.iter().filter_map(|(k, &id)| {
+            let mut chars = k.chars();
+            match (chars.next(), chars.next()) {
+                (Some(c), None) => Some((c, id)),
+                _ => None,
+            }
+        }));
         let byte_ids = if model["byte_fallback"].as_bool() == Some(true) {
             let ids: Option<Vec<u32>> = (0..=255u8).map(|b| vocab.get(format!("<{b:#04X}>").as_str()).copied()).collect();
             // With some byte tokens missing the reference falls back per character; not modelled.
@@ -240,7 +270,7 @@ impl SentencePieceBpe {
         };
         for (at, c) in word.char_indices() {
             let len = c.len_utf8();
-            if let Some(&id) = self.char_ids.get(&c) {
+            if let Some(id) = self.char_ids.get(c) {
                 if let Some((uid, ustart, ulen)) = unk.take() {
                     push(&mut symbols, &mut ends, uid, ustart, ulen, self.unk_ends());
                 }
