@@ -115,7 +115,9 @@ fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, Error> {
         return l.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>().map(Value::from);
     }
     if let Ok(t) = obj.cast::<PyTuple>() {
-        return t.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>().map(Value::from);
+        // A tuple stays a tuple: Python prints it `('a', 'b')` and `%` takes it as its arguments.
+        let items = t.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>()?;
+        return Ok(Value::from(minijinja::value::Tuple::from(items)));
     }
     let ty = obj.get_type();
     let type_name = ty.name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into());

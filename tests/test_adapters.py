@@ -181,8 +181,8 @@ def test_pickle_keeps_render_limits_and_rejects_raw_cores():
 
 def test_pickle_keeps_the_jinja2_path():
     need("transformers")
-    # `'%02d' % n` is Python string formatting, which minijinja lacks: this template renders via Jinja2.
-    template = "{% for m in messages %}{{ 'turn_%02d ' % loop.index }}{{ m.content }}\n{% endfor %}"
+    # A `|safe` string added with `+` is Jinja2's Markup: this template renders via Jinja2.
+    template = "{% for m in messages %}{{ ('turn_' | safe) + (loop.index ~ ' ') }}{{ m.content }}\n{% endfor %}"
     with pytest.warns(UserWarning, match="Jinja2"):
         tok = chatmask.ChatTokenizer.from_parts(demo_tokenizer_json(), template, {"eos_token": DEMO_EOS_TOKEN})
     assert tok.render_backend == "jinja2"

@@ -82,7 +82,6 @@ CHAT = [{"role": "user", "content": "a < b"}, {"role": "assistant", "content": "
     "source, want",
     [
         ("{% for m in messages %}{{ (m.content | safe) + '&' }}{% endfor %}", "a < b&amp;ok&amp;"),
-        ("{% for m in messages %}{{ '%s: %-4s|%05.1f;' % (m.role, m.content, 2.25) }}{% endfor %}", "user: a < b|002.2;assistant: ok  |002.2;"),
         ("{% macro f(x) %}{{ x is mapping }}{% endmacro %}{{ f(messages[0].items) }}", "False"),
     ],
 )
@@ -149,6 +148,9 @@ def test_known_gap_renders_like_jinja2(name):
     from transformers.utils.chat_template_utils import render_jinja_template
 
     source = GAPS[name]
+    "percent_formatting": "{% for m in messages %}{{ '%s: %-4s|%05.1f;' % (m.role, m.content, 2.25) }}{{ '<image_%02d>' % loop.index }}{% endfor %}{{ '%(role)s' % messages[0] }}",
+    "tuples_printed": "{{ 'a,b'.partition(',') }}{{ (1,) }}{{ () }}{{ (1, 'x') }}{% for kv in messages[0].items() %}{{ kv }}{% endfor %}",
+    "title_filter_separators": "{{ 'a\x1cb c-d(e' | title }}|{{ 'hello wORLD' | wordcount }}|{{ 'ǅa ΑΣ'.swapcase() }}|{{ 'ǅa'.islower() }}|{{ '\u0345'.isalpha() }}",
     chat = [{"role": "user", "content": "hi", "name": "n"}, {"role": "assistant", "content": "yo"}]
     tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source, verify=0)
     assert tok.render_backend == "minijinja"
