@@ -789,7 +789,7 @@ def test_batch_on_the_jinja2_path_reports_rows_the_same_way():
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        core = chatmask.ChatTokenizer.from_transformers(tok, chat_template=template, verify=0)
+        core = chatmask.ChatTokenizer.from_transformers(tok, chat_template=template, verify=0, allow_jinja2=True)
     assert core.render_backend == "jinja2"
     rows = [[U, A], "hello", [U, 3], [], [U, {"role": "assistant", "content": "\ud800"}], [U, A]]
     batch = core.tokenize_batch(rows, mode="all", on_error="skip")
