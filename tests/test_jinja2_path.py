@@ -281,3 +281,53 @@ def test_limited_jinja2_does_not_change_what_transformers_would_render():
     got = tok.apply_chat_template(CHAT, tokenize=False)
     assert type(ctu._compile_jinja_template(source).environment).__name__ == "ImmutableSandboxedEnvironment"
     assert got == render_jinja_template(conversations=[CHAT], chat_template=source)[0][0] == "<a>&lt;b&gt;1hi|2hello|"
+
+
+def test_real_jinja2_path_templates_use_a_small_part_of_the_work_budget():
+    """The Hub templates that still need Jinja2 render far inside the default limits."""
+    import copy
+
+    import template_survey as survey
+    from conftest import require_shared
+
+    from chatmask import _sandbox
+
+    templates = require_shared("fixtures", "templates")
+    survey.ROWS_PER_FILE = 3
+    extra, cases = survey.build_cases()
+    names = ["CohereForAI-c4ai-command-r-plus-tool_use", "SvalTek-Q3-CharThink-9B-temp", "meetkai-functionary-medium-v3.1"]
+    _sandbox.peak_units(reset=True)
+    renders = limited = 0
+    for name in names:
+        source = (templates / f"{name}.jinja").read_text(encoding="utf-8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = chatmask.ChatTokenizer.from_parts(demo_tokenizer_json(), source, dict(extra), allow_jinja2=True)
+        assert tok.render_backend == "jinja2", name
+        for _, messages, tools in cases:
+            for agp in (False, True):
+                try:
+                    tok.apply_chat_template(
+                        copy.deepcopy(messages), tools=copy.deepcopy(tools), add_generation_prompt=agp,
+                        tokenize=False, date_string="26 Jul 2024",
+                    )
+                except chatmask.TemplateLimitError:
+                    # Only where transformers fails too (Cohere's recursive macro on two
+                    # reasoning cases: a RecursionError in Jinja2 itself).
+                    chat = [{k: v for k, v in m.items() if v is not None} for m in copy.deepcopy(messages)]
+                    with pytest.raises(RecursionError):
+                        render_jinja_template(
+                            conversations=[chat], tools=copy.deepcopy(tools), chat_template=source,
+                            add_generation_prompt=agp, date_string="26 Jul 2024", **extra,
+                        )
+                    limited += 1
+                    continue
+                except chatmask.ChatMaskError:
+                    continue
+                renders += 1
+    peak, budget = _sandbox.peak_units(), chatmask.RenderLimits().fuel // _sandbox.FUEL_PER_UNIT
+    print(
+        f"\n[jinja2 work] {renders} renders of the 3 Jinja2-path templates, peak {peak:,} units of {budget:,}; "
+        f"{limited} recursion-limit stops where transformers raises RecursionError"
+    )
+    assert renders > 100 and 0 < peak * 100 < budget
