@@ -116,7 +116,9 @@ fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, Error> {
         return l.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>().map(Value::from);
     }
     if let Ok(t) = obj.cast::<PyTuple>() {
-        return t.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>().map(Value::from);
+        // A tuple stays a tuple: Python prints it `('a', 'b')` and `%` takes it as its arguments.
+        let items = t.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>()?;
+        return Ok(Value::from(minijinja::value::Tuple::from(items)));
     }
     let ty = obj.get_type();
     let type_name = ty.name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into());
@@ -512,14 +514,17 @@ impl PyChatTokenizer {
             return Err(PyValueError::new_err("mode='generation' with a Python renderer goes through mask_from_spans"));
         }
         let conv = to_conversation(conversation).map_err(core_err(py))?;
+        // The renderer's own exception (a TemplateLimitError, say) is re-raised as it was.
+        let raised: std::cell::RefCell<Option<PyErr>> = std::cell::RefCell::new(None);
         let call = |n: usize, gen: bool| -> Result<String, Error> {
-            render
-                .call1((n, gen))
-                .and_then(|v| v.extract::<String>())
-                .map_err(|e| Error::TemplateRaised(e.value(py).to_string()))
+            render.call1((n, gen)).and_then(|v| v.extract::<String>()).map_err(|e| {
+                let message = e.value(py).to_string();
+                raised.borrow_mut().get_or_insert(e);
+                Error::TemplateRaised(message)
+            })
         };
         let out = catch_panic(|| self.inner.label_with(&conv.roles, &call, mode, finish_reason == "length"))
-            .map_err(core_err(py))?;
+            .map_err(|e| raised.borrow_mut().take().unwrap_or_else(|| core_err(py)(e)))?;
         Ok((ids_list(py, &out.tokens)?, PyList::new(py, &out.masks)?))
     }
 

@@ -313,8 +313,8 @@ def test_content_not_a_string(name, where, content):
     agree(name, chat)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: a tuple becomes a list, so it prints as ['a', 'b'] where Python prints ('a', 'b')")
 def test_tuple_value_prints_as_python_prints_it():
+    # Was a finding (a tuple became a list, printed ['a', 'b']); tuples stay tuples now.
     agree("llama3", [{"role": "user", "content": ("a", "b")}, A])
 
 
@@ -784,12 +784,12 @@ def test_batch_on_the_jinja2_path_reports_rows_the_same_way():
 
     tok = ref_tok("qwen3")
     template = (
-        "{% for m in messages %}{{ '<|im_start|>%s\\n' % m.role }}{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% for m in messages %}{{ (('<|im_start|>' ~ m.role) | safe) + '\\n' }}{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        core = chatmask.ChatTokenizer.from_transformers(tok, chat_template=template, verify=0)
+        core = chatmask.ChatTokenizer.from_transformers(tok, chat_template=template, verify=0, allow_jinja2=True)
     assert core.render_backend == "jinja2"
     rows = [[U, A], "hello", [U, 3], [], [U, {"role": "assistant", "content": "\ud800"}], [U, A]]
     batch = core.tokenize_batch(rows, mode="all", on_error="skip")

@@ -430,18 +430,18 @@ def test_fuzz_regression_str_capitalize():
     _template_case(_per_message("m.content.capitalize()"), "ǆa")
 
 
-@pytest.mark.xfail(strict=True, reason="finding: str.isalpha() is Rust's Alphabetic property, not Python's L* categories (U+0345 COMBINING YPOGEGRAMMENI)")
 def test_fuzz_regression_str_isalpha():
+    # Was a finding (Rust's Alphabetic property, not Python's L* categories); fixed in the core.
     _template_case(_per_message("m.content.isalpha()"), "\u0345")
 
 
-@pytest.mark.xfail(strict=True, reason="finding: str.islower() is True for a titlecase letter ('ǅa'); Python says False")
 def test_fuzz_regression_str_islower_titlecase():
+    # Was a finding (True for a titlecase letter); fixed in the core.
     _template_case(_per_message("m.content.islower()"), "ǅa")
 
 
-@pytest.mark.xfail(strict=True, reason="finding: Jinja2's |title starts a word after \\x1c-\\x1f (its regex \\s); chatmask's does not")
 def test_fuzz_regression_title_filter_separators():
+    # Was a finding (Jinja2's |title starts a word after \x1c-\x1f, its regex \s); fixed in the core.
     _template_case(_per_message("m.content|title"), "a\x1cb")
 
 
@@ -455,7 +455,12 @@ def test_fuzz_regression_upper_follows_pythons_unicode_version():
     _template_case(_per_message("m.content.upper()"), "\u019b")
 
 
-@pytest.mark.xfail(strict=True, reason="finding: str.swapcase(), str.casefold() and the |wordcount filter are missing (TemplateError); Jinja2 has them")
-@pytest.mark.parametrize("expr", ["m.content.swapcase()", "m.content.casefold()", "m.content|wordcount"])
+@pytest.mark.parametrize("expr", ["m.content.swapcase()", "m.content|wordcount"])
 def test_fuzz_regression_missing_methods(expr):
-    _template_case(_per_message(expr), "Hello World")
+    # Were findings (missing: a TemplateError); added in the core, with Python's case and \w sets.
+    _template_case(_per_message(expr), "Hello World ǅa ΑΣ Σ_x 12")
+
+
+@pytest.mark.xfail(strict=True, reason="finding: str.casefold() is missing (TemplateError); Jinja2 has it")
+def test_fuzz_regression_casefold():
+    _template_case(_per_message("m.content.casefold()"), "Hello World")

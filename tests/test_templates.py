@@ -4,7 +4,8 @@ Cases per template: the three built-in conversations of ../shared/fixtures/templ
 and every prefix of them, plus the first rows of every conversation file (with their tools), each
 with add_generation_prompt False and True. Rendering goes through the public path, so a template
 chatmask routes to Jinja2 (cannot compile, a known-different construct, or a difference found by
-verification) is rendered exactly. The test reports how many templates stay native.
+verification) is rendered exactly (built with ``allow_jinja2=True``; without it, exactly those
+templates are refused). The test reports how many templates stay native.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ def test_every_template_renders_like_transformers():
     extra_vars, cases = survey.build_cases()
     demo_json = chatmask.demo.demo_tokenizer_json()
     compared = raised_alike = 0
-    differing, fallback = [], {}
+    differing, fallback, refused = [], {}, set()
     paths = sorted(templates_dir.glob("*.jinja"))
     for path in paths:
         source = path.read_text(encoding="utf-8")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tok = chatmask.ChatTokenizer.from_parts(demo_json, source, dict(extra_vars))
+            tok = chatmask.ChatTokenizer.from_parts(demo_json, source, dict(extra_vars), allow_jinja2=True)
             for case_id, messages, tools in cases:
                 for agp in (False, True):
                     chat = [{k: v for k, v in m.items() if v is not None} for m in copy.deepcopy(messages)]
@@ -63,6 +64,11 @@ def test_every_template_renders_like_transformers():
                         differing.append(f"{path.stem} {case_id} agp={agp}")
         if tok.render_backend == "jinja2":
             fallback[path.stem] = next((str(w.message) for w in caught if "Jinja2" in str(w.message)), "")
+        try:  # without the opt-in, exactly the templates on the Jinja2 path are refused
+            chatmask.ChatTokenizer.from_parts(demo_json, source, dict(extra_vars))
+        except chatmask.TemplateError as e:
+            assert "allow_jinja2=True" in str(e), str(e)
+            refused.add(path.stem)
     native = len(paths) - len(fallback)
     print(
         f"\n{len(paths)} templates, {compared} cases: {compared - len(differing)} identical or raised alike "
@@ -72,6 +78,7 @@ def test_every_template_renders_like_transformers():
     for name, reason in sorted(fallback.items()):
         print(f"  {name}: {reason}")
     assert not differing, "\n".join(differing[:30])
+    assert refused == set(fallback), (sorted(refused ^ set(fallback)))
     assert native / len(paths) >= 0.95
 
 
@@ -82,7 +89,6 @@ CHAT = [{"role": "user", "content": "a < b"}, {"role": "assistant", "content": "
     "source, want",
     [
         ("{% for m in messages %}{{ (m.content | safe) + '&' }}{% endfor %}", "a < b&amp;ok&amp;"),
-        ("{% for m in messages %}{{ '%s: %-4s|%05.1f;' % (m.role, m.content, 2.25) }}{% endfor %}", "user: a < b|002.2;assistant: ok  |002.2;"),
         ("{% macro f(x) %}{{ x is mapping }}{% endmacro %}{{ f(messages[0].items) }}", "False"),
     ],
 )
@@ -90,8 +96,10 @@ def test_known_different_construct_takes_the_jinja2_path(source, want):
     pytest.importorskip("transformers")
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    with pytest.raises(chatmask.TemplateError, match="allow_jinja2=True"):
+        chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source)
     with pytest.warns(UserWarning, match="Jinja2"):
-        tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source)
+        tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source, allow_jinja2=True)
     assert tok.render_backend == "jinja2"
     assert tok.apply_chat_template(CHAT, tokenize=False) == render_jinja_template(conversations=[CHAT], chat_template=source)[0][0] == want
     assert tok.tokenize_for_trainer(CHAT)["tokens"] == tok.encode(want)
@@ -114,7 +122,7 @@ class _DifferentRender:
 def test_verification_switches_to_jinja2_on_a_difference(verify):
     pytest.importorskip("transformers")
     source = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source, verify=verify)
+    tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source, verify=verify, allow_jinja2=True)
     tok._core = _DifferentRender(tok._core)
     assert tok.render_backend == "minijinja"
     if verify == 0:
@@ -140,6 +148,9 @@ GAPS = {
     "dict_items": "{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}{{ messages[0].keys() | list }}{{ messages[0].get('nope', 'd') }}",
     "iterate_none": "{% for t in tools %}{{ t }}{% endfor %}",
     "python_reprs": "{{ messages[0] }}{{ none }}{{ true }}{{ {'k': [none, false]} }}",
+    "percent_formatting": "{% for m in messages %}{{ '%s: %-4s|%05.1f;' % (m.role, m.content, 2.25) }}{{ '<image_%02d>' % loop.index }}{% endfor %}{{ '%(role)s' % messages[0] }}",
+    "tuples_printed": "{{ 'a,b'.partition(',') }}{{ (1,) }}{{ () }}{{ (1, 'x') }}{% for kv in messages[0].items() %}{{ kv }}{% endfor %}",
+    "title_filter_separators": "{{ 'a\x1cb c-d(e' | title }}|{{ 'hello wORLD' | wordcount }}|{{ 'ǅa ΑΣ'.swapcase() }}|{{ 'ǅa'.islower() }}|{{ '\u0345'.isalpha() }}",
 }
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections import OrderedDict
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
 from . import _core
-from ._fallback import JinjaRenderer
+from ._fallback import JinjaRenderer, open_jinja2, why_not_native
 from .batch import TokenizedBatch
 from .errors import ChatMaskError, ConversationTypeError, TemplateError, TemplateLimitError, TokenizerError
 from .limits import RenderLimits
@@ -33,21 +34,28 @@ def _split_template_kwargs(kwargs: dict[str, Any]) -> tuple[str | None, dict[str
 
 
 DEFAULT_VERIFY = 8
+# Template sources whose route (native, or refused) is remembered; the Jinja2 ones are all kept.
+_MAX_ROUTES = 64
 
 
 class ChatTokenizer:
     """A tokenizer and its chat template(s), compiled once and used from any thread.
 
-    Templates render natively (minijinja). A template minijinja cannot compile renders through
-    transformers' Jinja2 environment instead, with a warning; so does one whose native render
-    differs from Jinja2 on any of the first `verify` conversations (checked only when
-    transformers is already imported, since chatmask never imports it on its own).
-    `render_backend` says which path the default template takes.
+    Templates render natively (minijinja). A template minijinja cannot render exactly (it cannot
+    compile it, it has a construct minijinja renders differently, or its native render differs
+    from Jinja2 on one of the first `verify` conversations, checked only when transformers is
+    already imported) raises `TemplateError`, unless ``allow_jinja2=True``: then it renders
+    through transformers' Jinja2 environment, with a warning and under limits equivalent to
+    `render_limits`. `render_backend` says which path the default template takes.
     """
 
-    def __init__(self, core: _core.ChatTokenizer, verify: int = DEFAULT_VERIFY) -> None:
+    def __init__(self, core: _core.ChatTokenizer, verify: int = DEFAULT_VERIFY, allow_jinja2: bool = False) -> None:
         self._core = core
         self._fallback: dict[str, JinjaRenderer] = {}
+        # How each template source renders, decided once (bounded): None is native, an error
+        # is a template that needs Jinja2 without the opt-in (raised again on every use).
+        self._routes: OrderedDict[str, TemplateError | None] = OrderedDict()
+        self._allow_jinja2 = bool(allow_jinja2)
         self._verify_left = verify
         self._verify_initial = verify
         # How to build this tokenizer again in another process (see __reduce__); set by from_*.
@@ -64,8 +72,9 @@ class ChatTokenizer:
         A `from_pretrained` tokenizer carries the bytes of the files it was loaded from (not the
         path, which may not exist on another machine), `from_parts` / `from_transformers` ones the
         tokenizer JSON, template(s) and special tokens. Templates that took the Jinja2 path come
-        along, so the copy renders the way this one does; so do the render limits. The pickle is
-        a pure function of those inputs (deterministic, which `datasets` fingerprinting needs).
+        along, so the copy renders the way this one does; so do the render limits and
+        `allow_jinja2`. The pickle is a pure function of those inputs (deterministic, which
+        `datasets` fingerprinting needs).
         """
         if self._recipe is None:
             raise TypeError(
@@ -73,72 +82,83 @@ class ChatTokenizer:
                 "ChatTokenizer.from_pretrained, from_parts or from_transformers"
             )
         limits = tuple(self._core.render_limits())
-        return (_restore, (type(self), self._recipe, self._verify_initial, tuple(sorted(self._fallback)), limits))
+        state = (type(self), self._recipe, self._verify_initial, tuple(sorted(self._fallback)), limits, self._allow_jinja2)
+        return (_restore, state)
 
     @property
     def render_backend(self) -> str:
-        """``"minijinja"`` or ``"jinja2"`` (the exact fallback) for the default template."""
+        """``"minijinja"`` or ``"jinja2"`` (only with ``allow_jinja2=True``) for the default template."""
         try:
             source = self._core.template_source()
         except ChatMaskError:
             return "minijinja"
         return "jinja2" if source in self._fallback else "minijinja"
 
+    @property
+    def allow_jinja2(self) -> bool:
+        """Whether templates minijinja cannot render exactly may render with Jinja2 (under limits)."""
+        return self._allow_jinja2
+
     def _renderer_for(self, source: str, reason: str | None = None) -> JinjaRenderer | None:
-        """The Jinja2 renderer if `source` must take the exact path, else None (native)."""
+        """The Jinja2 renderer if `source` must take that path, else None (native); decided once.
+
+        A template that needs Jinja2 without ``allow_jinja2=True`` raises `TemplateError`.
+        """
         if source in self._fallback:
             return self._fallback[source]
         error = None
         if reason is None:
-            error = self._core.compile_error(source)
-            if error is not None:
-                reason = f"minijinja cannot compile it ({error})"
-            else:
-                reason = _core.ChatTokenizer.unsupported_construct(source)
-                if reason is None:
-                    return None
+            if source in self._routes:
+                self._routes.move_to_end(source)
+                refused = self._routes[source]
+                if refused is not None:
+                    raise type(refused)(*refused.args)
+                return None
+            reason, error = why_not_native(self._core, source)
+            if reason is None:
+                self._remember(source, None)
+                return None
         try:
-            renderer = JinjaRenderer(source, self.special_tokens)
-        except ImportError:
-            if error is not None:
-                raise error from None
-            return None
-        except Exception:
-            if error is not None:
-                raise error from None  # Jinja2 cannot compile it either: a real syntax error
+            renderer = open_jinja2(source, self.special_tokens, self._core.render_limits, reason, self._allow_jinja2, error)
+        except TemplateError as e:
+            self._remember(source, e)
             raise
-        warnings.warn(
-            f"chatmask: rendering a chat template with Jinja2 (transformers' environment) because {reason}; "
-            "tokenizing and labelling still run in Rust",
-            stacklevel=3,
-        )
+        self._routes.pop(source, None)
         self._fallback[source] = renderer
         return renderer
 
+    def _remember(self, source: str, route: TemplateError | None) -> None:
+        self._routes[source] = route
+        if len(self._routes) > _MAX_ROUTES:
+            self._routes.popitem(last=False)
+
     def _verify(self, chat: Conversation, source: str, kwargs: dict[str, Any]) -> JinjaRenderer | None:
-        """Renders `chat` both ways while verification lasts; on a difference, switch to Jinja2."""
+        """Renders `chat` both ways while verification lasts; on a difference, switch to Jinja2
+        (with ``allow_jinja2``; without it, raise). Jinja2 renders under the same limits."""
         if self._verify_left <= 0 or "transformers" not in sys.modules:
             return None
         self._verify_left -= 1
         try:
-            exact = JinjaRenderer(source, self.special_tokens)
+            exact = JinjaRenderer(source, self.special_tokens, self._core.render_limits)
         except Exception:
             return None
         for generation_prompt in (False, True):
             try:
                 ours = self._core.render(chat, add_generation_prompt=generation_prompt, chat_template=source, **kwargs)
             except TemplateLimitError:
-                # Jinja2 has no limits: a runaway template would hang or exhaust memory there.
-                return None
+                return None  # a runaway template: nothing to compare
             except TemplateError:
                 ours = None
             except ChatMaskError:
                 return None  # bad input, not a template difference: the caller raises it
             try:
                 theirs = exact.render(chat, add_generation_prompt=generation_prompt, **kwargs)
+            except TemplateLimitError:
+                return None  # the two paths count work differently: no verdict
             except Exception:
                 theirs = None
             if ours != theirs:
+                self._routes.pop(source, None)
                 return self._renderer_for(source, "its minijinja render differed from Jinja2 on a verified conversation")
         return None
 
@@ -162,7 +182,11 @@ class ChatTokenizer:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], verify: int = DEFAULT_VERIFY, encoder: EncoderChoice = "auto"
+        cls,
+        path: str | os.PathLike[str],
+        verify: int = DEFAULT_VERIFY,
+        allow_jinja2: bool = False,
+        encoder: EncoderChoice = "auto",
     ) -> ChatTokenizer:
         """Load a local tokenizer directory the way transformers 5 does (offline, no hub).
 
@@ -173,7 +197,7 @@ class ChatTokenizer:
         if not os.path.isdir(path):
             raise TokenizerError(f"{os.fspath(path)!r} is not a local tokenizer directory (chatmask never downloads)")
         files = _read_tokenizer_files(os.fspath(path))
-        tok = cls(_core.ChatTokenizer.from_pretrained(os.fspath(path), encoder), verify)
+        tok = cls(_core.ChatTokenizer.from_pretrained(os.fspath(path), encoder), verify, allow_jinja2)
         tok._recipe = ("files", files, encoder)
         return tok
 
@@ -183,6 +207,7 @@ class ChatTokenizer:
         tokenizer: Any,
         chat_template: str | dict[str, str] | None = None,
         verify: int = DEFAULT_VERIFY,
+        allow_jinja2: bool = False,
         encoder: EncoderChoice = "auto",
     ) -> ChatTokenizer:
         """Build from a transformers fast tokenizer (v4.45+ or v5).
@@ -198,7 +223,7 @@ class ChatTokenizer:
             )
         template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
         specials = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
-        return cls.from_parts(backend.to_str(), template, specials, verify, encoder)
+        return cls.from_parts(backend.to_str(), template, specials, verify, allow_jinja2, encoder)
 
     @classmethod
     def from_parts(
@@ -207,11 +232,12 @@ class ChatTokenizer:
         chat_template: str | dict[str, str] | None = None,
         special_tokens: Mapping[str, str] | None = None,
         verify: int = DEFAULT_VERIFY,
+        allow_jinja2: bool = False,
         encoder: EncoderChoice = "auto",
     ) -> ChatTokenizer:
         """Build from a serialized `tokenizers` tokenizer, a template and the named special tokens."""
         specials = dict(special_tokens or {})
-        tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, specials, encoder), verify)
+        tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, specials, encoder), verify, allow_jinja2)
         template = dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
         tok._recipe = ("parts", tokenizer_json, template, specials, encoder)
         return tok
@@ -562,6 +588,7 @@ def _restore(
     verify: int,
     fallback: Sequence[str],
     limits: tuple[Any, ...],
+    allow_jinja2: bool = False,
 ) -> ChatTokenizer:
     """Unpickle a `ChatTokenizer` (see `ChatTokenizer.__reduce__`)."""
     import tempfile
@@ -577,10 +604,10 @@ def _restore(
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     with open(target, "wb") as f:
                         f.write(data)
-                tok = cls(_core.ChatTokenizer.from_pretrained(tmp, encoder), verify)
+                tok = cls(_core.ChatTokenizer.from_pretrained(tmp, encoder), verify, allow_jinja2)
         elif recipe[0] == "parts":
             _, tokenizer_json, template, specials, encoder = recipe
-            tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, template, dict(specials), encoder), verify)
+            tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, template, dict(specials), encoder), verify, allow_jinja2)
         else:  # pragma: no cover - only pickles of this module's own making reach here
             raise ValueError(f"unknown ChatTokenizer pickle recipe {recipe[0]!r}")
         tok._recipe = recipe

@@ -38,8 +38,12 @@ def _template_key(template: Any) -> Any:
     return template
 
 
-def core_for(tokenizer: Any) -> ChatTokenizer:
-    """The cached `ChatTokenizer` for a transformers tokenizer (or the argument itself)."""
+def core_for(tokenizer: Any, allow_jinja2: bool = False) -> ChatTokenizer:
+    """The cached `ChatTokenizer` for a transformers tokenizer (or the argument itself).
+
+    ``allow_jinja2`` is part of the cache key: a template minijinja cannot render exactly
+    raises `TemplateError` without it, and renders with Jinja2 (under limits) with it.
+    """
     if isinstance(tokenizer, ChatTokenizer):
         return tokenizer
     not_a_tokenizer = TypeError(
@@ -56,12 +60,12 @@ def core_for(tokenizer: Any) -> ChatTokenizer:
     except TypeError:
         raise not_a_tokenizer from None
     encoder = _encoder
-    key = (_template_key(getattr(tokenizer, "chat_template", None)), size, encoder)
+    key = (_template_key(getattr(tokenizer, "chat_template", None)), size, encoder, bool(allow_jinja2))
     with _lock:
         per_tok = _cache.get(tokenizer)
         if per_tok is not None and key in per_tok:
             return per_tok[key]
-    core = ChatTokenizer.from_transformers(tokenizer, encoder=encoder)  # type: ignore[arg-type]
+    core = ChatTokenizer.from_transformers(tokenizer, encoder=encoder, allow_jinja2=allow_jinja2)  # type: ignore[arg-type]
     with _lock:
         _cache.setdefault(tokenizer, {})[key] = core
     return core
@@ -79,14 +83,17 @@ def tokenize_for_trainer(
     include_messages: bool = False,
     train_on_all_assistant_turns: bool = False,
     finish_reason: str = "",
+    *,
+    allow_jinja2: bool = False,
     **template_kwargs: Any,
 ) -> dict[str, Any]:
     """atropos' `tokenize_for_trainer`: `{"tokens", "masks"}` (+ `"messages"`), exactly.
 
-    Extra keyword arguments go to the chat template, as `apply_chat_template` passes them.
+    Extra keyword arguments go to the chat template, as `apply_chat_template` passes them;
+    ``allow_jinja2`` lets a template minijinja cannot render exactly render with Jinja2.
     """
     mode = "all" if train_on_all_assistant_turns else "last"
-    out = core_for(tokenizer).tokenize_for_trainer(chat, mode=mode, finish_reason=finish_reason, **template_kwargs)
+    out = core_for(tokenizer, allow_jinja2).tokenize_for_trainer(chat, mode=mode, finish_reason=finish_reason, **template_kwargs)
     return _with_messages(out, chat, include_messages)
 
 
@@ -95,10 +102,12 @@ def tokenize_for_trainer_multistep(
     chat: Conversation,
     include_messages: bool = False,
     finish_reason: str = "",
+    *,
+    allow_jinja2: bool = False,
     **template_kwargs: Any,
 ) -> dict[str, Any]:
     """atropos' `tokenize_for_trainer_multistep`: only the last assistant/agent turn is trained."""
-    out = core_for(tokenizer).tokenize_for_trainer(
+    out = core_for(tokenizer, allow_jinja2).tokenize_for_trainer(
         chat, mode="multistep", finish_reason=finish_reason, **template_kwargs
     )
     return _with_messages(out, chat, include_messages)

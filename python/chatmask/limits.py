@@ -22,8 +22,10 @@ class RenderLimits:
       several levels); minijinja grows the stack as needed, so raising it is safe.
     * ``max_output_bytes``: the rendered text, in UTF-8 bytes.
 
-    ``None`` removes a limit. The Jinja2 fallback (templates minijinja cannot render exactly)
-    runs in transformers' sandbox, which has no such limits.
+    ``None`` removes a limit. The Jinja2 path (``allow_jinja2=True``, for templates minijinja
+    cannot render exactly) runs under the same limits, counted its own way: ``fuel // 20``
+    work units (loop iterations, calls, lookups), ``fuel / 10M`` seconds of wall time, macro
+    depth ``max_recursion``, and no value or output over ``max_output_bytes``.
     """
 
     fuel: int | None = _FUEL

@@ -7,6 +7,7 @@
 
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Error, ErrorKind, State};
+use unicode_general_category::{get_general_category, GeneralCategory as Gc};
 
 /// Python's `str.isspace()` set: Rust's White_Space plus the four ASCII separators U+001C..U+001F.
 pub fn is_py_space(c: char) -> bool {
@@ -152,8 +153,61 @@ fn chars_count(s: &str) -> i64 {
     s.chars().count() as i64
 }
 
+fn is_titlecase(c: char) -> bool {
+    get_general_category(c) == Gc::TitlecaseLetter
+}
+
+/// Python's `str.isalpha()` for one character: the `L*` general categories.
+fn is_py_alpha(c: char) -> bool {
+    matches!(
+        get_general_category(c),
+        Gc::UppercaseLetter | Gc::LowercaseLetter | Gc::TitlecaseLetter | Gc::ModifierLetter | Gc::OtherLetter
+    )
+}
+
+/// Python's `str.islower()` / `str.isupper()`: some cased character, none of the other case
+/// or titlecase.
+fn py_is_case(s: &str, lower: bool) -> bool {
+    let mut cased = false;
+    for c in s.chars() {
+        let (same, other) = if lower { (c.is_lowercase(), c.is_uppercase()) } else { (c.is_uppercase(), c.is_lowercase()) };
+        if other || is_titlecase(c) {
+            return false;
+        }
+        cased |= same;
+    }
+    cased
+}
+
+/// Python's `str.swapcase()`: uppercase characters lowered, lowercase ones uppered (full
+/// mappings), others kept; a capital sigma lowers as `str.lower()` would lower it in place.
+fn py_swapcase(s: &str) -> String {
+    let lowered = if s.contains('\u{3a3}') { s.to_lowercase() } else { String::new() };
+    let mut out = String::with_capacity(s.len());
+    let mut offset = 0; // of this character in `lowered` (lowering keeps a sigma's length)
+    for c in s.chars() {
+        if c == '\u{3a3}' {
+            // The final-sigma rule needs the context: take this character from the whole string lowered.
+            out.extend(lowered[offset..].chars().next());
+        } else if c.is_uppercase() {
+            out.extend(c.to_lowercase());
+        } else if c.is_lowercase() {
+            out.extend(c.to_uppercase());
+        } else {
+            out.push(c);
+        }
+        offset += c.to_lowercase().map(char::len_utf8).sum::<usize>();
+    }
+    out
+}
+
 /// Calls a Python str method, or returns `None` if this module doesn't define it.
-pub fn string_method(s: &str, method: &str, args: &[Value]) -> Option<Result<Value, Error>> {
+pub fn string_method(
+    s: &str,
+    method: &str,
+    args: &[Value],
+    check: &dyn Fn(usize) -> Result<(), Error>,
+) -> Option<Result<Value, Error>> {
     let result = (|| -> Result<Value, Error> {
         Ok(match method {
             "strip" => Value::from(py_strip(s, opt_str(args, 0, method)?, true, true)),
@@ -172,6 +226,9 @@ pub fn string_method(s: &str, method: &str, args: &[Value]) -> Option<Result<Val
                 let old = opt_str(args, 0, method)?.ok_or_else(|| bad_args(method, "missing old"))?;
                 let new = opt_str(args, 1, method)?.ok_or_else(|| bad_args(method, "missing new"))?;
                 let count = opt_int(args, 2, -1);
+                let hits = if old.is_empty() { chars_count(s) as usize + 1 } else { s.matches(old).count() };
+                let hits = if count < 0 { hits } else { hits.min(count as usize) };
+                check(s.len() + hits * new.len().saturating_sub(old.len()))?;
                 if count < 0 {
                     Value::from(s.replace(old, new))
                 } else {
@@ -197,7 +254,7 @@ pub fn string_method(s: &str, method: &str, args: &[Value]) -> Option<Result<Val
                     None if method == "partition" => [s, "", ""],
                     None => ["", "", s],
                 };
-                Value::from(parts.iter().map(|p| Value::from(*p)).collect::<Vec<_>>())
+                Value::from(minijinja::value::Tuple::from(parts.iter().map(|p| Value::from(*p)).collect::<Vec<_>>()))
             }
             "find" | "rfind" | "index" | "rindex" => {
                 let sub = opt_str(args, 0, method)?.ok_or_else(|| bad_args(method, "missing substring"))?;
@@ -221,6 +278,7 @@ pub fn string_method(s: &str, method: &str, args: &[Value]) -> Option<Result<Val
             }
             "zfill" => {
                 let width = opt_int(args, 0, 0);
+                check(width.max(0) as usize)?;
                 let n = chars_count(s);
                 if width <= n {
                     Value::from(s)
@@ -252,6 +310,10 @@ pub fn string_method(s: &str, method: &str, args: &[Value]) -> Option<Result<Val
                 }
                 Value::from(out)
             }
+            "isalpha" => Value::from(!s.is_empty() && s.chars().all(is_py_alpha)),
+            "islower" => Value::from(py_is_case(s, true)),
+            "isupper" => Value::from(py_is_case(s, false)),
+            "swapcase" => Value::from(py_swapcase(s)),
             _ => return Err(Error::from(ErrorKind::UnknownMethod)),
         })
     })();
@@ -264,11 +326,77 @@ pub fn string_method(s: &str, method: &str, args: &[Value]) -> Option<Result<Val
 /// The environment's unknown-method callback: our exact str methods first, then pycompat.
 pub fn unknown_method(state: &mut State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
     if let Some(s) = value.as_str() {
-        if let Some(result) = string_method(s, method, args) {
+        let check = |size: usize| super::check_value_size(state, size);
+        if let Some(result) = string_method(s, method, args, &check) {
             return result;
+        }
+        // pycompat's `join` and `format` build one value: its size is checked before.
+        if method == "join" {
+            if let Some(items) = args.first() {
+                let mut size = 0usize;
+                let mut n = 0usize;
+                for item in items.try_iter()? {
+                    size = size.saturating_add(item.as_str().map_or(0, str::len));
+                    n += 1;
+                }
+                check(size.saturating_add(s.len().saturating_mul(n.saturating_sub(1))))?;
+            }
+        } else if method == "format" {
+            for digits in s.split(|c: char| !c.is_ascii_digit()).filter(|d| d.len() > 6) {
+                check(digits.parse::<usize>().unwrap_or(usize::MAX))?;
+            }
         }
     }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// Jinja2's `|title`: words start after runs of `-`, whitespace (Python's, so `\x1c`-`\x1f`
+/// too), `(`, `{`, `[`, `<`; each piece's first character is uppered, the rest lowered.
+pub fn title_filter(value: &Value) -> String {
+    let s = super::pyfmt::py_str(value);
+    let is_sep = |c: char| matches!(c, '-' | '(' | '{' | '[' | '<') || is_py_space(c);
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s.as_str();
+    while !rest.is_empty() {
+        let sep_len = rest.find(|c: char| !is_sep(c)).unwrap_or(rest.len());
+        let (piece, tail) = if sep_len > 0 { rest.split_at(sep_len) } else { rest.split_at(rest.find(is_sep).unwrap_or(rest.len())) };
+        let mut chars = piece.chars();
+        if let Some(first) = chars.next() {
+            out.extend(first.to_uppercase());
+            out.push_str(&chars.as_str().to_lowercase());
+        }
+        rest = tail;
+    }
+    out
+}
+
+/// Jinja2's `|wordcount`: matches of Python's `\w+` (letters, digits, numerics and `_`).
+pub fn wordcount(value: &Value) -> usize {
+    let s = super::pyfmt::py_str(value);
+    let is_word = |c: char| {
+        c == '_'
+            || matches!(
+                get_general_category(c),
+                Gc::UppercaseLetter
+                    | Gc::LowercaseLetter
+                    | Gc::TitlecaseLetter
+                    | Gc::ModifierLetter
+                    | Gc::OtherLetter
+                    | Gc::DecimalNumber
+                    | Gc::LetterNumber
+                    | Gc::OtherNumber
+            )
+    };
+    let mut count = 0;
+    let mut in_word = false;
+    for c in s.chars() {
+        let w = is_word(c);
+        if w && !in_word {
+            count += 1;
+        }
+        in_word = w;
+    }
+    count
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! One [`ChatTemplate`] per template source. It knows nothing about tokens.
 
 mod methods;
+mod printf;
 pub mod pyfmt;
+mod rewrite;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -62,6 +64,22 @@ impl fmt::Display for OutputLimitExceeded {
 }
 
 impl std::error::Error for OutputLimitExceeded {}
+
+/// The global holding `max_output_bytes` for the functions that build one large value
+/// (`%` widths, `replace`, `zfill`, `join`, `format`): no single value may exceed it.
+const VALUE_LIMIT_VAR: &str = "__chatmask_value_limit";
+
+/// Refuses a value of `size` bytes over the output limit, reported as that limit.
+pub(crate) fn check_value_size(state: &State, size: usize) -> Result<(), JinjaError> {
+    let Some(limit) = state.lookup(VALUE_LIMIT_VAR).and_then(|v| v.as_usize()) else {
+        return Ok(());
+    };
+    if size > limit {
+        return Err(JinjaError::new(ErrorKind::InvalidOperation, format!("a value of {size} bytes exceeds the output limit"))
+            .with_source(OutputLimitExceeded(limit)));
+    }
+    Ok(())
+}
 
 /// An `io::Write` into a buffer that refuses to grow past `limit` bytes.
 struct BoundedBuffer {
@@ -124,85 +142,6 @@ fn syntax_config() -> minijinja::syntax::SyntaxConfig {
         .expect("default delimiters are valid")
 }
 
-/// Jinja2 raises `TypeError: 'NoneType' object is not iterable` for `{% for x in none %}`;
-/// minijinja iterates None as empty, and has no hook for it. Tool-use templates that loop over
-/// `tools` without a guard depend on that error, so every for-loop's iterable is routed
-/// through `_chatmask_iterable`, which raises on None. Positions come from minijinja's own
-/// parser, so the rewrite is exact; a source that does not parse is left for the compiler
-/// to report.
-fn guard_none_iteration(source: &str) -> String {
-    use minijinja::machinery::ast::{Expr, Stmt};
-    // An expression's span starts at its last operator (a filter's starts at the filter's
-    // name), so the start is the leftmost start in its operand chain.
-    fn start(e: &Expr<'_>) -> u32 {
-        let inner = match e {
-            Expr::Filter(f) => f.expr.as_ref().map(start),
-            Expr::Test(t) => Some(start(&t.expr)),
-            Expr::GetAttr(g) => Some(start(&g.expr)),
-            Expr::GetItem(g) => Some(start(&g.expr)),
-            Expr::Call(c) => Some(start(&c.expr)),
-            Expr::Slice(s) => Some(start(&s.expr)),
-            Expr::BinOp(b) => Some(start(&b.left)),
-            Expr::Compare(c) => Some(start(&c.expr)),
-            Expr::IfExpr(i) => Some(start(&i.true_expr)),
-            _ => None,
-        };
-        inner.map_or(e.span().start_offset, |s| s.min(e.span().start_offset))
-    }
-    fn walk(stmts: &[Stmt<'_>], out: &mut Vec<(usize, usize)>) {
-        for stmt in stmts {
-            match stmt {
-                Stmt::Template(t) => walk(&t.children, out),
-                Stmt::ForLoop(f) => {
-                    out.push((start(&f.iter) as usize, f.iter.span().end_offset as usize));
-                    walk(&f.body, out);
-                    walk(&f.else_body, out);
-                }
-                Stmt::IfCond(c) => {
-                    walk(&c.true_body, out);
-                    walk(&c.false_body, out);
-                }
-                Stmt::WithBlock(w) => walk(&w.body, out),
-                Stmt::SetBlock(b) => walk(&b.body, out),
-                Stmt::AutoEscape(a) => walk(&a.body, out),
-                Stmt::FilterBlock(b) => walk(&b.body, out),
-                Stmt::Block(b) => walk(&b.body, out),
-                Stmt::Macro(m) => walk(&m.body, out),
-                Stmt::CallBlock(c) => walk(&c.macro_decl.body, out),
-                _ => {}
-            }
-        }
-    }
-    let Ok(ast) = minijinja::machinery::parse(source, TEMPLATE_NAME, syntax_config()) else {
-        return source.to_string();
-    };
-    let mut iterables = Vec::new();
-    walk(std::slice::from_ref(&ast), &mut iterables);
-    if iterables.is_empty() {
-        return source.to_string();
-    }
-    iterables.sort_unstable();
-    let mut out = String::with_capacity(source.len() + iterables.len() * 24);
-    let mut pos = 0;
-    for (start, end) in iterables {
-        let (Some(head), Some(expr)) = (source.get(pos..start), source.get(start..end)) else {
-            return source.to_string(); // spans that do not nest cleanly: leave the source as is
-        };
-        out.push_str(head);
-        out.push('(');
-        out.push_str(expr);
-        out.push_str(")|_chatmask_iterable");
-        pos = end;
-    }
-    out.push_str(&source[pos..]);
-    // Belt and braces: a rewrite that does not parse is dropped rather than reported as the
-    // template's error.
-    if minijinja::machinery::parse(&out, TEMPLATE_NAME, syntax_config()).is_err() {
-        return source.to_string();
-    }
-    out
-}
-
 /// The identity, except that None is not iterable (Jinja2's TypeError).
 fn iterable_or_raise(value: Value) -> Result<Value, JinjaError> {
     if value.is_none() {
@@ -215,9 +154,6 @@ fn iterable_or_raise(value: Value) -> Result<Value, JinjaError> {
 /// at run time, each seen on the Hub:
 /// - a `|safe` result meeting `+`: Jinja2's Markup HTML-escapes the other operand, minijinja
 ///   concatenates;
-/// - Python's `%` string formatting on a string literal (`'image_%02d' % n`), which minijinja
-///   does not have (a `%` on a variable holding a string fails loudly in minijinja, never
-///   silently);
 /// - a dict method's name read as an attribute without a call (`json_spec.items`): Jinja2's
 ///   `getattr` finds the bound method before the key, minijinja the key. Names bound by
 ///   `namespace(...)` are exempt: a namespace's attributes are its keys in both.
@@ -235,9 +171,6 @@ pub fn unsupported_construct(source: &str) -> Option<&'static str> {
     if safe_plus.is_match(source) {
         return Some("it adds a `|safe` string with `+`, which Jinja2 HTML-escapes (Markup) and minijinja does not");
     }
-    if formats_string_literal(source) {
-        return Some("it formats a string with Python's `%` operator, which minijinja does not have");
-    }
     let method_attr = METHOD_ATTR.get_or_init(|| {
         regex::Regex::new(
             r"([A-Za-z_][A-Za-z0-9_]*|[\])])\.(?:items|keys|values|get|pop|popitem|setdefault|update|copy|clear|fromkeys)\b(\s*\()?",
@@ -250,21 +183,6 @@ pub fn unsupported_construct(source: &str) -> Option<&'static str> {
         .captures_iter(source)
         .any(|c| c.get(2).is_none() && !namespaces.contains(&&c[1]))
         .then_some("it reads a dict method's name as an attribute (like `x.items`), which Jinja2 resolves to the method and minijinja to the key")
-}
-
-/// Whether a string literal is followed by the `%` operator, read with minijinja's own lexer
-/// (a regex cannot tell where strings start: `"a" + f("%Y")` is no formatting).
-fn formats_string_literal(source: &str) -> bool {
-    use minijinja::machinery::{tokenize, Token};
-    let mut after_string = false;
-    for token in tokenize(source, false, syntax_config()) {
-        let Ok((token, _)) = token else { return false };
-        if after_string && matches!(token, Token::Mod) {
-            return true;
-        }
-        after_string = matches!(token, Token::Str(_) | Token::String(_));
-    }
-    false
 }
 
 /// Python's `str.splitlines()` (without keepends).
@@ -470,8 +388,13 @@ fn build_environment() -> Environment<'static> {
         },
     );
     env.add_test("sequence", is_sequence);
+    env.add_filter("title", |v: Value| methods::title_filter(&v));
+    env.add_filter("wordcount", |v: Value| methods::wordcount(&v));
     env.add_filter("_chatmask_generation", generation_block);
     env.add_filter("_chatmask_iterable", iterable_or_raise);
+    env.add_function("_chatmask_percent", |state: &State, a: Value, b: Value, kind: i64| {
+        printf::percent(state, &a, &b, printf::RhsKind::from_code(kind))
+    });
     env.add_test("iterable", is_iterable);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
@@ -537,7 +460,11 @@ impl ChatTemplate {
         let mut env = build_environment();
         env.set_fuel(limits.fuel);
         env.set_recursion_limit(limits.max_recursion);
-        let prepared = guard_none_iteration(&keep_newline_after_raw(&rewrite_generation_tags(&normalize_newlines(source))));
+        if let Some(limit) = limits.max_output_bytes {
+            env.add_global(VALUE_LIMIT_VAR, Value::from(limit));
+        }
+        let prepared = keep_newline_after_raw(&rewrite_generation_tags(&normalize_newlines(source)));
+        let prepared = rewrite::guard_none_iteration(&rewrite::python_percent(&prepared, syntax_config()));
         env.add_template_owned(TEMPLATE_NAME, prepared).map_err(|e| Error::TemplateSyntax {
             detail: e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string()),
             line: e.line(),
@@ -632,7 +559,7 @@ mod tests {
         assert!(unsupported_construct("{{ (v | tojson | safe if v is mapping else v) + 'z' }}").is_some());
         assert!(unsupported_construct("{{ x | safe }}{{ a + b }}").is_none());
         assert!(unsupported_construct("{{ f(spec.items) }}").is_some());
-        assert!(unsupported_construct("{{ '%s: %d' % (a, 1) }}").is_some());
+        assert!(unsupported_construct("{{ '%s: %d' % (a, 1) }}").is_none()); // rendered natively now
         assert!(unsupported_construct("{% if loop.index0 % 2 == 0 %}{{ strftime_now('%Y') }}{% endif %}").is_none());
         assert!(unsupported_construct("{{ \"date: \" + strftime_now(\"%Y-%m-%d\") + \".\" }}").is_none());
         assert!(unsupported_construct("{% for k, v in spec.items() %}{{ d.get('a') }}{% endfor %}").is_none());

@@ -312,7 +312,11 @@ pub fn py_repr(v: &Value) -> String {
         ValueKind::String => py_str_repr(v.as_str().unwrap_or_default()),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<String> = v.try_iter().map(|it| it.map(|x| py_repr(&x)).collect()).unwrap_or_default();
-            format!("[{}]", items.join(", "))
+            match (v.is_tuple(), items.len()) {
+                (true, 1) => format!("({},)", items[0]),
+                (true, _) => format!("({})", items.join(", ")),
+                _ => format!("[{}]", items.join(", ")),
+            }
         }
         ValueKind::Map if v.as_object().map(|o| o.repr()) == Some(ObjectRepr::Map) => {
             let items: Vec<String> =
@@ -329,6 +333,67 @@ pub fn py_str(v: &Value) -> String {
         ValueKind::String => v.as_str().unwrap_or_default().to_string(),
         _ => py_repr(v),
     }
+}
+
+fn exp_form(f: f64, prec: usize, upper: bool) -> String {
+    let s = format!("{:.*e}", prec, f);
+    let (mant, exp) = s.split_once('e').unwrap_or((&s, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let e = if upper { 'E' } else { 'e' };
+    format!("{mant}{e}{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+}
+
+/// Python's `%e %f %g` (and upper-case forms) of a float: `sign` is "", "+" or " " for a
+/// positive value, `alt` the `#` flag.
+pub fn float_format(f: f64, conv: char, plus: &str, alt: bool, prec: usize) -> String {
+    let upper = conv.is_ascii_uppercase();
+    let sign = if f.is_sign_negative() && !f.is_nan() { "-" } else { plus };
+    let a = f.abs();
+    if !a.is_finite() {
+        let s = if a.is_nan() { "nan" } else { "inf" };
+        return format!("{sign}{}", if upper { s.to_uppercase() } else { s.to_string() });
+    }
+    let body = match conv.to_ascii_lowercase() {
+        'e' => {
+            let s = exp_form(a, prec, upper);
+            if alt && prec == 0 {
+                s.replacen(if upper { 'E' } else { 'e' }, if upper { ".E" } else { ".e" }, 1)
+            } else {
+                s
+            }
+        }
+        'f' => {
+            let s = format!("{:.*}", prec, a);
+            if alt && prec == 0 {
+                format!("{s}.")
+            } else {
+                s
+            }
+        }
+        _ => {
+            let p = prec.max(1);
+            let probe = format!("{:.*e}", p - 1, a);
+            let x: i64 = probe.split_once('e').and_then(|(_, e)| e.parse().ok()).unwrap_or(0);
+            let mut s = if -4 <= x && x < p as i64 {
+                format!("{:.*}", (p as i64 - 1 - x) as usize, a)
+            } else {
+                exp_form(a, p - 1, upper)
+            };
+            if !alt {
+                let (mant, exp) = match s.find(['e', 'E']) {
+                    Some(i) => (s[..i].to_string(), s[i..].to_string()),
+                    None => (s.clone(), String::new()),
+                };
+                let mant = if mant.contains('.') { mant.trim_end_matches('0').trim_end_matches('.').to_string() } else { mant };
+                s = format!("{mant}{exp}");
+            } else if !s.contains('.') {
+                let i = s.find(['e', 'E']).unwrap_or(s.len());
+                s.insert(i, '.');
+            }
+            s
+        }
+    };
+    format!("{sign}{body}")
 }
 
 #[cfg(test)]

@@ -1,0 +1,290 @@
+//! Source rewrites made with minijinja's own parser, so positions are exact.
+//!
+//! * Every `a % b` becomes `_chatmask_percent(a, b, kind)`: Python's `%` (string formatting
+//!   and Python's modulo), which minijinja lacks for strings; `kind` records whether the
+//!   right-hand side was written as a list literal (1 argument, and a "mapping" to Python).
+//!
+//! * Every for-loop's iterable goes through `_chatmask_iterable`, which raises on None as
+//!   Jinja2 does.
+//!
+//! A rewrite that does not parse is dropped (the source is compiled as it was), so the
+//! template's own syntax errors are reported by the compiler, unchanged.
+
+use minijinja::machinery::ast::{BinOpKind, CallArg, Expr, Stmt};
+
+/// The leftmost byte an expression covers (a filter's own span starts at the filter's name).
+pub fn start(e: &Expr<'_>) -> u32 {
+    let inner = match e {
+        Expr::Filter(f) => f.expr.as_ref().map(start),
+        Expr::Test(t) => Some(start(&t.expr)),
+        Expr::GetAttr(g) => Some(start(&g.expr)),
+        Expr::GetItem(g) => Some(start(&g.expr)),
+        Expr::Call(c) => Some(start(&c.expr)),
+        Expr::Slice(s) => Some(start(&s.expr)),
+        Expr::BinOp(b) => Some(start(&b.left)),
+        Expr::Compare(c) => Some(start(&c.expr)),
+        Expr::IfExpr(i) => Some(start(&i.true_expr)),
+        _ => None,
+    };
+    inner.map_or(e.span().start_offset, |s| s.min(e.span().start_offset))
+}
+
+fn end(e: &Expr<'_>) -> u32 {
+    e.span().end_offset
+}
+
+/// One `left % right` found in the source: byte ranges and how the right side was written.
+#[derive(Debug, Clone, Copy)]
+struct Percent {
+    whole: (usize, usize),
+    left: (usize, usize),
+    right: (usize, usize),
+    kind: u8,
+}
+
+impl Percent {
+    /// The text replaced: the operator's span, parentheses around either operand included.
+    fn range(&self) -> (usize, usize) {
+        self.whole
+    }
+}
+
+fn visit_args(args: &[CallArg<'_>], out: &mut Vec<Percent>) {
+    for arg in args {
+        match arg {
+            CallArg::Pos(e) | CallArg::Kwarg(_, e) | CallArg::PosSplat(e) | CallArg::KwargSplat(e) => visit_expr(e, out),
+        }
+    }
+}
+
+fn visit_expr(e: &Expr<'_>, out: &mut Vec<Percent>) {
+    match e {
+        Expr::Var(_) | Expr::Const(_) => {}
+        Expr::Slice(s) => {
+            visit_expr(&s.expr, out);
+            for part in [&s.start, &s.stop, &s.step].into_iter().flatten() {
+                visit_expr(part, out);
+            }
+        }
+        Expr::UnaryOp(u) => visit_expr(&u.expr, out),
+        Expr::BinOp(b) => {
+            if matches!(b.op, BinOpKind::Rem) {
+                let kind = match &b.right {
+                    Expr::List(_) => 2,
+                    Expr::Tuple(_) => 1,
+                    _ => 0,
+                };
+                let (l, r) = (start(&b.left) as usize, end(&b.right) as usize);
+                out.push(Percent {
+                    whole: (l.min(e.span().start_offset as usize), r.max(e.span().end_offset as usize)),
+                    left: (start(&b.left) as usize, end(&b.left) as usize),
+                    right: (start(&b.right) as usize, end(&b.right) as usize),
+                    kind,
+                });
+            }
+            visit_expr(&b.left, out);
+            visit_expr(&b.right, out);
+        }
+        Expr::Compare(c) => {
+            visit_expr(&c.expr, out);
+            for op in &c.ops {
+                visit_expr(&op.expr, out);
+            }
+        }
+        Expr::IfExpr(i) => {
+            visit_expr(&i.test_expr, out);
+            visit_expr(&i.true_expr, out);
+            if let Some(f) = &i.false_expr {
+                visit_expr(f, out);
+            }
+        }
+        Expr::Filter(f) => {
+            if let Some(x) = &f.expr {
+                visit_expr(x, out);
+            }
+            visit_args(&f.args, out);
+        }
+        Expr::Test(t) => {
+            visit_expr(&t.expr, out);
+            visit_args(&t.args, out);
+        }
+        Expr::GetAttr(g) => visit_expr(&g.expr, out),
+        Expr::GetItem(g) => {
+            visit_expr(&g.expr, out);
+            visit_expr(&g.subscript_expr, out);
+        }
+        Expr::Call(c) => {
+            visit_expr(&c.expr, out);
+            visit_args(&c.args, out);
+        }
+        Expr::List(l) => l.items.iter().for_each(|x| visit_expr(x, out)),
+        Expr::Tuple(t) => t.items.iter().for_each(|x| visit_expr(x, out)),
+        Expr::Map(m) => m.keys.iter().chain(m.values.iter()).for_each(|x| visit_expr(x, out)),
+    }
+}
+
+fn visit_stmts(stmts: &[Stmt<'_>], out: &mut Vec<Percent>) {
+    for stmt in stmts {
+        match stmt {
+            Stmt::Template(t) => visit_stmts(&t.children, out),
+            Stmt::EmitExpr(e) => visit_expr(&e.expr, out),
+            Stmt::EmitRaw(_) => {}
+            Stmt::ForLoop(f) => {
+                visit_expr(&f.iter, out);
+                if let Some(x) = &f.filter_expr {
+                    visit_expr(x, out);
+                }
+                visit_stmts(&f.body, out);
+                visit_stmts(&f.else_body, out);
+            }
+            Stmt::IfCond(c) => {
+                visit_expr(&c.expr, out);
+                visit_stmts(&c.true_body, out);
+                visit_stmts(&c.false_body, out);
+            }
+            Stmt::WithBlock(w) => {
+                for (_, value) in &w.assignments {
+                    visit_expr(value, out);
+                }
+                visit_stmts(&w.body, out);
+            }
+            Stmt::Set(s) => visit_expr(&s.expr, out),
+            Stmt::SetBlock(b) => {
+                if let Some(x) = &b.filter {
+                    visit_expr(x, out);
+                }
+                visit_stmts(&b.body, out);
+            }
+            Stmt::AutoEscape(a) => {
+                visit_expr(&a.enabled, out);
+                visit_stmts(&a.body, out);
+            }
+            Stmt::FilterBlock(b) => {
+                visit_expr(&b.filter, out);
+                visit_stmts(&b.body, out);
+            }
+            Stmt::Macro(m) => {
+                m.defaults.iter().for_each(|x| visit_expr(x, out));
+                visit_stmts(&m.body, out);
+            }
+            Stmt::CallBlock(c) => {
+                visit_expr(&c.call.expr, out);
+                visit_args(&c.call.args, out);
+                c.macro_decl.defaults.iter().for_each(|x| visit_expr(x, out));
+                visit_stmts(&c.macro_decl.body, out);
+            }
+            Stmt::Do(d) => {
+                visit_expr(&d.call.expr, out);
+                visit_args(&d.call.args, out);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Writes `range` of `source` with every `%` in it (outermost first) turned into a call.
+fn emit(source: &str, range: (usize, usize), found: &[Percent], out: &mut String) -> Option<()> {
+    let mut pos = range.0;
+    for p in found {
+        let (s, e) = p.range();
+        if s < pos || e > range.1 {
+            continue; // nested inside one already written, or outside this range
+        }
+        out.push_str(source.get(pos..s)?);
+        out.push_str("_chatmask_percent(");
+        emit(source, p.left, found, out)?;
+        out.push_str(", ");
+        emit(source, p.right, found, out)?;
+        out.push_str(match p.kind {
+            1 => ", 1)",
+            2 => ", 2)",
+            _ => ", 0)",
+        });
+        pos = e;
+    }
+    out.push_str(source.get(pos..range.1)?);
+    Some(())
+}
+
+/// `source` with Python's `%` made explicit (see the module doc); unchanged if it has none.
+pub fn python_percent(source: &str, syntax: minijinja::syntax::SyntaxConfig) -> String {
+    let Ok(ast) = minijinja::machinery::parse(source, super::TEMPLATE_NAME, syntax.clone()) else {
+        return source.to_string();
+    };
+    let mut found = Vec::new();
+    visit_stmts(std::slice::from_ref(&ast), &mut found);
+    if found.is_empty() {
+        return source.to_string();
+    }
+    // Outermost first: by start, then the longest.
+    found.sort_by(|a, b| a.range().0.cmp(&b.range().0).then(b.range().1.cmp(&a.range().1)));
+    let mut out = String::with_capacity(source.len() + found.len() * 24);
+    if emit(source, (0, source.len()), &found, &mut out).is_none()
+        || minijinja::machinery::parse(&out, super::TEMPLATE_NAME, syntax).is_err()
+    {
+        return source.to_string();
+    }
+    out
+}
+
+/// Jinja2 raises `TypeError: 'NoneType' object is not iterable` for `{% for x in none %}`;
+/// minijinja iterates None as empty, and has no hook for it. Tool-use templates that loop over
+/// `tools` without a guard depend on that error, so every for-loop's iterable is routed
+/// through `_chatmask_iterable`, which raises on None. Positions come from minijinja's own
+/// parser, so the rewrite is exact; a source that does not parse is left for the compiler
+/// to report.
+pub fn guard_none_iteration(source: &str) -> String {
+    use minijinja::machinery::ast::Stmt;
+    fn walk(stmts: &[Stmt<'_>], out: &mut Vec<(usize, usize)>) {
+        for stmt in stmts {
+            match stmt {
+                Stmt::Template(t) => walk(&t.children, out),
+                Stmt::ForLoop(f) => {
+                    out.push((start(&f.iter) as usize, f.iter.span().end_offset as usize));
+                    walk(&f.body, out);
+                    walk(&f.else_body, out);
+                }
+                Stmt::IfCond(c) => {
+                    walk(&c.true_body, out);
+                    walk(&c.false_body, out);
+                }
+                Stmt::WithBlock(w) => walk(&w.body, out),
+                Stmt::SetBlock(b) => walk(&b.body, out),
+                Stmt::AutoEscape(a) => walk(&a.body, out),
+                Stmt::FilterBlock(b) => walk(&b.body, out),
+                Stmt::Block(b) => walk(&b.body, out),
+                Stmt::Macro(m) => walk(&m.body, out),
+                Stmt::CallBlock(c) => walk(&c.macro_decl.body, out),
+                _ => {}
+            }
+        }
+    }
+    let Ok(ast) = minijinja::machinery::parse(source, super::TEMPLATE_NAME, super::syntax_config()) else {
+        return source.to_string();
+    };
+    let mut iterables = Vec::new();
+    walk(std::slice::from_ref(&ast), &mut iterables);
+    if iterables.is_empty() {
+        return source.to_string();
+    }
+    iterables.sort_unstable();
+    let mut out = String::with_capacity(source.len() + iterables.len() * 24);
+    let mut pos = 0;
+    for (start, end) in iterables {
+        let (Some(head), Some(expr)) = (source.get(pos..start), source.get(start..end)) else {
+            return source.to_string(); // spans that do not nest cleanly: leave the source as is
+        };
+        out.push_str(head);
+        out.push('(');
+        out.push_str(expr);
+        out.push_str(")|_chatmask_iterable");
+        pos = end;
+    }
+    out.push_str(&source[pos..]);
+    // Belt and braces: a rewrite that does not parse is dropped rather than reported as the
+    // template's error.
+    if minijinja::machinery::parse(&out, super::TEMPLATE_NAME, super::syntax_config()).is_err() {
+        return source.to_string();
+    }
+    out
+}
