@@ -22,7 +22,8 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from chatmask import pipeline  # noqa: E402
+from chatmask.io import sinks  # noqa: E402
+from chatmask.pipeline import job as pipeline_job  # noqa: E402
 from chatmask.cli import main  # noqa: E402
 from chatmask.demo import demo_conversations, demo_tokenizer  # noqa: E402
 
@@ -280,14 +281,14 @@ def test_resume_after_crash_at_each_commit_step(tmp_path, monkeypatch, where):
         return wrapped
 
     if where == "errors":  # errors of the part in progress written, part not committed
-        real_write_errors = pipeline._Job._write_errors
+        real_write_errors = pipeline_job.Job._write_errors
 
         def write_errors(self, errors):
             real_write_errors(self, errors)
             if errors and self.writer is not None and self.state.parts:
                 raise Crash
 
-        monkeypatch.setattr(pipeline._Job, "_write_errors", write_errors)
+        monkeypatch.setattr(pipeline_job.Job, "_write_errors", write_errors)
     elif where == "part-rename":  # errors fsynced, the part not yet renamed
         real_replace = os.replace
 
@@ -298,10 +299,10 @@ def test_resume_after_crash_at_each_commit_step(tmp_path, monkeypatch, where):
                     raise Crash
             return real_replace(src, dst)
 
-        monkeypatch.setattr(pipeline.os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)
     else:  # part renamed, progress.json not yet replaced
         # call 1 writes the initial progress.json; call 2 is the first commit's
-        monkeypatch.setattr(pipeline, "write_json_atomic", crash_on(2, pipeline.write_json_atomic))
+        monkeypatch.setattr(sinks, "write_json_atomic", crash_on(2, sinks.write_json_atomic))
     args = [str(src), "-o", str(out), "--rows-per-file", "7", "--batch-rows", "5"]
     with pytest.raises(Crash):
         tokenize(*args)
@@ -686,14 +687,14 @@ def test_policy_resume_after_crash_and_refuses_another_policy(tmp_path, monkeypa
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     args = [str(src), "-o", str(out), "--rows-per-file", "3", "--batch-rows", "4"]
-    real_commit = pipeline._Job._commit
+    real_commit = pipeline_job.Job._commit
 
     def commit(self, next_row):
-        if self.state.parts and self.pending_dropped and self.pending_failed:
+        if self.state.parts and self.dropped_file.pending and self.errors_file.pending:
             raise Crash  # dropped and error lines past the last commit written, a part committed before
         return real_commit(self, next_row)
 
-    monkeypatch.setattr(pipeline._Job, "_commit", commit)
+    monkeypatch.setattr(pipeline_job.Job, "_commit", commit)
     with pytest.raises(Crash):
         tokenize(*args, "--policy", str(policy_file))
     monkeypatch.undo()
