@@ -176,3 +176,26 @@ def flagged_batch(tok: Any, rows: Sequence[Any], mode: str, finish_reason: Any, 
     batch.reference_wrong, batch.reference_causes = truth.wrong, truth.causes
     batch.reference_unmeasured, batch.reference_raised = truth.unmeasured, truth.raised
     return batch
+
+
+def reference_wrong(tokenizer: Any, chat: Sequence[Any], mode: str = "last", finish_reason: str = "",
+                    **template_kwargs: Any) -> tuple[str, ...]:
+    """For drop-in users: why the reference's mask of one conversation is wrong, ``()`` when it
+    is right. `mode` is what the drop-in call used: ``tokenize_for_trainer`` is ``"last"``
+    (``"all"`` with ``train_on_all_assistant_turns=True``), ``tokenize_for_trainer_multistep`` is
+    ``"multistep"``. `tokenizer` is a transformers fast tokenizer or a ChatTokenizer. The drop-in
+    output itself is never changed. ``("unmeasured",)``: the span render differs, not judged.
+    """
+    from .dropin import core_for
+
+    batch = core_for(tokenizer).tokenize_batch(
+        [chat], mode=mode, finish_reason=finish_reason, on_error="skip", flag_reference=True, **template_kwargs
+    )
+    if batch.reference_raised:
+        return ("raises",)
+    if not len(batch):
+        return ()  # the spans fail too: nothing to measure against
+    if batch.reference_unmeasured[0]:
+        return ("unmeasured",)
+    causes = batch.reference_causes[0]
+    return tuple(causes.split(",")) if causes else ()
