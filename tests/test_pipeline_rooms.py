@@ -77,7 +77,8 @@ def test_options_declared_once_reach_the_help(capsys):
         main(["tokenize", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     # defaults come from the dataclass fields, not restated in argparse
-    assert "(default: 4096)" in text and "(default: 100000)" in text and "(default: last)" in text
+    assert "(default: 4096)" in text and "(default: 100000)" in text and "(default: messages)" in text
+    assert "MaskPolicy(): assistant turns and their end tokens" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def demo_dir(path: Path) -> Path:
 def interrupted_job(tmp_path: Path, monkeypatch, tokenizer: Path) -> list[str]:
     """An interrupted `chatmask tokenize` (killed at its second commit); returns its arguments."""
     src = write_jsonl(tmp_path / "in.jsonl", ROWS * 3)
-    args = ["tokenize", str(src), "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--quiet",
+    args = ["tokenize", str(src), "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--mode", "last", "--quiet",
             "--rows-per-file", "4", "--batch-rows", "4"]
     real = pipeline_job.Job._commit
     calls = {"n": 0}
@@ -244,7 +245,7 @@ def _gzip_bytes(rows: list[Any]) -> bytes:
 
 def _run_broken(tmp_path: Path, capsys, inputs: list[Path], out: Path) -> tuple[str, dict]:
     capsys.readouterr()
-    code = main(["tokenize", *map(str, inputs), "-o", str(out), "--tokenizer", "demo", "--quiet",
+    code = main(["tokenize", *map(str, inputs), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet",
                  "--batch-rows", "16", "--rows-per-file", "50"])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -269,9 +270,9 @@ def test_truncated_gzip_commits_what_was_read_and_resumes(tmp_path, capsys):
     err, manifest = _run_broken(tmp_path, capsys, [src], out)
     assert str(src) in err and "truncated gzip" in err and "row(s)" in err and "--resume" in err
     assert 0 < manifest["rows_in"] < len(rows)
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--quiet", "--resume"]) == 2
+    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 2
     src.write_bytes(good)  # fixed
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--quiet", "--resume"]) == 0
+    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
     check_output(out, expected_convs(rows))
     assert json.loads((out / "manifest.json").read_text())["read_error"] is None
 
@@ -289,7 +290,7 @@ def test_corrupt_gzip_after_a_good_file(tmp_path, capsys):
     assert str(second) in err and "gzip" in err
     assert manifest["rows_in"] >= len(ROWS) and manifest["read_error"]["input_index"] == 1
     second.write_bytes(good)
-    assert main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--quiet", "--resume"]) == 0
+    assert main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
     check_output(out, expected_convs(ROWS + ROWS * 40))
 
 
@@ -302,7 +303,7 @@ def test_changed_file_before_the_broken_one_is_refused(tmp_path, capsys):
     _run_broken(tmp_path, capsys, [first, second], out)
     write_jsonl(first, ROWS + ROWS[:1])
     second.write_bytes(good)
-    assert main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--resume"]) == 2
+    assert main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--resume"]) == 2
     assert "different input sizes" in capsys.readouterr().err
 
 
@@ -318,7 +319,7 @@ def test_truncated_zstd(tmp_path, capsys):
     assert str(src) in err and "truncated zstd" in err
     assert manifest["rows_in"] < len(rows)
     src.write_bytes(good)
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--quiet", "--resume"]) == 0
+    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
     check_output(out, expected_convs(rows))
 
 
@@ -332,7 +333,7 @@ def test_parquet_with_a_broken_footer(tmp_path, capsys):
     assert str(second) in err and "Parquet" in err and "after 0 row(s)" in err
     assert manifest["rows_in"] == len(ROWS)  # the first file, all of it
     second.write_bytes(good)
-    assert main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--quiet", "--resume"]) == 0
+    assert main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
     check_output(out, expected_convs(ROWS) + [conv(r) for r in ROWS])
 
 
@@ -350,7 +351,7 @@ def test_unreadable_file(tmp_path, capsys, monkeypatch):
     err, manifest = _run_broken(tmp_path, capsys, [src], out)
     assert str(src) in err and "Permission denied" in err and manifest["rows_in"] == 0
     monkeypatch.undo()
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--quiet", "--resume"]) == 0
+    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
     check_output(out, expected_convs(ROWS))
 
 
@@ -368,7 +369,8 @@ def test_cli_traceback_free_in_a_subprocess(tmp_path):
     src.write_bytes(_gzip_bytes(ROWS * 5)[:-30])
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "chatmask", "tokenize", str(src), "-o", str(tmp_path / "out"), "--tokenizer", "demo"],
+        [sys.executable, "-m", "chatmask", "tokenize", str(src), "-o", str(tmp_path / "out"), "--tokenizer", "demo",
+         "--mode", "last"],
         capture_output=True, text=True, env=env,
     )
     assert proc.returncode == 2, proc.stderr

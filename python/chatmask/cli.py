@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Tokenize JSONL (plain, .gz, .zst) or Parquet conversations into Parquet part files, errors.jsonl "
             "and manifest.json in OUTDIR. Every input row lands in exactly one part or errors.jsonl (or, under a "
             "policy with overflow \"drop\", dropped.jsonl): rows_in == rows_out + rows_failed + rows_dropped.",
-            "Labels come from --mode (the reference's modes) or from --policy FILE, a JSON object of "
+            "Labels are span-based by default: a default chatmask.MaskPolicy (assistant turns and their end "
+            "tokens) on --messages-field / --tools-field. --mode last|all|multistep uses the reference's "
+            "prefix-count arithmetic instead, judges every row on the spans and flags the rows where it is wrong "
+            "(columns reference_wrong, reference_causes; manifest.json reference_wrong counts them by cause; a "
+            "summary line names them).",
+            "Labels come from --policy FILE too, a JSON object of "
             "chatmask.MaskPolicy fields, e.g. {\"roles_to_train\": [\"assistant\"], \"max_length\": 4096, "
             "\"overflow\": \"drop\", \"field_messages\": \"conversations\"}. A policy replaces --mode, "
             "--finish-reason-field, --messages-field and --tools-field, and combining them with it is an error: "

@@ -69,6 +69,14 @@ def resolved_default(cls: type, name: str) -> Any:
     return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["resolved"]
 
 
+DEFAULT_LABELS = "MaskPolicy(): assistant turns and their end tokens"
+
+
+def default_policy(messages_field: str | None, tools_field: str | None) -> MaskPolicy:
+    """The labels without --mode or --policy: span-based, a default MaskPolicy on the given fields."""
+    return MaskPolicy(field_messages=messages_field or "messages", field_tools=tools_field or "tools")
+
+
 # Shared by tokenize and show.
 def _tokenizer() -> Any:
     return option(
@@ -78,7 +86,11 @@ def _tokenizer() -> Any:
 
 
 def _mode(policy_note: str) -> Any:
-    return option(None, "--mode", choices=MODES, resolved="last", help=f"reference label mode{policy_note}")
+    return option(
+        None, "--mode", choices=MODES,
+        help="label with the reference's prefix-count arithmetic (rows where it is wrong are flagged); "
+        f"default: span-based labels, {DEFAULT_LABELS}{policy_note}",
+    )
 
 
 def _messages_field(policy_note: str) -> Any:
@@ -115,7 +127,7 @@ class TokenizeOptions:
     sanitize_control_tokens: bool = option(
         False, "--sanitize-control-tokens", action="store_true",
         help="encode control-token text in the inputs (a user typing <|im_start|>) as text, as transformers 5 "
-        "does; sets the policy's sanitize_control_tokens, so it needs --policy",
+        "does; sets the policy's sanitize_control_tokens, so not with --mode",
     )
     threads: int | None = option(None, "--threads", type=positive, help="tokenizer threads (default: all cores)")
     messages_field: str | None = _messages_field("; with --policy, the policy's field_messages")
@@ -175,10 +187,10 @@ def load_policy(path: str) -> MaskPolicy:
 
 
 def resolve_mode_fields(opts: Any) -> Any:
-    """Without a policy: `mode`, `messages_field` and `tools_field` filled in from their declared
-    ``resolved`` defaults and checked."""
+    """With --mode: `messages_field` and `tools_field` filled in from their declared ``resolved``
+    defaults, the mode checked."""
     cls = type(opts)
-    mode = opts.mode if opts.mode is not None else resolved_default(cls, "mode")
+    mode = opts.mode
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
     return dataclasses.replace(
@@ -189,6 +201,19 @@ def resolve_mode_fields(opts: Any) -> Any:
     )
 
 
+def with_default_policy(opts: Any) -> Any:
+    """Neither --mode nor --policy: the default span-based policy on the given fields."""
+    if opts.policy is not None or opts.mode is not None:
+        return opts
+    if opts.finish_reason_field is not None:
+        raise UsageError(
+            "--finish-reason-field needs --mode: the default labels are span-based "
+            f"({DEFAULT_LABELS}) and take no finish reason"
+        )
+    policy = default_policy(opts.messages_field, opts.tools_field)
+    return dataclasses.replace(opts, policy=policy, messages_field=None, tools_field=None)
+
+
 def resolve_tokenize(opts: TokenizeOptions) -> TokenizeOptions:
     """The options with their defaults filled in and the policy settled; UsageError on a conflict."""
     if opts.policy is not None and not isinstance(opts.policy, MaskPolicy):
@@ -197,11 +222,13 @@ def resolve_tokenize(opts: TokenizeOptions) -> TokenizeOptions:
         raise UsageError("--rows-per-file and --batch-rows must be positive")
     if opts.threads is not None and opts.threads < 1:
         raise UsageError("--threads must be positive")
+    opts = with_default_policy(opts)
     if opts.policy is None:
         if opts.sanitize_control_tokens:
             raise UsageError(
-                "--sanitize-control-tokens needs --policy (it sets the policy's sanitize_control_tokens; "
-                "the reference modes encode control-token text as the tokens, as transformers 4 does)"
+                "--sanitize-control-tokens needs span-based labels (the default, or --policy), not --mode: it sets "
+                "the policy's sanitize_control_tokens; the reference modes encode control-token text as the "
+                "tokens, as transformers 4 does"
             )
         return resolve_mode_fields(opts)
     given = [

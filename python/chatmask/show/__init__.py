@@ -17,7 +17,7 @@ from ..rows import Fields, ParsedRow, parse
 from ..truth import REFERENCE_MODES
 from .._usage import UsageError
 from ..io.readers import iter_raw_rows, resolve_inputs
-from ..pipeline.options import ShowOptions, resolve_mode_fields
+from ..pipeline.options import ShowOptions, resolve_mode_fields, with_default_policy
 from ..pipeline.tokenizer import load_tokenizer
 from .html import render_html
 from .terminal import legend, render_mask
@@ -67,6 +67,7 @@ def _roles(conversation: dict, policy: MaskPolicy | None) -> list[str]:
 
 
 def _resolve(opts: ShowOptions) -> ShowOptions:
+    opts = with_default_policy(opts)
     if opts.policy is None:
         return resolve_mode_fields(opts)
     given = [flag for flag, value in (("--mode", opts.mode), ("--messages-field", opts.messages_field),
