@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     date = {"date_string": oracle().DATE_STRING}
     disagreements = 0
     total_plain = total_flagged = 0.0
-    print(f"{'tokenizer':18} {'mode':9} {'rows':>6} {'flagged':>7} {'unmeasured':>10} {'bench':>6} {'agree':>6}  causes")
+    print(
+        f"{'tokenizer':18} {'mode':9} {'rows':>6} {'flagged':>7} {'unmeasured':>10} {'bench':>6} {'agree':>6}  causes"
+    )
     for name in names:
         ref_tok, cm = rvs.load_pair(name)
         for mode in modes:
@@ -65,9 +67,12 @@ def main(argv=None) -> int:
                 rows = rows_of(path, args.limit)
                 batch = cm.tokenize_batch(rows, mode=mode, on_error="skip", flag_reference=True, **date)
                 if args.repeat:
-                    total_plain += best(lambda: cm.tokenize_batch(rows, mode=mode, on_error="skip", **date), args.repeat)
+                    total_plain += best(
+                        lambda: cm.tokenize_batch(rows, mode=mode, on_error="skip", **date), args.repeat
+                    )
                     total_flagged += best(
-                        lambda: cm.tokenize_batch(rows, mode=mode, on_error="skip", flag_reference=True, **date), args.repeat
+                        lambda: cm.tokenize_batch(rows, mode=mode, on_error="skip", flag_reference=True, **date),
+                        args.repeat,
                     )
                 wrong_rows = {int(batch.rows[i]): c for i, c in enumerate(batch.reference_causes) if c}
                 wrong_rows.update({r: "raises" for r in batch.reference_raised})
@@ -88,13 +93,20 @@ def main(argv=None) -> int:
                             agree += 1
                         else:
                             disagreements += 1
-                            print(f"  DISAGREE {name} {mode} {path.name} row {i}: flags {sorted(mine)}, bench {sorted(theirs)}")
-            print(f"{name:18} {mode:9} {rows_total:6} {flagged:7} {unmeasured:10} "
-                  f"{bench_wrong if args.compare else '-':>6} {agree if args.compare else '-':>6}  "
-                  + ", ".join(f"{c} {n}" for c, n in sorted(causes.items())), flush=True)
+                            print(
+                                f"  DISAGREE {name} {mode} {path.name} row {i}: flags {sorted(mine)}, bench {sorted(theirs)}"
+                            )
+            print(
+                f"{name:18} {mode:9} {rows_total:6} {flagged:7} {unmeasured:10} "
+                f"{bench_wrong if args.compare else '-':>6} {agree if args.compare else '-':>6}  "
+                + ", ".join(f"{c} {n}" for c, n in sorted(causes.items())),
+                flush=True,
+            )
     if total_plain:
-        print(f"\nflagging cost: {total_flagged:.2f}s flagged vs {total_plain:.2f}s plain "
-              f"(+{100 * (total_flagged / total_plain - 1):.0f}%)")
+        print(
+            f"\nflagging cost: {total_flagged:.2f}s flagged vs {total_plain:.2f}s plain "
+            f"(+{100 * (total_flagged / total_plain - 1):.0f}%)"
+        )
     return 1 if disagreements else 0
 
 

@@ -32,7 +32,6 @@ from chatmask.cli import main  # noqa: E402
 from chatmask.demo import demo_chat_template, demo_conversations, demo_tokenizer, demo_tokenizer_json  # noqa: E402
 from chatmask.io import readers  # noqa: E402
 from chatmask.pipeline import job as pipeline_job  # noqa: E402
-
 from test_cli import check_output, conv, expected_convs, read_parts, write_jsonl, write_parquet  # noqa: E402
 
 TOK = demo_tokenizer()
@@ -100,8 +99,21 @@ def demo_dir(path: Path) -> Path:
 def interrupted_job(tmp_path: Path, monkeypatch, tokenizer: Path) -> list[str]:
     """An interrupted `chatmask tokenize` (killed at its second commit); returns its arguments."""
     src = write_jsonl(tmp_path / "in.jsonl", ROWS * 3)
-    args = ["tokenize", str(src), "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--mode", "last", "--quiet",
-            "--rows-per-file", "4", "--batch-rows", "4"]
+    args = [
+        "tokenize",
+        str(src),
+        "-o",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        str(tokenizer),
+        "--mode",
+        "last",
+        "--quiet",
+        "--rows-per-file",
+        "4",
+        "--batch-rows",
+        "4",
+    ]
     real = pipeline_job.Job._commit
     calls = {"n": 0}
 
@@ -121,7 +133,12 @@ def interrupted_job(tmp_path: Path, monkeypatch, tokenizer: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "change",
-    ["chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json", "additional_chat_templates/tool_use.jinja"],
+    [
+        "chat_template.jinja",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "additional_chat_templates/tool_use.jinja",
+    ],
 )
 def test_resume_refuses_a_changed_tokenizer_file(tmp_path, monkeypatch, capsys, change):
     tokenizer = demo_dir(tmp_path / "tok")
@@ -178,14 +195,27 @@ def test_fingerprint_records_template_and_encoder_slot(tmp_path, monkeypatch):
 # (b) one row reader
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
-          "parameters": {"type": "object", "properties": {"unit": {"type": "string", "default": None}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather",
+            "parameters": {"type": "object", "properties": {"unit": {"type": "string", "default": None}}},
+        },
+    }
+]
 CHATS = [
-    [{"role": "user", "content": "Weather in Paris?"},
-     {"role": "assistant", "content": "", "tool_calls": [
-         {"type": "function", "function": {"name": "get_weather", "arguments": {"unit": "c"}}}]},
-     {"role": "tool", "content": "21 C"},
-     {"role": "assistant", "content": "It is 21 C."}],
+    [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"unit": "c"}}}],
+        },
+        {"role": "tool", "content": "21 C"},
+        {"role": "assistant", "content": "It is 21 C."},
+    ],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
 ]
 
@@ -220,7 +250,9 @@ def test_cli_adapters_and_show_read_a_row_identically(tmp_path, capsys):
     # The adapters without Arrow types (plain dicts, as after json.loads of the stored row).
     from chatmask._adapter import RowTokenizer
 
-    plain = RowTokenizer(TOK, "all").tokenize({"messages": [r["messages"] for r in rows], "tools": [r["tools"] for r in rows]})
+    plain = RowTokenizer(TOK, "all").tokenize(
+        {"messages": [r["messages"] for r in rows], "tools": [r["tools"] for r in rows]}
+    )
     got["adapter-untyped"] = [a.tolist() for a in plain.id_rows()]
 
     expected = [want[i]["input_ids"].tolist() for i in range(len(CHATS))]
@@ -230,7 +262,9 @@ def test_cli_adapters_and_show_read_a_row_identically(tmp_path, capsys):
     for src in (parquet, jsonl):
         for row in range(len(CHATS)):
             capsys.readouterr()
-            assert main(["show", str(src), "--row", str(row), "--tokenizer", "demo", "--mode", "all", "--no-color"]) == 0
+            assert (
+                main(["show", str(src), "--row", str(row), "--tokenizer", "demo", "--mode", "all", "--no-color"]) == 0
+            )
             header = capsys.readouterr().out.splitlines()[0]
             assert f": {len(expected[row])} tokens," in header, (src.name, header)
 
@@ -245,8 +279,23 @@ def _gzip_bytes(rows: list[Any]) -> bytes:
 
 def _run_broken(tmp_path: Path, capsys, inputs: list[Path], out: Path) -> tuple[str, dict]:
     capsys.readouterr()
-    code = main(["tokenize", *map(str, inputs), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet",
-                 "--batch-rows", "16", "--rows-per-file", "50"])
+    code = main(
+        [
+            "tokenize",
+            *map(str, inputs),
+            "-o",
+            str(out),
+            "--tokenizer",
+            "demo",
+            "--mode",
+            "last",
+            "--quiet",
+            "--batch-rows",
+            "16",
+            "--rows-per-file",
+            "50",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -270,9 +319,15 @@ def test_truncated_gzip_commits_what_was_read_and_resumes(tmp_path, capsys):
     err, manifest = _run_broken(tmp_path, capsys, [src], out)
     assert str(src) in err and "truncated gzip" in err and "row(s)" in err and "--resume" in err
     assert 0 < manifest["rows_in"] < len(rows)
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 2
+    assert (
+        main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"])
+        == 2
+    )
     src.write_bytes(good)  # fixed
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
+    assert (
+        main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"])
+        == 0
+    )
     check_output(out, expected_convs(rows))
     assert json.loads((out / "manifest.json").read_text())["read_error"] is None
 
@@ -290,7 +345,24 @@ def test_corrupt_gzip_after_a_good_file(tmp_path, capsys):
     assert str(second) in err and "gzip" in err
     assert manifest["rows_in"] >= len(ROWS) and manifest["read_error"]["input_index"] == 1
     second.write_bytes(good)
-    assert main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                str(first),
+                str(second),
+                "-o",
+                str(out),
+                "--tokenizer",
+                "demo",
+                "--mode",
+                "last",
+                "--quiet",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     check_output(out, expected_convs(ROWS + ROWS * 40))
 
 
@@ -303,7 +375,10 @@ def test_changed_file_before_the_broken_one_is_refused(tmp_path, capsys):
     _run_broken(tmp_path, capsys, [first, second], out)
     write_jsonl(first, ROWS + ROWS[:1])
     second.write_bytes(good)
-    assert main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--resume"]) == 2
+    assert (
+        main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--resume"])
+        == 2
+    )
     assert "different input sizes" in capsys.readouterr().err
 
 
@@ -319,7 +394,10 @@ def test_truncated_zstd(tmp_path, capsys):
     assert str(src) in err and "truncated zstd" in err
     assert manifest["rows_in"] < len(rows)
     src.write_bytes(good)
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
+    assert (
+        main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"])
+        == 0
+    )
     check_output(out, expected_convs(rows))
 
 
@@ -333,7 +411,24 @@ def test_parquet_with_a_broken_footer(tmp_path, capsys):
     assert str(second) in err and "Parquet" in err and "after 0 row(s)" in err
     assert manifest["rows_in"] == len(ROWS)  # the first file, all of it
     second.write_bytes(good)
-    assert main(["tokenize", str(first), str(second), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                str(first),
+                str(second),
+                "-o",
+                str(out),
+                "--tokenizer",
+                "demo",
+                "--mode",
+                "last",
+                "--quiet",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     check_output(out, expected_convs(ROWS) + [conv(r) for r in ROWS])
 
 
@@ -351,7 +446,10 @@ def test_unreadable_file(tmp_path, capsys, monkeypatch):
     err, manifest = _run_broken(tmp_path, capsys, [src], out)
     assert str(src) in err and "Permission denied" in err and manifest["rows_in"] == 0
     monkeypatch.undo()
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"]) == 0
+    assert (
+        main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "last", "--quiet", "--resume"])
+        == 0
+    )
     check_output(out, expected_convs(ROWS))
 
 
@@ -369,9 +467,22 @@ def test_cli_traceback_free_in_a_subprocess(tmp_path):
     src.write_bytes(_gzip_bytes(ROWS * 5)[:-30])
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "chatmask", "tokenize", str(src), "-o", str(tmp_path / "out"), "--tokenizer", "demo",
-         "--mode", "last"],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "chatmask",
+            "tokenize",
+            str(src),
+            "-o",
+            str(tmp_path / "out"),
+            "--tokenizer",
+            "demo",
+            "--mode",
+            "last",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "truncated gzip" in proc.stderr

@@ -17,10 +17,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI
-
 from chatmask.cli import main
 from chatmask.demo import demo_conversations, demo_tokenizer
+from conftest import IN_CI
 
 TOK = demo_tokenizer()
 ROWS = demo_conversations()
@@ -40,10 +39,22 @@ def load(page: Path) -> tuple[str, list[str]]:
     """The DOM Chromium built from `page` and the console messages it logged."""
     with tempfile.TemporaryDirectory(prefix="chatmask-chromium-") as profile:
         proc = subprocess.run(
-            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=2000",
-             "--dump-dom", page.as_uri()],
-            capture_output=True, text=True, timeout=120,
+            [
+                chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={profile}",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=2000",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
@@ -101,8 +112,24 @@ def test_show_html_in_chromium(tmp_path, capsys, flagged):
     mode = "all" if flagged else "last"
     row = _flagged_row() if flagged else 1
     page = tmp_path / "view.html"
-    assert main(["show", str(src), "--row", str(row), "--tokenizer", "demo", "--mode", mode, "--html", str(page),
-                 "--no-color"]) == 0
+    assert (
+        main(
+            [
+                "show",
+                str(src),
+                "--row",
+                str(row),
+                "--tokenizer",
+                "demo",
+                "--mode",
+                mode,
+                "--html",
+                str(page),
+                "--no-color",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     batch = TOK.tokenize_batch([ROWS[row]["messages"]], mode=mode, flag_reference=True)
     dom, console = load(page)

@@ -15,14 +15,13 @@ import json
 import os
 from pathlib import Path
 
+import chatmask
 import numpy as np
 import pytest
-from conftest import conversation_file_names, require_shared
-
-import chatmask
 from chatmask.cli import main
 from chatmask.demo import demo_conversations, demo_tokenizer
 from chatmask.truth import CAUSES, reference_wrong
+from conftest import conversation_file_names, require_shared
 
 TOK = demo_tokenizer()
 ROWS = demo_conversations()
@@ -87,7 +86,9 @@ def _compare(name: str, file: str, limit: int | None) -> None:
             tally = rvs.measure_row(ref_tok, rvs.span_view(cm, row["messages"], kwargs), row["messages"], mode, kwargs)
             theirs = {r for r in rvs.WRONG_REASONS if tally.reasons[r]}
             if mine.get(i, set()) != theirs:
-                differences.append(f"{name} {file} {row_id} {mode}: flags {sorted(mine.get(i, ()))}, bench {sorted(theirs)}")
+                differences.append(
+                    f"{name} {file} {row_id} {mode}: flags {sorted(mine.get(i, ()))}, bench {sorted(theirs)}"
+                )
     assert not differences, "\n".join(differences[:20])
 
 
@@ -117,8 +118,25 @@ def test_cli_flags_column_manifest_and_summary(tmp_path, capsys):
     pq = pytest.importorskip("pyarrow.parquet")
     src = _write(tmp_path / "in.jsonl", ROWS * 3)
     out = tmp_path / "out"
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--mode", "all",
-                 "--rows-per-file", "5", "--batch-rows", "4"]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                str(src),
+                "-o",
+                str(out),
+                "--tokenizer",
+                "demo",
+                "--mode",
+                "all",
+                "--rows-per-file",
+                "5",
+                "--batch-rows",
+                "4",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     wrong_col, causes_col = [], []
@@ -157,8 +175,24 @@ def test_show_warns_and_marks_a_flagged_row(tmp_path, capsys):
     row = int(flagged.rows[int(np.flatnonzero(flagged.reference_wrong)[0])])
     src = _write(tmp_path / "in.jsonl", ROWS)
     page = tmp_path / "view.html"
-    assert main(["show", str(src), "--row", str(row), "--tokenizer", "demo", "--mode", "all", "--no-color",
-                 "--html", str(page)]) == 0
+    assert (
+        main(
+            [
+                "show",
+                str(src),
+                "--row",
+                str(row),
+                "--tokenizer",
+                "demo",
+                "--mode",
+                "all",
+                "--no-color",
+                "--html",
+                str(page),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "warning: the reference's mask (mode all) is wrong on this row" in out
     assert "‼" in out.split("\n", 3)[3]  # marked tokens in the view, not only in the warning

@@ -25,8 +25,8 @@ import numpy as np
 
 from ._tokenizer import MODES, ChatTokenizer
 from .errors import ChatMaskError, ConversationTypeError
-from .rows import parse_policy_row, parse_row, read_column
 from .policy import MaskPolicy
+from .rows import parse_policy_row, parse_row, read_column
 
 ON_ERROR = ("raise", "mark")
 
@@ -267,6 +267,7 @@ class RowTokenizer:
         )
         if policy is not None:
             span_method: list[str | None] = [None] * n
+            assert batch.span_methods is not None
             for k, i in enumerate(done.tolist()):
                 span_method[i] = batch.span_methods[k]
             truncated = np.zeros(n, dtype=np.int32)

@@ -100,20 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         description=_paragraphs(
             "Tokenize JSONL (plain, .gz, .zst) or Parquet conversations into Parquet part files, errors.jsonl "
             "and manifest.json in OUTDIR. Every input row lands in exactly one part or errors.jsonl (or, under a "
-            "policy with overflow \"drop\", dropped.jsonl): rows_in == rows_out + rows_failed + rows_dropped.",
+            'policy with overflow "drop", dropped.jsonl): rows_in == rows_out + rows_failed + rows_dropped.',
             "Labels are span-based by default: a default chatmask.MaskPolicy (assistant turns and their end "
             "tokens) on --messages-field / --tools-field. --mode last|all|multistep uses the reference's "
             "prefix-count arithmetic instead, judges every row on the spans and flags the rows where it is wrong "
             "(columns reference_wrong, reference_causes; manifest.json reference_wrong counts them by cause; a "
             "summary line names them).",
             "Labels come from --policy FILE too, a JSON object of "
-            "chatmask.MaskPolicy fields, e.g. {\"roles_to_train\": [\"assistant\"], \"max_length\": 4096, "
-            "\"overflow\": \"drop\", \"field_messages\": \"conversations\"}. A policy replaces --mode, "
+            'chatmask.MaskPolicy fields, e.g. {"roles_to_train": ["assistant"], "max_length": 4096, '
+            '"overflow": "drop", "field_messages": "conversations"}. A policy replaces --mode, '
             "--finish-reason-field, --messages-field and --tools-field, and combining them with it is an error: "
             "the policy's field_messages / field_tools / field_system and its role and property mappings read "
             "each row as it is in the file (ShareGPT's from/value too). With a policy the parts gain "
             "message_index (list<int32> along input_ids; -1 for template text), span_method and truncated "
-            "columns; rows longer than max_length under overflow \"drop\" go to dropped.jsonl; the policy is in "
+            'columns; rows longer than max_length under overflow "drop" go to dropped.jsonl; the policy is in '
             "manifest.json, and --resume refuses a different one.",
             "manifest.json always counts rows_with_control_tokens: output rows whose text held a control "
             "token's text such as <|im_start|>. That text becomes the control token, unless "

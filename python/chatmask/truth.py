@@ -39,7 +39,10 @@ IGNORE = -100
 # Template roles map to themselves only: the span render must be the reference's render.
 _IDENTITY_ROLES = {"user": ("user",), "assistant": ("assistant",), "system": ("system",), "tool": ("tool",)}
 SPAN_POLICY = MaskPolicy(
-    roles_to_train=("assistant",), train_on_eos="none", train_on_eot="none", train_turn_prefix=False,
+    roles_to_train=("assistant",),
+    train_on_eos="none",
+    train_on_eot="none",
+    train_turn_prefix=False,
     roles=_IDENTITY_ROLES,
 )
 
@@ -82,8 +85,9 @@ def _gather(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.
     return flat[np.arange(total) + shift], lengths
 
 
-def flag_reference(tok: Any, rows: Sequence[Any], mode: str, batch: Any, num_threads: int | None = None,
-                   **template_kwargs: Any) -> ReferenceTruth:
+def flag_reference(
+    tok: Any, rows: Sequence[Any], mode: str, batch: Any, num_threads: int | None = None, **template_kwargs: Any
+) -> ReferenceTruth:
     """Judge `batch` (``tok.tokenize_batch(rows, mode=mode, on_error="skip")``) against the spans."""
     n_out = len(batch.rows)
     wrong = np.zeros(n_out, dtype=bool)
@@ -119,7 +123,9 @@ def flag_reference(tok: Any, rows: Sequence[Any], mode: str, batch: Any, num_thr
         for k, i in enumerate(ok.tolist()):
             masks = batch.labels[batch.label_offsets[i] : batch.label_offsets[i + 1]]
             want = int(lengths[k])
-            parts.append(np.concatenate([masks, np.full(max(0, want - len(masks)), IGNORE)])[:want] if not same[k] else masks)
+            parts.append(
+                np.concatenate([masks, np.full(max(0, want - len(masks)), IGNORE)])[:want] if not same[k] else masks
+            )
         labels = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     index, _ = _gather(np.asarray(spans.message_index, dtype=np.int64), spans.offsets, s_idx[ok])
     field_tok, _ = _gather(spans.labels, spans.offsets, s_idx[ok])
@@ -164,8 +170,17 @@ def flag_reference(tok: Any, rows: Sequence[Any], mode: str, batch: Any, num_thr
     return ReferenceTruth(wrong, causes, unmeasured, raised)
 
 
-def flagged_batch(tok: Any, rows: Sequence[Any], mode: str, finish_reason: Any, num_threads: int | None, on_error: str,
-                  ids_dtype: str, policy: Any, template_kwargs: dict[str, Any]) -> Any:
+def flagged_batch(
+    tok: Any,
+    rows: Sequence[Any],
+    mode: str,
+    finish_reason: Any,
+    num_threads: int | None,
+    on_error: str,
+    ids_dtype: str,
+    policy: Any,
+    template_kwargs: dict[str, Any],
+) -> Any:
     """``tokenize_batch(..., flag_reference=True)``: the batch, labels unchanged, plus per output
     row ``reference_wrong`` (bool array), ``reference_causes`` (str), ``reference_unmeasured``
     (bool array) and ``reference_raised`` (input rows)."""
@@ -178,8 +193,9 @@ def flagged_batch(tok: Any, rows: Sequence[Any], mode: str, finish_reason: Any, 
     return batch
 
 
-def reference_wrong(tokenizer: Any, chat: Sequence[Any], mode: str = "last", finish_reason: str = "",
-                    **template_kwargs: Any) -> tuple[str, ...]:
+def reference_wrong(
+    tokenizer: Any, chat: Sequence[Any], mode: str = "last", finish_reason: str = "", **template_kwargs: Any
+) -> tuple[str, ...]:
     """For drop-in users: why the reference's mask of one conversation is wrong, ``()`` when it
     is right. `mode` is what the drop-in call used: ``tokenize_for_trainer`` is ``"last"``
     (``"all"`` with ``train_on_all_assistant_turns=True``), ``tokenize_for_trainer_multistep`` is
@@ -195,6 +211,7 @@ def reference_wrong(tokenizer: Any, chat: Sequence[Any], mode: str = "last", fin
         return ("raises",)
     if not len(batch):
         return ()  # the spans fail too: nothing to measure against
+    assert batch.reference_unmeasured is not None and batch.reference_causes is not None
     if batch.reference_unmeasured[0]:
         return ("unmeasured",)
     causes = batch.reference_causes[0]

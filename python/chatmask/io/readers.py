@@ -40,7 +40,12 @@ class InputReadError(UsageError):
 
     def __init__(self, file: str, input_index: int, rows: int, row: int, bytes_read: int | None, reason: str):
         self.file, self.input_index, self.rows, self.row, self.bytes_read, self.reason = (
-            file, input_index, rows, row, bytes_read, reason,
+            file,
+            input_index,
+            rows,
+            row,
+            bytes_read,
+            reason,
         )
         where = f"after {rows:,} row(s)"
         if bytes_read is not None:
@@ -167,6 +172,7 @@ def _zstd_chunks(raw: IO[bytes]) -> Iterator[bytes]:
 def _gzip_chunks(raw: IO[bytes]) -> Iterator[bytes]:
     """Decompressed chunks of a (multi-member) gzip stream, as they come: a truncated stream
     yields everything before the cut, then fails (GzipFile would lose the last read)."""
+
     def member() -> Any:
         return zlib.decompressobj(16 + zlib.MAX_WBITS)
 
@@ -219,7 +225,13 @@ def jsonl_lines(path: str, progress: ReadProgress | None = None) -> Iterator[byt
     except OSError as e:
         raise _Broken(f"cannot open it: {e.strerror or e}", 0) from None
     with raw:
-        chunks = _gzip_chunks(raw) if path.endswith(".gz") else _zstd_chunks(raw) if path.endswith(".zst") else _plain_chunks(raw)
+        chunks = (
+            _gzip_chunks(raw)
+            if path.endswith(".gz")
+            else _zstd_chunks(raw)
+            if path.endswith(".zst")
+            else _plain_chunks(raw)
+        )
         parts: list[bytes] = []
         first = True
         decoded = 0  # bytes out of the decompressor so far

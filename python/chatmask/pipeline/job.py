@@ -92,8 +92,10 @@ class Job:
         import pyarrow.compute as pc
 
         self.pc = pc
-        fields = Fields.of_policy(self.policy) if self.policy is not None else Fields(
-            opts.messages_field or "messages", opts.tools_field or "tools", opts.finish_reason_field
+        fields = (
+            Fields.of_policy(self.policy)
+            if self.policy is not None
+            else Fields(opts.messages_field or "messages", opts.tools_field or "tools", opts.finish_reason_field)
         )
         self.columns = fields.columns()
         self.stages: list[Stage] = [ParseStage(fields, self.policy), TokenizeStage(tokenizer.tok, opts, inputs)]
@@ -272,8 +274,14 @@ class Job:
             self.dropped_file.close()
 
 
-def _manifest(opts: TokenizeOptions, tokenizer: LoadedTokenizer, inputs: list[InputFile], state: State,
-              rows_in: int, complete: bool) -> dict[str, Any]:
+def _manifest(
+    opts: TokenizeOptions,
+    tokenizer: LoadedTokenizer,
+    inputs: list[InputFile],
+    state: State,
+    rows_in: int,
+    complete: bool,
+) -> dict[str, Any]:
     from .. import __version__
 
     policy = opts.policy
@@ -334,7 +342,9 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
 
         manifest = json.loads(Path(opts.outdir, MANIFEST).read_text(encoding="utf-8"))
         if not opts.quiet:
-            print(f"chatmask tokenize: {opts.outdir} is already complete (manifest.json); nothing to do", file=sys.stderr)
+            print(
+                f"chatmask tokenize: {opts.outdir} is already complete (manifest.json); nothing to do", file=sys.stderr
+            )
         return manifest
     job = Job(opts, tokenizer, inputs, state)
     counter = ReadProgress(inputs)
@@ -376,7 +386,10 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
     progress.close()
     verify_output(opts.outdir, rows_in, state.parts)
     assert rows_in == state.rows_out + state.rows_failed + state.rows_dropped, (
-        rows_in, state.rows_out, state.rows_failed, state.rows_dropped,
+        rows_in,
+        state.rows_out,
+        state.rows_failed,
+        state.rows_dropped,
     )
     manifest = _manifest(opts, tokenizer, inputs, state, rows_in, complete=read_error is None)
     sinks.write_json_atomic(os.path.join(opts.outdir, MANIFEST), manifest)
@@ -406,7 +419,11 @@ def _summary(opts: TokenizeOptions, state: State, rows_in: int) -> None:
     if state.rows_with_control_tokens is None:
         control = "control tokens in inputs not checked (Jinja2 template path)"
     else:
-        how = "encoded as text" if opts.policy is not None and opts.policy.sanitize_control_tokens else "encoded as control tokens"
+        how = (
+            "encoded as text"
+            if opts.policy is not None and opts.policy.sanitize_control_tokens
+            else "encoded as control tokens"
+        )
         control = f"{state.rows_with_control_tokens:,} row(s) with control-token text ({how})"
     print(
         f"chatmask tokenize: {rows_in:,} rows in -> {state.rows_out:,} out in {len(state.parts)} part(s), "

@@ -80,21 +80,27 @@ def default_policy(messages_field: str | None, tools_field: str | None) -> MaskP
 # Shared by tokenize and show.
 def _tokenizer() -> Any:
     return option(
-        dataclasses.MISSING, "--tokenizer", required=True,
+        dataclasses.MISSING,
+        "--tokenizer",
+        required=True,
         help="local tokenizer directory, or 'demo' (nothing is downloaded)",
     )
 
 
 def _mode(policy_note: str) -> Any:
     return option(
-        None, "--mode", choices=MODES,
+        None,
+        "--mode",
+        choices=MODES,
         help="label with the reference's prefix-count arithmetic (rows where it is wrong are flagged); "
         f"default: span-based labels, {DEFAULT_LABELS}{policy_note}",
     )
 
 
 def _messages_field(policy_note: str) -> Any:
-    return option(None, "--messages-field", resolved="messages", help=f"field holding the list of messages{policy_note}")
+    return option(
+        None, "--messages-field", resolved="messages", help=f"field holding the list of messages{policy_note}"
+    )
 
 
 def _tools_field(policy_note: str) -> Any:
@@ -102,13 +108,17 @@ def _tools_field(policy_note: str) -> Any:
 
 
 def _finish_reason_field(policy_note: str) -> Any:
-    return option(None, "--finish-reason-field", help=f"field holding the row's finish reason (e.g. 'length'){policy_note}")
+    return option(
+        None, "--finish-reason-field", help=f"field holding the row's finish reason (e.g. 'length'){policy_note}"
+    )
 
 
 def _policy() -> Any:
     # On the command line a FILE (see load_policy); in the dataclass the MaskPolicy itself.
     return option(
-        None, "--policy", metavar="FILE",
+        None,
+        "--policy",
+        metavar="FILE",
         help="label with a chatmask.MaskPolicy read from FILE (JSON object of its fields; unknown fields are errors)",
     )
 
@@ -117,15 +127,28 @@ def _policy() -> Any:
 class TokenizeOptions:
     """What `run_tokenize` does (see `chatmask tokenize --help`)."""
 
-    inputs: list[str] = option(dataclasses.MISSING, "inputs", nargs="+", metavar="INPUT",
-                               help="files or directories (their *.jsonl[.gz|.zst], *.parquet)")
-    outdir: str = option(dataclasses.MISSING, "-o", "--out", required=True, metavar="OUTDIR",
-                         help="output directory (new or empty, or --resume)")
+    inputs: list[str] = option(
+        dataclasses.MISSING,
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files or directories (their *.jsonl[.gz|.zst], *.parquet)",
+    )
+    outdir: str = option(
+        dataclasses.MISSING,
+        "-o",
+        "--out",
+        required=True,
+        metavar="OUTDIR",
+        help="output directory (new or empty, or --resume)",
+    )
     tokenizer: str = _tokenizer()
     mode: str | None = _mode("; not with --policy")
     policy: MaskPolicy | None = _policy()
     sanitize_control_tokens: bool = option(
-        False, "--sanitize-control-tokens", action="store_true",
+        False,
+        "--sanitize-control-tokens",
+        action="store_true",
         help="encode control-token text in the inputs (a user typing <|im_start|>) as text, as transformers 5 "
         "does; sets the policy's sanitize_control_tokens, so not with --mode",
     )
@@ -146,15 +169,19 @@ class ShowOptions:
     """What `run_show` does (see `chatmask show --help`)."""
 
     tokenizer: str = _tokenizer()
-    input: str | None = option(None, "input", nargs="?", metavar="INPUT",
-                               help="JSONL or Parquet file (default: the demo conversations)")
+    input: str | None = option(
+        None, "input", nargs="?", metavar="INPUT", help="JSONL or Parquet file (default: the demo conversations)"
+    )
     row: int = option(0, "--row", type=int, help="row of INPUT to show (0-based)")
-    demo_row: int | None = option(None, "--demo-row", type=int, help="show this demo conversation instead of an INPUT row")
+    demo_row: int | None = option(
+        None, "--demo-row", type=int, help="show this demo conversation instead of an INPUT row"
+    )
     mode: str | None = _mode("; not with --policy")
     policy: MaskPolicy | None = _policy()
     html: str | None = option(None, "--html", metavar="FILE", help="also write a self-contained HTML view to FILE")
-    no_color: bool = option(False, "--no-color", action="store_true",
-                            help="mark trained spans with [[...]] instead of colour")
+    no_color: bool = option(
+        False, "--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour"
+    )
     messages_field: str | None = _messages_field("")
     tools_field: str | None = _tools_field("")
     finish_reason_field: str | None = _finish_reason_field("")
@@ -174,7 +201,9 @@ def load_policy(path: str) -> MaskPolicy:
     except ValueError as e:
         raise UsageError(f"--policy {path!r} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--policy {path!r} must hold a JSON object of MaskPolicy fields, not a JSON {type_name(data)}")
+        raise UsageError(
+            f"--policy {path!r} must hold a JSON object of MaskPolicy fields, not a JSON {type_name(data)}"
+        )
     try:
         policy = MaskPolicy.from_dict(data)
     except (TypeError, ValueError) as e:
@@ -196,7 +225,9 @@ def resolve_mode_fields(opts: Any) -> Any:
     return dataclasses.replace(
         opts,
         mode=mode,
-        messages_field=opts.messages_field if opts.messages_field is not None else resolved_default(cls, "messages_field"),
+        messages_field=opts.messages_field
+        if opts.messages_field is not None
+        else resolved_default(cls, "messages_field"),
         tools_field=opts.tools_field if opts.tools_field is not None else resolved_default(cls, "tools_field"),
     )
 
@@ -249,4 +280,6 @@ def resolve_tokenize(opts: TokenizeOptions) -> TokenizeOptions:
     policy = opts.policy
     if opts.sanitize_control_tokens and not policy.sanitize_control_tokens:
         policy = dataclasses.replace(policy, sanitize_control_tokens=True)
-    return dataclasses.replace(opts, policy=policy, messages_field=policy.field_messages, tools_field=policy.field_tools)
+    return dataclasses.replace(
+        opts, policy=policy, messages_field=policy.field_messages, tools_field=policy.field_tools
+    )

@@ -91,7 +91,11 @@ class TokenizeStage(Stage):
     def fields(self, pa: Any) -> list[tuple[str, Any]]:
         columns = [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))]
         if self.policy is not None:
-            columns += [("message_index", pa.list_(pa.int32())), ("span_method", pa.string()), ("truncated", pa.int32())]
+            columns += [
+                ("message_index", pa.list_(pa.int32())),
+                ("span_method", pa.string()),
+                ("truncated", pa.int32()),
+            ]
         return columns
 
     def _call(self, rows: list[Any], finish: list[str] | str) -> Any:

@@ -129,7 +129,9 @@ def prepare_outdir(out: str, resume: bool, config: dict[str, Any]) -> State | No
             what = (
                 "an interrupted job (progress.json): add --resume to finish it"
                 if PROGRESS in entries
-                else "a finished job (manifest.json)" if MANIFEST in entries else "files"
+                else "a finished job (manifest.json)"
+                if MANIFEST in entries
+                else "files"
             )
             raise UsageError(f"output directory {out!r} is not empty: it holds {what}; use an empty or new directory")
         return start(out, config)

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from ..policy import MaskPolicy
-from ..rows import Fields, ParsedRow, parse
-from ..truth import REFERENCE_MODES
 from .._usage import UsageError
 from ..io.readers import iter_raw_rows, resolve_inputs
 from ..pipeline.options import ShowOptions, resolve_mode_fields, with_default_policy
 from ..pipeline.tokenizer import load_tokenizer
+from ..policy import MaskPolicy
+from ..rows import Fields, ParsedRow, parse
+from ..truth import REFERENCE_MODES
 from .html import render_html
 from .terminal import legend, render_mask
 from .tokens import display_pieces, is_special, special_token_texts
@@ -27,8 +27,16 @@ from .tokens import display_pieces, is_special, special_token_texts
 #: turns and their end tokens).
 SPAN_LABELS = MaskPolicy()
 
-__all__ = ["ShowOptions", "display_pieces", "is_special", "legend", "render_html", "render_mask", "run_show",
-           "special_token_texts"]
+__all__ = [
+    "ShowOptions",
+    "display_pieces",
+    "is_special",
+    "legend",
+    "render_html",
+    "render_mask",
+    "run_show",
+    "special_token_texts",
+]
 
 
 def _read_row(opts: ShowOptions) -> tuple[ParsedRow, str]:
@@ -70,9 +78,16 @@ def _resolve(opts: ShowOptions) -> ShowOptions:
     opts = with_default_policy(opts)
     if opts.policy is None:
         return resolve_mode_fields(opts)
-    given = [flag for flag, value in (("--mode", opts.mode), ("--messages-field", opts.messages_field),
-                                      ("--tools-field", opts.tools_field),
-                                      ("--finish-reason-field", opts.finish_reason_field)) if value is not None]
+    given = [
+        flag
+        for flag, value in (
+            ("--mode", opts.mode),
+            ("--messages-field", opts.messages_field),
+            ("--tools-field", opts.tools_field),
+            ("--finish-reason-field", opts.finish_reason_field),
+        )
+        if value is not None
+    ]
     if given:
         raise UsageError(f"{', '.join(given)} cannot be combined with --policy (the policy decides labels and fields)")
     return opts
@@ -95,20 +110,27 @@ def run_show(opts: ShowOptions, out: IO[str] | None = None) -> int:
         return 1
     tok = tokenizer.tok
     conversation = parsed.conversation
+    rows: list[Any] = [conversation]  # a mapping row ({"messages", "tools"}), as tokenize_batch takes them
     policy = opts.policy
     if policy is not None:
-        batch = tok.tokenize_batch([conversation], policy=policy, on_error="skip")
+        batch = tok.tokenize_batch(rows, policy=policy, on_error="skip")
     else:
+        assert opts.mode is not None
         batch = tok.tokenize_batch(
-            [conversation], mode=opts.mode, finish_reason=parsed.finish_reason or "", on_error="skip",
+            rows,
+            mode=opts.mode,
+            finish_reason=parsed.finish_reason or "",
+            on_error="skip",
             flag_reference=opts.mode in REFERENCE_MODES,
         )
     if batch.errors or not len(batch):
         reason = batch.errors[0][1] if batch.errors else "dropped by the policy (longer than max_length)"
         print(f"{where}: cannot be tokenized: {reason}", file=sys.stderr)
         if batch.reference_raised:
-            print(f"{where}: the reference raises on this row, but its message spans work "
-                  f"(show it with --policy)", file=sys.stderr)
+            print(
+                f"{where}: the reference raises on this row, but its message spans work (show it with --policy)",
+                file=sys.stderr,
+            )
         return 1
     ids = batch[0]["input_ids"].tolist()
     labels = batch[0]["labels"].tolist()[: len(ids)]  # labels can outnumber tokens (see TokenizedBatch)
@@ -120,7 +142,7 @@ def run_show(opts: ShowOptions, out: IO[str] | None = None) -> int:
     if policy is not None:
         message_index = batch[0]["message_index"].tolist()
     else:
-        spans = tok.tokenize_batch([conversation], policy=SPAN_LABELS, on_error="skip")
+        spans = tok.tokenize_batch(rows, policy=SPAN_LABELS, on_error="skip")
         if len(spans) and spans[0]["input_ids"].tolist() == ids:
             message_index = spans[0]["message_index"].tolist()
             span_labels = spans[0]["labels"].tolist()
@@ -153,8 +175,16 @@ def run_show(opts: ShowOptions, out: IO[str] | None = None) -> int:
     print(render_mask(pieces, labels, color, specials, differs, badges), file=out)
     if opts.html:
         page = render_html(
-            pieces, ids, labels, specials, f"chatmask show: {header}", message_index=message_index, roles=roles,
-            differs=differs, span_labels=span_labels, warning=warning and warning + " (wavy underline)",
+            pieces,
+            ids,
+            labels,
+            specials,
+            f"chatmask show: {header}",
+            message_index=message_index,
+            roles=roles,
+            differs=differs,
+            span_labels=span_labels,
+            warning=warning and warning + " (wavy underline)",
         )
         Path(opts.html).write_text(page, encoding="utf-8")
         print(f"wrote {opts.html}", file=out)

@@ -73,7 +73,9 @@ def render_html(
         if b
     )
     warn = f'<p class="warning" role="alert">{html.escape(warning)}</p>\n' if warning else ""
-    differ_legend = '<span class="differs">differs from span labels</span>' if differs is not None and any(differs) else ""
+    differ_legend = (
+        '<span class="differs">differs from span labels</span>' if differs is not None and any(differs) else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

@@ -35,12 +35,12 @@ def display_pieces(tok: ChatTokenizer, ids: Sequence[int]) -> list[str]:
     Decoding such tokens one at a time gives U+FFFD halves; the joint decode of up to four tokens
     is put on the first and the others show as empty, so every token keeps its own label.
     """
-    pieces = list(tok._core.decode(list(ids), per_token=True))
+    pieces = [str(p) for p in tok._core.decode(list(ids), per_token=True)]
     i = 0
     while i < len(pieces):
         if "\ufffd" in pieces[i]:
             for j in range(i + 2, min(i + 5, len(pieces) + 1)):
-                joint = tok._core.decode(list(ids[i:j]))
+                joint = str(tok._core.decode(list(ids[i:j])))
                 if "\ufffd" not in joint:
                     pieces[i:j] = [joint] + [""] * (j - i - 1)
                     i = j - 1
