@@ -22,7 +22,8 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from chatmask import pipeline  # noqa: E402
+from chatmask.io import sinks  # noqa: E402
+from chatmask.pipeline import job as pipeline_job  # noqa: E402
 from chatmask.cli import main  # noqa: E402
 from chatmask.demo import demo_conversations, demo_tokenizer  # noqa: E402
 
@@ -46,7 +47,10 @@ def write_parquet(path: Path, rows: list[dict], **kwargs: Any) -> Path:
 
 
 def tokenize(*args: str) -> int:
-    return main(["tokenize", *args, "--tokenizer", "demo", "--quiet"])
+    """`chatmask tokenize` on the demo tokenizer, in mode last unless the test chooses the labels
+    (the CLI's own default, span-based labels, is tested in test_default_labels_are_span_based)."""
+    labels = [] if {"--mode", "--policy"} & set(args) else ["--mode", "last"]
+    return main(["tokenize", *args, *labels, "--tokenizer", "demo", "--quiet"])
 
 
 def read_parts(out: Path) -> pa.Table:
@@ -280,14 +284,14 @@ def test_resume_after_crash_at_each_commit_step(tmp_path, monkeypatch, where):
         return wrapped
 
     if where == "errors":  # errors of the part in progress written, part not committed
-        real_write_errors = pipeline._Job._write_errors
+        real_write_errors = pipeline_job.Job._write_errors
 
         def write_errors(self, errors):
             real_write_errors(self, errors)
             if errors and self.writer is not None and self.state.parts:
                 raise Crash
 
-        monkeypatch.setattr(pipeline._Job, "_write_errors", write_errors)
+        monkeypatch.setattr(pipeline_job.Job, "_write_errors", write_errors)
     elif where == "part-rename":  # errors fsynced, the part not yet renamed
         real_replace = os.replace
 
@@ -298,10 +302,10 @@ def test_resume_after_crash_at_each_commit_step(tmp_path, monkeypatch, where):
                     raise Crash
             return real_replace(src, dst)
 
-        monkeypatch.setattr(pipeline.os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)
     else:  # part renamed, progress.json not yet replaced
         # call 1 writes the initial progress.json; call 2 is the first commit's
-        monkeypatch.setattr(pipeline, "write_json_atomic", crash_on(2, pipeline.write_json_atomic))
+        monkeypatch.setattr(sinks, "write_json_atomic", crash_on(2, sinks.write_json_atomic))
     args = [str(src), "-o", str(out), "--rows-per-file", "7", "--batch-rows", "5"]
     with pytest.raises(Crash):
         tokenize(*args)
@@ -328,7 +332,7 @@ def test_sigkill_and_resume_equals_clean_run(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out, clean = tmp_path / "out", tmp_path / "clean"
     cmd = [sys.executable, "-m", "chatmask", "tokenize", str(src), "-o", str(out), "--tokenizer", "demo",
-           "--rows-per-file", "500", "--batch-rows", "250", "--threads", "1", "--quiet"]  # fmt: skip
+           "--rows-per-file", "500", "--batch-rows", "250", "--threads", "1", "--quiet", "--mode", "last"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -348,7 +352,7 @@ def test_sigkill_and_resume_equals_clean_run(tmp_path):
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert main(["tokenize", str(src), "-o", str(clean), "--tokenizer", "demo", "--rows-per-file", "500",
-                 "--quiet"]) == 0  # fmt: skip
+                 "--quiet", "--mode", "last"]) == 0  # fmt: skip
 
     got, want = read_parts(out), read_parts(clean)
     assert got.column("row").to_pylist() == want.column("row").to_pylist()
@@ -399,7 +403,7 @@ def test_show_html(tmp_path, capsys):
     page = tmp_path / "view.html"
     chat = [{"role": "user", "content": "<b>bold</b> & \"quotes\""}, {"role": "assistant", "content": "<script>x</script>"}]
     src = write_jsonl(tmp_path / "in.jsonl", [{"messages": chat}])
-    assert main(["show", str(src), "--tokenizer", "demo", "--html", str(page), "--no-color"]) == 0
+    assert main(["show", str(src), "--tokenizer", "demo", "--mode", "last", "--html", str(page), "--no-color"]) == 0
     text = page.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and "Legend" in text
     assert "<script>" not in text and "<b>" not in text  # the conversation's markup is escaped
@@ -649,9 +653,9 @@ def test_sanitize_control_tokens(tmp_path, capsys):
     check_output(tmp_path / "modes", expected_convs(rows))
 
     capsys.readouterr()
-    assert tokenize(str(src), "-o", str(tmp_path / "o2"), "--sanitize-control-tokens") == 2
+    assert tokenize(str(src), "-o", str(tmp_path / "o2"), "--mode", "last", "--sanitize-control-tokens") == 2
     err = capsys.readouterr().err
-    assert "--sanitize-control-tokens needs --policy" in err and "Traceback" not in err
+    assert "--sanitize-control-tokens needs span-based labels" in err and "Traceback" not in err
     assert not (tmp_path / "o2").exists() or not os.listdir(tmp_path / "o2")
 
 
@@ -686,14 +690,14 @@ def test_policy_resume_after_crash_and_refuses_another_policy(tmp_path, monkeypa
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     args = [str(src), "-o", str(out), "--rows-per-file", "3", "--batch-rows", "4"]
-    real_commit = pipeline._Job._commit
+    real_commit = pipeline_job.Job._commit
 
     def commit(self, next_row):
-        if self.state.parts and self.pending_dropped and self.pending_failed:
+        if self.state.parts and self.dropped_file.pending and self.errors_file.pending:
             raise Crash  # dropped and error lines past the last commit written, a part committed before
         return real_commit(self, next_row)
 
-    monkeypatch.setattr(pipeline._Job, "_commit", commit)
+    monkeypatch.setattr(pipeline_job.Job, "_commit", commit)
     with pytest.raises(Crash):
         tokenize(*args, "--policy", str(policy_file))
     monkeypatch.undo()
@@ -711,3 +715,26 @@ def test_policy_resume_after_crash_and_refuses_another_policy(tmp_path, monkeypa
     table, errors, manifest = check_policy_output(out, [None if isinstance(r, str) else r for r in rows], policy)
     assert manifest["rows_dropped"] > 0 and len(errors) == len(ROWS) * 5
     assert tokenize(*args, "--resume", "--policy", str(policy_file)) == 0  # complete: nothing to do
+
+
+def test_default_labels_are_span_based(tmp_path, capsys):
+    """Without --mode or --policy: a default MaskPolicy (assistant turns and their end tokens) on
+    --messages-field / --tools-field; --finish-reason-field then needs --mode."""
+    rows = [{"conv": r["messages"], **({"fns": r["tools"]} if r.get("tools") else {})} for r in ROWS]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--quiet",
+                 "--messages-field", "conv", "--tools-field", "fns"]) == 0
+    policy = MaskPolicy(field_messages="conv", field_tools="fns")
+    _, _, manifest = check_policy_output(out, rows, policy)
+    assert manifest["mode"] is None and manifest["policy"] == policy.to_dict()
+    assert manifest["reference_wrong"] is None
+    capsys.readouterr()
+    assert main(["tokenize", str(src), "-o", str(tmp_path / "o2"), "--tokenizer", "demo",
+                 "--finish-reason-field", "why"]) == 2
+    assert "--finish-reason-field needs --mode" in capsys.readouterr().err
+    # show defaults to the same labels
+    assert main(["show", str(src), "--tokenizer", "demo", "--messages-field", "conv", "--tools-field", "fns",
+                 "--no-color"]) == 0
+    want = TOK.tokenize(rows[0], policy)
+    assert f"policy: {len(want['input_ids'])} tokens, {int((want['labels'] != -100).sum())} trained" in capsys.readouterr().out

@@ -1,11 +1,9 @@
 """What the `datasets` and Ray Data adapters share: columns of rows in, per-row token arrays out.
 
 A batch arrives as columns (a mapping of column name to one value per row). Each row is read
-the way ``chatmask tokenize`` reads a Parquet row (:func:`chatmask.pipeline.parse_row`): a
-``tools`` string is parsed as JSON, and null-valued keys are dropped from messages and tools,
-because Arrow gives every message struct every key. When the Arrow type of a column is known,
-only struct fields lose their nulls: a value stored as JSON (``datasets``' ``Json`` feature,
-``arrow.json``) keeps its real nulls (``"required": null`` in a tool schema renders as such).
+the way ``chatmask tokenize`` reads a Parquet row: by :mod:`chatmask.rows` and its one null rule
+(struct fields lose null-valued keys by Arrow type, JSON-typed values and a ``tools`` JSON
+string keep theirs; without types every dict of the messages is treated as a struct).
 The good rows go through :meth:`ChatTokenizer.tokenize_batch` in one call; the result has
 exactly one entry per input row, in order.
 
@@ -18,78 +16,19 @@ under ``overflow="drop"``, which rows the policy dropped (they keep empty lists)
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ._tokenizer import MODES, ChatTokenizer, EncoderChoice
 from .errors import ChatMaskError, ConversationTypeError
-from .pipeline import parse_policy_row, parse_row
 from .policy import MaskPolicy
+from .rows import parse_policy_row, parse_row, read_column
 
 ON_ERROR = ("raise", "mark")
-
-
-def _is_list(arrow_type: Any) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
-
-
-def _is_json(arrow_type: Any) -> bool:
-    return getattr(arrow_type, "extension_name", None) == "arrow.json"
-
-
-def value_reader(arrow_type: Any, decode_json: bool) -> Callable[[Any], Any] | None:
-    """A function that turns a value of `arrow_type` (as Python) into plain conversation data, or
-    None when the value is fine as it is.
-
-    Struct fields lose their null-valued keys: that is where Arrow invents nulls (every struct of
-    a column has every field). JSON-typed values (``arrow.json``; `datasets`' ``Json`` feature)
-    keep theirs; with `decode_json` their text is parsed (pyarrow hands them over as strings,
-    while `datasets` has already decoded them).
-    """
-    import pyarrow as pa
-
-    if pa.types.is_struct(arrow_type):
-        fields = {
-            arrow_type.field(i).name: value_reader(arrow_type.field(i).type, decode_json)
-            for i in range(arrow_type.num_fields)
-        }
-
-        def read_struct(value: Any) -> Any:
-            if not isinstance(value, dict):
-                return value
-            out = {}
-            for key, item in value.items():
-                if item is not None:
-                    inner = fields.get(key)
-                    out[key] = item if inner is None else inner(item)
-            return out
-
-        return read_struct
-    if _is_list(arrow_type):
-        element = value_reader(arrow_type.value_type, decode_json)
-        if element is None:
-            return None
-
-        def read_list(value: Any) -> Any:
-            if not isinstance(value, list):
-                return value
-            return [None if item is None else element(item) for item in value]
-
-        return read_list
-    if decode_json and _is_json(arrow_type):
-
-        def read_json(value: Any) -> Any:
-            return json.loads(value) if isinstance(value, (str, bytes)) else value
-
-        return read_json
-    return None
 
 
 def resolve_tokenizer(tokenizer: Any, encoder: EncoderChoice | None = None) -> ChatTokenizer:
@@ -251,8 +190,8 @@ class RowTokenizer:
         tools = columns[self.tools_field] if self.tools_field in columns else None
         system = columns[self.system_field] if self.system_field is not None and self.system_field in columns else None
         if types is not None:
-            messages = _read_column(messages, types.get(self.messages_field), decode_json)
-            tools = None if tools is None else _read_column(tools, types.get(self.tools_field), decode_json)
+            messages = read_column(messages, types.get(self.messages_field), decode_json)
+            tools = None if tools is None else read_column(tools, types.get(self.tools_field), decode_json)
         finish = columns[self.finish_reason_field] if self.finish_reason_field is not None else None
         policy = self.policy
 
@@ -334,6 +273,7 @@ class RowTokenizer:
         )
         if policy is not None:
             span_method: list[str | None] = [None] * n
+            assert batch.span_methods is not None
             for k, i in enumerate(done.tolist()):
                 span_method[i] = batch.span_methods[k]
             truncated = np.zeros(n, dtype=np.int32)
@@ -365,13 +305,6 @@ class RowTokenizer:
         if indices is not None:
             return f"dataset row {int(indices[i])} (row {i} of the batch{row_id}): "
         return f"row {i} of the batch{row_id}: "
-
-
-def _read_column(values: Sequence[Any], arrow_type: Any, decode_json: bool) -> Sequence[Any]:
-    read = None if arrow_type is None else value_reader(arrow_type, decode_json)
-    if read is None:
-        return values
-    return [None if v is None else read(v) for v in values]
 
 
 def _spread(offsets: np.ndarray, done: np.ndarray, n: int) -> np.ndarray:

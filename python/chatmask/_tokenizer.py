@@ -442,6 +442,7 @@ class ChatTokenizer:
         on_error: str = "raise",
         ids_dtype: str = "int32",
         policy: MaskPolicy | None = None,
+        flag_reference: bool = False,
         **template_kwargs: Any,
     ) -> TokenizedBatch:
         """Label many conversations in parallel, the GIL released; see :class:`TokenizedBatch`.
@@ -449,10 +450,16 @@ class ChatTokenizer:
         With `policy`, rows are read and labelled as :meth:`tokenize` does (`mode` and
         `finish_reason` do not apply) and the batch also carries ``message_index`` and per-row
         span statistics; rows the policy drops are listed in ``dropped``.
+
+        `flag_reference`: also judge each row's reference mask on the spans (:mod:`chatmask.truth`).
         """
-        chat_template, kwargs = _split_template_kwargs(template_kwargs)
         if not isinstance(conversations, (list, tuple)):
             conversations = list(conversations)
+        if flag_reference:
+            from .truth import flagged_batch
+
+            return flagged_batch(self, conversations, mode, finish_reason, num_threads, on_error, ids_dtype, policy, template_kwargs)
+        chat_template, kwargs = _split_template_kwargs(template_kwargs)
         if policy is not None:
             return self._tokenize_batch_policy(conversations, policy, num_threads, on_error, ids_dtype, chat_template, kwargs)
         if self._needs_python_rendering(conversations, chat_template, kwargs):

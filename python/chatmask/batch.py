@@ -43,6 +43,12 @@ class TokenizedBatch:
         self.positions_derived = positions_derived
         self.truncated = truncated
         self.dropped = dropped if dropped is not None else []
+        # tokenize_batch(..., flag_reference=True) in a reference mode: per output row, whether the
+        # reference's mask is wrong on the spans and why (see chatmask.truth); None otherwise.
+        self.reference_wrong: np.ndarray | None = None
+        self.reference_causes: list[str] | None = None
+        self.reference_unmeasured: np.ndarray | None = None
+        self.reference_raised: list[int] | None = None
         self.input_ids = input_ids
         self.labels = labels
         self.offsets = offsets

@@ -11,58 +11,25 @@ import textwrap
 from typing import Sequence
 
 from ._tokenizer import MODES
-from .pipeline import (  # noqa: F401 - render_mask is re-exported for callers of the old CLI module
-    ShowOptions,
-    TokenizeOptions,
-    UsageError,
-    load_policy,
-    render_mask,
-    run_show,
-    run_tokenize,
-)
+from ._usage import UsageError
+from .pipeline import TokenizeOptions, load_policy, run_tokenize
+from .pipeline.options import ShowOptions, add_arguments, from_namespace
+from .show import render_mask, run_show  # noqa: F401 - render_mask is re-exported for callers of the old CLI module
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    # --mode and the field options default to None here so that giving one with --policy is
-    # caught (run_tokenize fills in the defaults: last, messages, tools).
-    run_tokenize(
-        TokenizeOptions(
-            inputs=args.inputs,
-            outdir=args.out,
-            tokenizer=args.tokenizer,
-            mode=args.mode,
-            threads=args.threads,
-            messages_field=args.messages_field,
-            tools_field=args.tools_field,
-            finish_reason_field=args.finish_reason_field,
-            rows_per_file=args.rows_per_file,
-            batch_rows=args.batch_rows,
-            resume=args.resume,
-            quiet=args.quiet,
-            policy=load_policy(args.policy) if args.policy is not None else None,
-            sanitize_control_tokens=args.sanitize_control_tokens,
-        )
-    )
+    # --mode and the field options default to None so that giving one with --policy is caught
+    # (run_tokenize fills in their declared defaults).
+    policy = load_policy(args.policy) if args.policy is not None else None
+    run_tokenize(from_namespace(TokenizeOptions, args, policy=policy))
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     if args.input is not None and args.demo_row is not None:
         raise UsageError("give INPUT (with --row) or --demo-row, not both")
-    return run_show(
-        ShowOptions(
-            tokenizer=args.tokenizer,
-            input=args.input,
-            row=args.row,
-            demo_row=args.demo_row,
-            mode=args.mode,
-            html=args.html,
-            no_color=args.no_color,
-            messages_field=args.messages_field if args.messages_field is not None else "messages",
-            tools_field=args.tools_field if args.tools_field is not None else "tools",
-            finish_reason_field=args.finish_reason_field,
-        )
-    )
+    policy = load_policy(args.policy) if getattr(args, "policy", None) is not None else None
+    return run_show(from_namespace(ShowOptions, args, policy=policy))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -118,34 +85,6 @@ def _demo_without_pyarrow(args: argparse.Namespace) -> int:
     )
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
-    return value
-
-
-def _add_fields(p: argparse.ArgumentParser, policy: bool = False) -> None:
-    # Defaults are None (= messages / tools) so that `tokenize` can tell an explicit one from none.
-    p.add_argument(
-        "--messages-field",
-        default=None,
-        help="field holding the list of messages (default: messages"
-        + ("; with --policy, the policy's field_messages)" if policy else ")"),
-    )
-    p.add_argument(
-        "--tools-field",
-        default=None,
-        help="field holding the row's tools, if any (default: tools"
-        + ("; with --policy, the policy's field_tools)" if policy else ")"),
-    )
-    p.add_argument(
-        "--finish-reason-field",
-        default=None,
-        help="field holding the row's finish reason (e.g. 'length')" + ("; not with --policy" if policy else ""),
-    )
-
-
 def _paragraphs(*paragraphs: str) -> str:
     """Help text kept in paragraphs (RawDescriptionHelpFormatter), each wrapped."""
     return "\n\n".join(textwrap.fill(p, width=88) for p in paragraphs)
@@ -161,15 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         description=_paragraphs(
             "Tokenize JSONL (plain, .gz, .zst) or Parquet conversations into Parquet part files, errors.jsonl "
             "and manifest.json in OUTDIR. Every input row lands in exactly one part or errors.jsonl (or, under a "
-            "policy with overflow \"drop\", dropped.jsonl): rows_in == rows_out + rows_failed + rows_dropped.",
-            "Labels come from --mode (the reference's modes) or from --policy FILE, a JSON object of "
-            "chatmask.MaskPolicy fields, e.g. {\"roles_to_train\": [\"assistant\"], \"max_length\": 4096, "
-            "\"overflow\": \"drop\", \"field_messages\": \"conversations\"}. A policy replaces --mode, "
+            'policy with overflow "drop", dropped.jsonl): rows_in == rows_out + rows_failed + rows_dropped.',
+            "Labels are span-based by default: a default chatmask.MaskPolicy (assistant turns and their end "
+            "tokens) on --messages-field / --tools-field. --mode last|all|multistep uses the reference's "
+            "prefix-count arithmetic instead, judges every row on the spans and flags the rows where it is wrong "
+            "(columns reference_wrong, reference_causes; manifest.json reference_wrong counts them by cause; a "
+            "summary line names them).",
+            "Labels come from --policy FILE too, a JSON object of "
+            'chatmask.MaskPolicy fields, e.g. {"roles_to_train": ["assistant"], "max_length": 4096, '
+            '"overflow": "drop", "field_messages": "conversations"}. A policy replaces --mode, '
             "--finish-reason-field, --messages-field and --tools-field, and combining them with it is an error: "
             "the policy's field_messages / field_tools / field_system and its role and property mappings read "
             "each row as it is in the file (ShareGPT's from/value too). With a policy the parts gain "
             "message_index (list<int32> along input_ids; -1 for template text), span_method and truncated "
-            "columns; rows longer than max_length under overflow \"drop\" go to dropped.jsonl; the policy is in "
+            'columns; rows longer than max_length under overflow "drop" go to dropped.jsonl; the policy is in '
             "manifest.json, and --resume refuses a different one.",
             "manifest.json always counts rows_with_control_tokens: output rows whose text held a control "
             "token's text such as <|im_start|>. That text becomes the control token, unless "
@@ -177,39 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tok.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories (their *.jsonl[.gz|.zst], *.parquet)")
-    tok.add_argument("-o", "--out", required=True, metavar="OUTDIR", help="output directory (new or empty, or --resume)")
-    tok.add_argument("--tokenizer", required=True, help="local tokenizer directory, or 'demo' (nothing is downloaded)")
-    tok.add_argument("--mode", default=None, choices=MODES, help="label mode (default: last; not with --policy)")
-    tok.add_argument(
-        "--policy",
-        default=None,
-        metavar="FILE",
-        help="label with a chatmask.MaskPolicy read from FILE (JSON object of its fields; unknown fields are errors)",
-    )
-    tok.add_argument(
-        "--sanitize-control-tokens",
-        action="store_true",
-        help="encode control-token text in the inputs (a user typing <|im_start|>) as text, as transformers 5 "
-        "does; sets the policy's sanitize_control_tokens, so it needs --policy",
-    )
-    tok.add_argument("--threads", type=_positive, default=None, help="tokenizer threads (default: all cores)")
-    _add_fields(tok, policy=True)
-    tok.add_argument("--rows-per-file", type=_positive, default=100_000, help="rows per part file (default: 100000)")
-    tok.add_argument("--batch-rows", type=_positive, default=4096, help="rows read and tokenized at a time (default: 4096)")
-    tok.add_argument("--resume", action="store_true", help="finish an interrupted job in OUTDIR")
-    tok.add_argument("--quiet", action="store_true", help="no progress line and no summary")
+    add_arguments(tok, TokenizeOptions)
     tok.set_defaults(func=_tokenize)
 
     show = sub.add_parser("show", help="print one conversation's tokens with trained/masked marked (or --html)")
-    show.add_argument("input", nargs="?", metavar="INPUT", help="JSONL or Parquet file (default: the demo conversations)")
-    show.add_argument("--tokenizer", required=True, help="local tokenizer directory, or 'demo'")
-    show.add_argument("--row", type=int, default=0, help="row of INPUT to show (0-based, default 0)")
-    show.add_argument("--demo-row", type=int, default=None, help="show this demo conversation instead of an INPUT row")
-    show.add_argument("--mode", default="last", choices=MODES, help="label mode (default: last)")
-    show.add_argument("--html", metavar="FILE", help="also write a self-contained HTML view to FILE")
-    show.add_argument("--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour")
-    _add_fields(show)
+    add_arguments(show, ShowOptions)
     show.set_defaults(func=_show)
 
     demo = sub.add_parser("demo", help="tokenize the built-in demo conversations (offline) and show one row")

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from . import _core
-from ._tokenizer import ChatTokenizer
+from ._tokenizer import ChatTokenizer, EncoderChoice
 
 
 def demo_conversations() -> list[dict[str, Any]]:
@@ -27,6 +27,7 @@ def demo_chat_template() -> str:
     return _core.DEMO_CHAT_TEMPLATE
 
 
-def demo_tokenizer(kind: str = "bytelevel") -> ChatTokenizer:
+def demo_tokenizer(kind: str = "bytelevel", encoder: EncoderChoice = "auto") -> ChatTokenizer:
     """A `ChatTokenizer` for the demo tokenizer and template."""
-    return ChatTokenizer.from_parts(demo_tokenizer_json(kind), demo_chat_template(), {"eos_token": _core.DEMO_EOS_TOKEN})
+    specials = {"eos_token": _core.DEMO_EOS_TOKEN}
+    return ChatTokenizer.from_parts(demo_tokenizer_json(kind), demo_chat_template(), specials, encoder=encoder)

@@ -144,6 +144,7 @@ class TokenizeBatch:
         result["input_ids"] = _list_array(pa, out.offsets, out.input_ids)
         result["labels"] = _list_array(pa, out.label_offsets, out.labels)
         if self.rows.policy is not None:
+            assert out.message_index is not None
             result["message_index"] = _list_array(pa, out.offsets, out.message_index)
             result["span_method"] = pa.array(out.span_method, type=pa.string())
             result["truncated"] = pa.array(out.truncated, type=pa.int32())

@@ -1,0 +1,435 @@
+"""The ``chatmask tokenize`` job: read batches, run the stages, place the output rows into parts
+and commit them in row order (protocol: :mod:`chatmask.pipeline.state`).
+
+* **Output columns.** ``row`` (int64), the stages' columns (``input_ids`` list<int32>, ``labels``
+  list<int64> with ``-100`` = masked; under a policy ``message_index``, ``span_method``,
+  ``truncated``), ``id`` (string: the row's ``id``, JSON-encoded when not a string, null when
+  absent) and ``source_file``. The schema is the same for every part.
+* **Accounting.** Every row ends up in exactly one place: a part, ``errors.jsonl`` or (policy
+  ``overflow="drop"``) ``dropped.jsonl``; ``rows_in == rows_out + rows_failed + rows_dropped`` is
+  checked before the manifest is written.
+* **Broken input.** When a file stops decoding (:class:`chatmask.io.InputReadError`), the rows
+  read before it are tokenized and committed, ``progress.json`` records where reading stopped,
+  ``manifest.json`` is written with ``complete: false`` and the ``read_error``, and the command
+  ends with one line and exit code 2. ``--resume`` continues there once the file is fixed.
+* **Finish.** ``manifest.json`` is written atomically at the end, then ``progress.json`` is
+  removed. ``seconds`` adds up the runs (up to each run's last commit).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._usage import UsageError
+from ..io import sinks
+from ..io.readers import InputFile, InputReadError, RawRow, ReadProgress, iter_raw_rows, pyarrow_modules, resolve_inputs
+from ..io.sinks import DROPPED, ERRORS, MANIFEST, PROGRESS, PartWriter, SideFile
+from ..rows import Fields
+from ..truth import REFERENCE_MODES
+from .options import TokenizeOptions, resolve_tokenize
+from .stages import DROP_REASON, Batch, FlagStage, ParseStage, Stage, TokenizeStage
+from .state import State, job_config, prepare_outdir, verify_output
+from .tokenizer import LoadedTokenizer, load_tokenizer
+
+
+class Progress:
+    """A one-line display on stderr (TTY only, ~5 updates/s); silent otherwise."""
+
+    def __init__(self, enabled: bool, counter: ReadProgress) -> None:
+        self.enabled = enabled
+        self.counter = counter
+        self.started = time.perf_counter()
+        self.last = 0.0
+        self.width = 0
+
+    def update(self, rows: int, tokens: int, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self.last < 0.2:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        fraction = self.counter.fraction()
+        eta = ""
+        if 0 < fraction < 1:
+            eta = f", ETA {_duration(elapsed * (1 - fraction) / fraction)} ({fraction:.0%})"
+        line = f"chatmask: {rows:,} rows, {rows / elapsed:,.0f} rows/s, {tokens / elapsed:,.0f} tokens/s{eta}"
+        sys.stderr.write("\r" + line + "\033[K")
+        sys.stderr.flush()
+        self.width = len(line)
+
+    def close(self) -> None:
+        if self.enabled and self.width:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+class Job:
+    """The streaming loop: one batch at a time through the stages, parts and side files committed in row order."""
+
+    def __init__(self, opts: TokenizeOptions, tokenizer: LoadedTokenizer, inputs: list[InputFile], state: State):
+        self.opts = opts
+        self.policy = opts.policy
+        self.inputs = inputs
+        self.state = state
+        self.out = opts.outdir
+        self.pa, _ = pyarrow_modules()
+        import pyarrow.compute as pc
+
+        self.pc = pc
+        fields = (
+            Fields.of_policy(self.policy)
+            if self.policy is not None
+            else Fields(opts.messages_field or "messages", opts.tools_field or "tools", opts.finish_reason_field)
+        )
+        self.columns = fields.columns()
+        self.stages: list[Stage] = [ParseStage(fields, self.policy), TokenizeStage(tokenizer.tok, opts, inputs)]
+        self.flagging = self.policy is None and opts.mode in REFERENCE_MODES
+        if self.flagging:
+            self.stages.append(FlagStage(tokenizer.tok, opts))
+        self.raised_rows: set[int] = set()  # error rows of the batch in hand the reference raises on
+        self.pending_raised = 0
+        pa = self.pa
+        stage_fields = [f for stage in self.stages for f in stage.fields(pa)]
+        self.schema = pa.schema([("row", pa.int64()), *stage_fields, ("id", pa.string()), ("source_file", pa.string())])
+        self.errors_file = SideFile(os.path.join(self.out, ERRORS))
+        self.dropped_file = SideFile(os.path.join(self.out, DROPPED)) if self.policy is not None else None
+        # The part in progress: its writer, and its counts (not yet in `state`).
+        self.writer: PartWriter | None = None
+        self._reset_part()
+        self.run_started = time.perf_counter()
+        self.seconds_before = state.seconds
+
+    def _reset_part(self) -> None:
+        self.part_rows = self.part_tokens = self.part_trained = self.part_truncated = 0
+        self.part_control: int | None = 0  # None: some of the part's rows went unchecked
+        self.part_methods: dict[str, int] = {}
+        self.part_reference: dict[str, int] = {}
+
+    # -- part and commit ------------------------------------------------------------------
+
+    def _write_rows(self, table: Any, control: np.ndarray | None) -> None:
+        """Append `table` to the part in progress; `control` flags its rows with control-token text."""
+        if table.num_rows == 0:
+            return
+        if self.writer is None:
+            self.writer = PartWriter(self.out, len(self.state.parts), self.schema)
+        self.writer.write(table)
+        pc = self.pc
+        self.part_rows += table.num_rows
+        self.part_tokens += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+        self.part_trained += int(pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), -100)).as_py() or 0)
+        if control is None:
+            self.part_control = None
+        elif self.part_control is not None:
+            self.part_control += int(np.count_nonzero(control))
+        if self.flagging:
+            for causes in table.column("reference_causes").to_pylist():
+                for cause in ["unmeasured"] if causes is None else ["rows", *causes.split(",")] if causes else []:
+                    self.part_reference[cause] = self.part_reference.get(cause, 0) + 1
+        if self.policy is not None:
+            for method in table.column("span_method").to_pylist():
+                self.part_methods[method] = self.part_methods.get(method, 0) + 1
+            self.part_truncated += int(pc.sum(pc.greater(table.column("truncated"), 0)).as_py() or 0)
+
+    def _write_errors(self, errors: Sequence[tuple[int, str, int]]) -> None:
+        """Append (row, message, source index) lines in row order; flushed, fsynced only at a commit."""
+        lines = []
+        for row, msg, src in errors:
+            line: dict[str, Any] = {"row": row, "error": msg, "source_file": self.inputs[src].name}
+            if row in self.raised_rows:
+                line["reference_wrong"] = "raises"  # the reference raises; the spans tokenize the row
+                self.pending_raised += 1
+            lines.append(line)
+        self.errors_file.write(lines)
+
+    def _write_dropped(self, dropped: Sequence[tuple[int, int, str | None]]) -> None:
+        if not dropped:
+            return
+        assert self.dropped_file is not None, "only a policy drops rows"
+        self.dropped_file.write(
+            [
+                {"row": row, "id": row_id, "reason": DROP_REASON, "source_file": self.inputs[src].name}
+                for row, src, row_id in dropped
+            ]
+        )
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.errors_file.pending or (self.dropped_file is not None and self.dropped_file.pending))
+
+    def _commit(self, next_row: int) -> None:
+        """Side files fsynced, then the part renamed, then progress.json replaced."""
+        state = self.state
+        state.rows_failed += self.errors_file.sync()
+        if self.pending_raised:
+            for key in ("rows", "raises"):
+                state.reference_wrong[key] = state.reference_wrong.get(key, 0) + self.pending_raised
+            self.pending_raised = 0
+        if self.dropped_file is not None:
+            state.rows_dropped += self.dropped_file.sync()
+        if self.writer is not None:
+            name = self.writer.commit()
+            self.writer = None
+            state.parts.append(
+                {"file": name, "rows": self.part_rows, "tokens": self.part_tokens, "trained_tokens": self.part_trained}
+            )
+            state.rows_out += self.part_rows
+            state.tokens += self.part_tokens
+            state.trained_tokens += self.part_trained
+            if state.rows_with_control_tokens is not None:
+                state.rows_with_control_tokens = (
+                    None if self.part_control is None else state.rows_with_control_tokens + self.part_control
+                )
+            state.rows_truncated += self.part_truncated
+            for method, count in self.part_methods.items():
+                state.span_methods[method] = state.span_methods.get(method, 0) + count
+            for cause, count in self.part_reference.items():
+                state.reference_wrong[cause] = state.reference_wrong.get(cause, 0) + count
+        state.errors_bytes = self.errors_file.length
+        if self.dropped_file is not None:
+            state.dropped_bytes = self.dropped_file.length
+        state.next_row = next_row
+        state.seconds = self.seconds_before + time.perf_counter() - self.run_started
+        self._reset_part()
+        sinks.write_json_atomic(os.path.join(self.out, PROGRESS), state.to_json())
+
+    # -- batches --------------------------------------------------------------------------
+
+    def process(self, rows: list[RawRow]) -> None:
+        batch = Batch(rows)
+        for stage in self.stages:
+            stage.run(batch)
+        table = None
+        if batch.out:
+            pa = self.pa
+            columns = {"row": pa.array([rows[i].row for i in batch.out], pa.int64()), **batch.columns}
+            columns["id"] = pa.array([batch.parsed[i].id for i in batch.out], pa.string())
+            columns["source_file"] = pa.array([self.inputs[rows[i].source].name for i in batch.out], pa.string())
+            table = pa.table({name: columns[name] for name in self.schema.names}).cast(self.schema)
+        batch.errors.sort()
+        batch.dropped.sort()
+        self.raised_rows = batch.reference_raised
+        self._place(table, batch.control, batch.errors, batch.dropped, batch.end)
+
+    def _place(
+        self,
+        table: Any,
+        control: np.ndarray | None,
+        errors: list[tuple[int, str, int]],
+        dropped: list[tuple[int, int, str | None]],
+        batch_end: int,
+    ) -> None:
+        """Put a batch's rows into parts, committing each part as it fills (split mid-batch if needed)."""
+        per_file = self.opts.rows_per_file
+        while table is not None and table.num_rows > 0:
+            need = per_file - self.part_rows
+            if table.num_rows < need:
+                self._write_rows(table, control)
+                break
+            head = table.slice(0, need)
+            last = int(head.column("row")[need - 1].as_py())
+            self._write_rows(head, None if control is None else control[:need])
+            self._write_errors([e for e in errors if e[0] <= last])
+            errors = [e for e in errors if e[0] > last]
+            self._write_dropped([d for d in dropped if d[0] <= last])
+            dropped = [d for d in dropped if d[0] > last]
+            self._commit(last + 1)
+            table = table.slice(need)
+            control = None if control is None else control[need:]
+        self._write_errors(errors)
+        self._write_dropped(dropped)
+        if self.writer is None and batch_end > self.state.next_row:
+            self._commit(batch_end)  # nothing in progress: make the batch's errors durable too
+
+    def finish(self, rows_in: int) -> None:
+        if self.writer is not None or rows_in > self.state.next_row or self.pending:
+            self._commit(rows_in)
+        self._close_files()
+
+    def abort(self) -> None:
+        """Leave the directory as a kill would (resume reconciles it); just release the files."""
+        if self.writer is not None:
+            self.writer.abandon()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        self.errors_file.close()
+        if self.dropped_file is not None:
+            self.dropped_file.close()
+
+
+def _manifest(
+    opts: TokenizeOptions,
+    tokenizer: LoadedTokenizer,
+    inputs: list[InputFile],
+    state: State,
+    rows_in: int,
+    complete: bool,
+) -> dict[str, Any]:
+    from .. import __version__
+
+    policy = opts.policy
+    return {
+        "complete": complete,
+        "rows_in": rows_in,
+        "rows_out": state.rows_out,
+        "rows_failed": state.rows_failed,
+        "rows_dropped": state.rows_dropped,
+        "tokens": state.tokens,
+        "trained_tokens": state.trained_tokens,
+        "seconds": round(state.seconds, 3),
+        "tokenizer": tokenizer.name,
+        "tokenizer_sha256": tokenizer.sha256,
+        "tokenizer_files": tokenizer.fingerprint["files"],
+        "encoder": tokenizer.tok.encoder_backend,
+        "encoder_fallback_reason": tokenizer.tok.encoder_fallback_reason,
+        "mode": None if policy is not None else opts.mode,
+        "messages_field": opts.messages_field,
+        "tools_field": opts.tools_field,
+        "finish_reason_field": opts.finish_reason_field,
+        "policy": None if policy is None else policy.to_dict(),
+        "span_methods": None if policy is None else dict(sorted(state.span_methods.items())),
+        "rows_truncated": None if policy is None else state.rows_truncated,
+        "rows_with_control_tokens": state.rows_with_control_tokens,
+        "sanitize_control_tokens": policy is not None and policy.sanitize_control_tokens,
+        "chatmask_version": __version__,
+        "inputs": [f.path for f in inputs],
+        "parts": [{"file": p["file"], "rows": p["rows"]} for p in state.parts],
+        "errors_file": ERRORS,
+        "dropped_file": None if policy is None else DROPPED,
+        "reference_wrong": _reference_counts(state) if opts.policy is None and opts.mode in REFERENCE_MODES else None,
+        "read_error": state.read_error,
+    }
+
+
+def _reference_counts(state: State) -> dict[str, Any]:
+    """Rows whose reference mask is wrong: in total, by cause (see chatmask.truth), and not judged."""
+    from ..truth import CAUSES
+
+    counts = state.reference_wrong
+    return {
+        "rows": counts.get("rows", 0),
+        "by_cause": {c: counts.get(c, 0) for c in CAUSES},
+        "unmeasured": counts.get("unmeasured", 0),
+    }
+
+
+def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
+    """The whole `chatmask tokenize` job; returns the manifest. Raises UsageError for bad usage
+    (and :class:`InputReadError`, after committing what was read, for an input that stops decoding)."""
+    opts = resolve_tokenize(opts)
+    pyarrow_modules()
+    inputs = resolve_inputs(opts.inputs)
+    tokenizer = load_tokenizer(opts.tokenizer, opts.encoder, opts.allow_jinja2)  # type: ignore[arg-type]
+    state = prepare_outdir(opts.outdir, opts.resume, job_config(opts, inputs, tokenizer))
+    if state is None:
+        import json
+        from pathlib import Path
+
+        manifest = json.loads(Path(opts.outdir, MANIFEST).read_text(encoding="utf-8"))
+        if not opts.quiet:
+            print(
+                f"chatmask tokenize: {opts.outdir} is already complete (manifest.json); nothing to do", file=sys.stderr
+            )
+        return manifest
+    job = Job(opts, tokenizer, inputs, state)
+    counter = ReadProgress(inputs)
+    progress = Progress(sys.stderr.isatty() and not opts.quiet, counter)
+    rows_in = 0
+    done_rows = done_tokens = 0
+    read_error: InputReadError | None = None
+    try:
+        pending: list[RawRow] = []
+        try:
+            for raw in iter_raw_rows(inputs, job.columns, opts.batch_rows, state.next_row, counter):
+                rows_in = raw.row + 1
+                if raw.row < state.next_row:
+                    continue
+                pending.append(raw)
+                if len(pending) >= opts.batch_rows:
+                    tokens_before = state.tokens + job.part_tokens
+                    job.process(pending)
+                    done_rows += len(pending)
+                    done_tokens += state.tokens + job.part_tokens - tokens_before
+                    pending = []
+                    progress.update(done_rows, done_tokens)
+        except InputReadError as e:
+            read_error = e
+            rows_in = e.row
+        if pending:
+            job.process(pending)
+        if read_error is None and rows_in < state.next_row:
+            raise UsageError(f"--resume: the inputs hold {rows_in} rows but {state.next_row} were already done")
+        rows_in = max(rows_in, state.next_row)
+        state.read_error = None if read_error is None else read_error.to_json()
+        job.finish(rows_in)
+        if read_error is not None:  # make the read error durable even when nothing was left to commit
+            sinks.write_json_atomic(os.path.join(opts.outdir, PROGRESS), state.to_json())
+    except BaseException:
+        progress.close()
+        job.abort()
+        raise
+    progress.close()
+    verify_output(opts.outdir, rows_in, state.parts)
+    assert rows_in == state.rows_out + state.rows_failed + state.rows_dropped, (
+        rows_in,
+        state.rows_out,
+        state.rows_failed,
+        state.rows_dropped,
+    )
+    manifest = _manifest(opts, tokenizer, inputs, state, rows_in, complete=read_error is None)
+    sinks.write_json_atomic(os.path.join(opts.outdir, MANIFEST), manifest)
+    if read_error is not None:
+        # progress.json stays (it records the read error): --resume continues from here.
+        raise UsageError(
+            f"{read_error}; the {rows_in:,} row(s) before it are committed in {opts.outdir} "
+            f"(manifest.json: complete false); fix or replace the file and rerun with --resume"
+        )
+    os.remove(os.path.join(opts.outdir, PROGRESS))
+    if not opts.quiet:
+        _summary(opts, state, rows_in)
+    return manifest
+
+
+def _summary(opts: TokenizeOptions, state: State, rows_in: int) -> None:
+    wrong = state.reference_wrong.get("rows", 0)
+    if wrong:
+        counts = _reference_counts(state)["by_cause"]
+        causes = ", ".join(f"{c} {n:,}" for c, n in counts.items() if n)
+        print(
+            f"chatmask tokenize: the reference's mask (mode {opts.mode}) is wrong on {wrong:,} row(s) ({causes}); "
+            "they are flagged in the reference_wrong column (raises: in errors.jsonl) and counted in manifest.json",
+            file=sys.stderr,
+        )
+    dropped = f", {state.rows_dropped:,} dropped ({DROPPED})" if opts.policy is not None else ""
+    if state.rows_with_control_tokens is None:
+        control = "control tokens in inputs not checked (Jinja2 template path)"
+    else:
+        how = (
+            "encoded as text"
+            if opts.policy is not None and opts.policy.sanitize_control_tokens
+            else "encoded as control tokens"
+        )
+        control = f"{state.rows_with_control_tokens:,} row(s) with control-token text ({how})"
+    print(
+        f"chatmask tokenize: {rows_in:,} rows in -> {state.rows_out:,} out in {len(state.parts)} part(s), "
+        f"{state.rows_failed:,} failed ({ERRORS}){dropped}; {state.tokens:,} tokens "
+        f"({state.trained_tokens:,} trained); {control}; {state.seconds:.2f} s -> {opts.outdir}",
+        file=sys.stderr,
+    )
