@@ -738,3 +738,24 @@ def test_default_labels_are_span_based(tmp_path, capsys):
                  "--no-color"]) == 0
     want = TOK.tokenize(rows[0], policy)
     assert f"policy: {len(want['input_ids'])} tokens, {int((want['labels'] != -100).sum())} trained" in capsys.readouterr().out
+
+
+def test_encoder_option_is_recorded_and_fingerprinted(tmp_path, capsys):
+    from chatmask.pipeline.tokenizer import load_tokenizer
+
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    outs = {}
+    for encoder in ("auto", "tokenizers"):
+        out = tmp_path / encoder
+        assert tokenize(str(src), "-o", str(out), "--encoder", encoder) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["encoder"] == ("fast" if encoder == "auto" else "tokenizers")
+        outs[encoder] = read_parts(out)
+    # Both engines give the same rows, token for token.
+    assert outs["auto"].column("input_ids").to_pylist() == outs["tokenizers"].column("input_ids").to_pylist()
+    assert outs["auto"].column("labels").to_pylist() == outs["tokenizers"].column("labels").to_pylist()
+    # --resume compares the fingerprint, which names the engine.
+    assert load_tokenizer("demo", "tokenizers").fingerprint != load_tokenizer("demo").fingerprint
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tokenize", str(src), "-o", str(tmp_path / "x"), "--tokenizer", "demo", "--encoder", "turbo"])
+    assert exit_info.value.code == 2

@@ -11,9 +11,11 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from . import _core
+from ._batch_paths import row_parts, tokenize_policy_batch, tokenize_rows_in_python
 from ._fallback import JinjaRenderer, open_jinja2, why_not_native
+from ._recipe import read_tokenizer_files, restore
 from .batch import TokenizedBatch
-from .errors import ChatMaskError, ConversationTypeError, TemplateError, TemplateLimitError, TokenizerError
+from .errors import ChatMaskError, TemplateError, TemplateLimitError, TokenizerError
 from .limits import RenderLimits
 from .policy import MaskPolicy
 
@@ -83,7 +85,7 @@ class ChatTokenizer:
             )
         limits = tuple(self._core.render_limits())
         state = (type(self), self._recipe, self._verify_initial, tuple(sorted(self._fallback)), limits, self._allow_jinja2)
-        return (_restore, state)
+        return (restore, state)
 
     @property
     def render_backend(self) -> str:
@@ -196,7 +198,7 @@ class ChatTokenizer:
         """
         if not os.path.isdir(path):
             raise TokenizerError(f"{os.fspath(path)!r} is not a local tokenizer directory (chatmask never downloads)")
-        files = _read_tokenizer_files(os.fspath(path))
+        files = read_tokenizer_files(os.fspath(path))
         tok = cls(_core.ChatTokenizer.from_pretrained(os.fspath(path), encoder), verify, allow_jinja2)
         tok._recipe = ("files", files, encoder)
         return tok
@@ -461,9 +463,9 @@ class ChatTokenizer:
             return flagged_batch(self, conversations, mode, finish_reason, num_threads, on_error, ids_dtype, policy, template_kwargs)
         chat_template, kwargs = _split_template_kwargs(template_kwargs)
         if policy is not None:
-            return self._tokenize_batch_policy(conversations, policy, num_threads, on_error, ids_dtype, chat_template, kwargs)
+            return tokenize_policy_batch(self, conversations, policy, num_threads, on_error, ids_dtype, chat_template, kwargs)
         if self._needs_python_rendering(conversations, chat_template, kwargs):
-            return self._tokenize_rows(conversations, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs)
+            return tokenize_rows_in_python(self, conversations, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs)
         arrays = self._core.tokenize_batch(
             conversations,
             mode=mode,
@@ -476,150 +478,10 @@ class ChatTokenizer:
         )
         return TokenizedBatch(**arrays)
 
-    def _tokenize_batch_policy(self, rows, policy, num_threads, on_error, ids_dtype, chat_template, kwargs):
-        shaped: list[Any] = []
-        shape_errors: list[tuple[int, str]] = []
-        for i, row in enumerate(rows):
-            try:
-                messages, tools = policy.shape(row)
-            except (KeyError, TypeError, ValueError) as e:
-                reason = e.args[0] if e.args else str(e)  # a KeyError's str() adds quotes
-                if on_error == "raise":
-                    error = ConversationTypeError(f"row {i}: {reason}")
-                    error.row = i
-                    raise error from None
-                shape_errors.append((i, reason))
-                messages, tools = None, None
-            row_out = {"messages": messages}
-            if tools is not None:
-                row_out["tools"] = tools
-            shaped.append(row_out)
-        if shaped:
-            first = next((r for r in shaped if r["messages"]), None)
-            if first is not None:
-                self._require_native(first["messages"], chat_template, {**kwargs, **({"tools": first["tools"]} if "tools" in first else {})})
-        arrays = self._core.tokenize_batch(
-            shaped,
-            num_threads=num_threads,
-            on_error=on_error,
-            ids_dtype=ids_dtype,
-            chat_template=chat_template,
-            policy=policy.to_core(),
-            **kwargs,
-        )
-        if shape_errors:
-            # Those rows went in as None and failed in the core too; keep the clearer message.
-            clear = dict(shape_errors)
-            arrays["errors"] = [(i, clear.get(i, msg)) for i, msg in arrays["errors"]]
-        return TokenizedBatch(**arrays)
-
     def _needs_python_rendering(self, rows: Sequence[Any], chat_template: str | None, kwargs: dict[str, Any]) -> bool:
         """Whether any template the batch uses takes the Jinja2 path (verifying the first rows)."""
         for row in rows[: max(self._verify_left, 1)]:
-            chat, row_kwargs = _row_parts(row, kwargs)
+            chat, row_kwargs = row_parts(row, kwargs)
             if isinstance(chat, (list, tuple)) and self._route(chat, chat_template, row_kwargs) is not None:
                 return True
         return bool(self._fallback)
-
-    def _tokenize_rows(self, rows, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs) -> TokenizedBatch:
-        """The batch, one row at a time, for templates on the Jinja2 path (rendering needs the GIL)."""
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        ids, labels, rows_out, errors = [], [], [], []
-        for i, row in enumerate(rows):
-            finish = finish_reason if isinstance(finish_reason, str) else finish_reason[i]
-            try:
-                chat, row_kwargs = _row_parts(row, kwargs)
-                out = self.tokenize_for_trainer(chat, mode, finish or "", chat_template=chat_template, **row_kwargs)
-            except ChatMaskError as e:
-                if on_error == "raise":
-                    e.row = i
-                    e.args = (f"row {i}: {e}",)
-                    raise
-                errors.append((i, str(e)))
-                continue
-            ids.append(out["tokens"])
-            labels.append(out["masks"])
-            rows_out.append(i)
-
-        def flat(parts, dtype):
-            return np.fromiter((x for p in parts for x in p), dtype=dtype)
-
-        def offsets(parts):
-            return np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
-
-        return TokenizedBatch(
-            input_ids=flat(ids, np.dtype(ids_dtype)),
-            labels=flat(labels, np.int64),
-            offsets=offsets(ids),
-            label_offsets=offsets(labels),
-            rows=np.array(rows_out, dtype=np.int64),
-            errors=errors,
-        )
-
-
-def _row_parts(row: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """A batch row's messages and template kwargs (a mapping row may carry its own tools/documents)."""
-    if isinstance(row, Mapping):
-        extra = {k: row[k] for k in ("tools", "documents") if row.get(k) is not None}
-        return row.get("messages"), {**kwargs, **extra}
-    return row, kwargs
-
-
-# The files `_core.ChatTokenizer.from_pretrained` reads (src/core.rs, `from_dir`), relative to the directory.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-_EXTRA_TEMPLATES = "additional_chat_templates"
-
-
-def _read_tokenizer_files(path: str) -> tuple[tuple[str, bytes], ...]:
-    """The bytes of every file a tokenizer directory load reads, by relative path (sorted)."""
-    files = []
-    for name in _TOKENIZER_FILES:
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            with open(full, "rb") as f:
-                files.append((name, f.read()))
-    extra = os.path.join(path, _EXTRA_TEMPLATES)
-    if os.path.isdir(extra):
-        for name in sorted(os.listdir(extra)):
-            full = os.path.join(extra, name)
-            if name.endswith(".jinja") and os.path.isfile(full):
-                with open(full, "rb") as f:
-                    files.append((f"{_EXTRA_TEMPLATES}/{name}", f.read()))
-    return tuple(files)
-
-
-def _restore(
-    cls: type[ChatTokenizer],
-    recipe: tuple[Any, ...],
-    verify: int,
-    fallback: Sequence[str],
-    limits: tuple[Any, ...],
-    allow_jinja2: bool = False,
-) -> ChatTokenizer:
-    """Unpickle a `ChatTokenizer` (see `ChatTokenizer.__reduce__`)."""
-    import tempfile
-
-    # The process that pickled it has already warned about templates on the Jinja2 path.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if recipe[0] == "files":
-            _, files, encoder = recipe
-            with tempfile.TemporaryDirectory(prefix="chatmask-tokenizer-") as tmp:
-                for name, data in files:
-                    target = os.path.join(tmp, *name.split("/"))
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    with open(target, "wb") as f:
-                        f.write(data)
-                tok = cls(_core.ChatTokenizer.from_pretrained(tmp, encoder), verify, allow_jinja2)
-        elif recipe[0] == "parts":
-            _, tokenizer_json, template, specials, encoder = recipe
-            tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, template, dict(specials), encoder), verify, allow_jinja2)
-        else:  # pragma: no cover - only pickles of this module's own making reach here
-            raise ValueError(f"unknown ChatTokenizer pickle recipe {recipe[0]!r}")
-        tok._recipe = recipe
-        for source in fallback:
-            if source not in tok._fallback:
-                tok._renderer_for(source, "it took the Jinja2 path in the process that pickled this tokenizer")
-    tok._core.set_render_limits(*limits)
-    return tok

@@ -1,0 +1,98 @@
+"""The two batch paths `ChatTokenizer.tokenize_batch` does not hand to the core directly: rows
+shaped by a `MaskPolicy` first, and rows whose template renders through Jinja2 (one at a time,
+since rendering needs the GIL)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from .batch import TokenizedBatch
+from .errors import ChatMaskError, ConversationTypeError
+
+if TYPE_CHECKING:
+    from ._tokenizer import ChatTokenizer
+
+
+def tokenize_policy_batch(tok: ChatTokenizer, rows, policy, num_threads, on_error, ids_dtype, chat_template, kwargs):
+    shaped: list[Any] = []
+    shape_errors: list[tuple[int, str]] = []
+    for i, row in enumerate(rows):
+        try:
+            messages, tools = policy.shape(row)
+        except (KeyError, TypeError, ValueError) as e:
+            reason = e.args[0] if e.args else str(e)  # a KeyError's str() adds quotes
+            if on_error == "raise":
+                error = ConversationTypeError(f"row {i}: {reason}")
+                error.row = i
+                raise error from None
+            shape_errors.append((i, reason))
+            messages, tools = None, None
+        row_out = {"messages": messages}
+        if tools is not None:
+            row_out["tools"] = tools
+        shaped.append(row_out)
+    if shaped:
+        first = next((r for r in shaped if r["messages"]), None)
+        if first is not None:
+            tok._require_native(first["messages"], chat_template, {**kwargs, **({"tools": first["tools"]} if "tools" in first else {})})
+    arrays = tok._core.tokenize_batch(
+        shaped,
+        num_threads=num_threads,
+        on_error=on_error,
+        ids_dtype=ids_dtype,
+        chat_template=chat_template,
+        policy=policy.to_core(),
+        **kwargs,
+    )
+    if shape_errors:
+        # Those rows went in as None and failed in the core too; keep the clearer message.
+        clear = dict(shape_errors)
+        arrays["errors"] = [(i, clear.get(i, msg)) for i, msg in arrays["errors"]]
+    return TokenizedBatch(**arrays)
+
+
+def tokenize_rows_in_python(tok: ChatTokenizer, rows, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs) -> TokenizedBatch:
+    """The batch, one row at a time, for templates on the Jinja2 path (rendering needs the GIL)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    ids, labels, rows_out, errors = [], [], [], []
+    for i, row in enumerate(rows):
+        finish = finish_reason if isinstance(finish_reason, str) else finish_reason[i]
+        try:
+            chat, row_kwargs = row_parts(row, kwargs)
+            out = tok.tokenize_for_trainer(chat, mode, finish or "", chat_template=chat_template, **row_kwargs)
+        except ChatMaskError as e:
+            if on_error == "raise":
+                e.row = i
+                e.args = (f"row {i}: {e}",)
+                raise
+            errors.append((i, str(e)))
+            continue
+        ids.append(out["tokens"])
+        labels.append(out["masks"])
+        rows_out.append(i)
+
+    def flat(parts, dtype):
+        return np.fromiter((x for p in parts for x in p), dtype=dtype)
+
+    def offsets(parts):
+        return np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
+
+    return TokenizedBatch(
+        input_ids=flat(ids, np.dtype(ids_dtype)),
+        labels=flat(labels, np.int64),
+        offsets=offsets(ids),
+        label_offsets=offsets(labels),
+        rows=np.array(rows_out, dtype=np.int64),
+        errors=errors,
+    )
+
+
+def row_parts(row: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A batch row's messages and template kwargs (a mapping row may carry its own tools/documents)."""
+    if isinstance(row, Mapping):
+        extra = {k: row[k] for k in ("tools", "documents") if row.get(k) is not None}
+        return row.get("messages"), {**kwargs, **extra}
+    return row, kwargs
