@@ -69,8 +69,9 @@ def write_corpus(path: Path, n: int) -> list[int]:
 
 def run_cli(corpus: Path, out: Path, tokenizer: Path, mode: str, threads: int) -> tuple[float, int]:
     """Wall seconds and peak RSS in bytes of the CLI child."""
+    labels = [] if mode == "policy" else ["--mode", mode]
     cmd = [sys.executable, "-m", "chatmask", "tokenize", str(corpus), "-o", str(out), "--tokenizer", str(tokenizer),
-           "--mode", mode, "--threads", str(threads), "--quiet"]
+           *labels, "--threads", str(threads), "--quiet"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -89,7 +90,11 @@ def time_batch_api(corpus: Path, tokenizer: Path, mode: str, threads: int) -> tu
     def flush():
         nonlocal seconds, rows, tokens, failed
         t0 = time.perf_counter()
-        batch = tok.tokenize_batch(chunk, mode=mode, num_threads=threads, on_error="skip")
+        # The same labels as the CLI: its default MaskPolicy, or a reference mode flagged as it flags.
+        if mode == "policy":
+            batch = tok.tokenize_batch(chunk, policy=chatmask.MaskPolicy(), num_threads=threads, on_error="skip")
+        else:
+            batch = tok.tokenize_batch(chunk, mode=mode, num_threads=threads, on_error="skip", flag_reference=True)
         seconds += time.perf_counter() - t0
         rows += len(batch)
         tokens += len(batch.input_ids)
@@ -115,7 +120,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--tokenizer", default="qwen3", help="a ../shared fixture tokenizer name")
-    ap.add_argument("--mode", default="all")
+    ap.add_argument("--mode", default="all", help="last|all|multistep (flagged, as the CLI does), or policy (the CLI default)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workdir", default="/tmp/chatmask-scale")
     ap.add_argument("--keep", action="store_true", help="keep the corpus and output")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Sequence
 
 import numpy as np
@@ -212,9 +213,25 @@ class Job:
     # -- batches --------------------------------------------------------------------------
 
     def process(self, rows: list[RawRow]) -> None:
+        """One batch through every stage and into the parts (see :meth:`parse`, :meth:`work`, :meth:`place`)."""
+        self.place(self.work(self.parse(rows)))
+
+    def parse(self, rows: list[RawRow]) -> Batch:
+        """The first stage (row parsing, GIL-bound Python): on the calling thread."""
         batch = Batch(rows)
-        for stage in self.stages:
+        self.stages[0].run(batch)
+        return batch
+
+    def work(self, batch: Batch) -> Batch:
+        """The stages after parsing: the core, with the GIL released, so :func:`run_tokenize` runs
+        them on a worker thread while the next batch is parsed."""
+        for stage in self.stages[1:]:
             stage.run(batch)
+        return batch
+
+    def place(self, batch: Batch) -> None:
+        """A finished batch into the parts and side files, in row order (on the calling thread)."""
+        rows = batch.rows
         table = None
         if batch.out:
             pa = self.pa
@@ -354,6 +371,24 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
     rows_in = 0
     done_rows = done_tokens = 0
     read_error: InputReadError | None = None
+    # Batch k is tokenized on this worker (the core releases the GIL) while batch k+1 is parsed
+    # here; batches are still placed one after another in row order, so commits are unchanged.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatmask-tokenize")
+    in_flight: Future[Batch] | None = None
+
+    def hand_over(batch: Batch | None) -> None:
+        nonlocal in_flight, done_rows, done_tokens
+        if in_flight is not None:
+            done = in_flight.result()
+            in_flight = None
+            tokens_before = state.tokens + job.part_tokens
+            job.place(done)
+            done_rows += len(done.rows)
+            done_tokens += state.tokens + job.part_tokens - tokens_before
+            progress.update(done_rows, done_tokens)
+        if batch is not None:
+            in_flight = worker.submit(job.work, batch)
+
     try:
         pending: list[RawRow] = []
         try:
@@ -363,17 +398,13 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
                     continue
                 pending.append(raw)
                 if len(pending) >= opts.batch_rows:
-                    tokens_before = state.tokens + job.part_tokens
-                    job.process(pending)
-                    done_rows += len(pending)
-                    done_tokens += state.tokens + job.part_tokens - tokens_before
+                    hand_over(job.parse(pending))
                     pending = []
-                    progress.update(done_rows, done_tokens)
         except InputReadError as e:
             read_error = e
             rows_in = e.row
-        if pending:
-            job.process(pending)
+        hand_over(job.parse(pending) if pending else None)
+        hand_over(None)
         if read_error is None and rows_in < state.next_row:
             raise UsageError(f"--resume: the inputs hold {rows_in} rows but {state.next_row} were already done")
         rows_in = max(rows_in, state.next_row)
@@ -382,9 +413,14 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
         if read_error is not None:  # make the read error durable even when nothing was left to commit
             sinks.write_json_atomic(os.path.join(opts.outdir, PROGRESS), state.to_json())
     except BaseException:
+        if in_flight is not None:
+            in_flight.cancel()
+            wait([in_flight])
+        worker.shutdown()
         progress.close()
         job.abort()
         raise
+    worker.shutdown()
     progress.close()
     verify_output(opts.outdir, rows_in, state.parts)
     assert rows_in == state.rows_out + state.rows_failed + state.rows_dropped, (
