@@ -247,7 +247,9 @@ def table(results, threads, memory):
     lines.append(
         "Encoder per tokenizer (self-check load cost; CPU/wall of a 1-thread batch): "
         + "; ".join(
-            f"{r['name']} {r['encoder']} ({r['check_seconds'] * 1000:.0f} ms; {r['cpu_over_wall_1t']:.2f})" for r in results
+            f"{r['name']} {r['encoder']} (gate: engine build {r['check_seconds'][0] * 1000:,.0f} ms + self-check "
+            f"{r['check_seconds'][1] * 1000:,.0f} ms; CPU/wall {r['cpu_over_wall_1t']:.2f})"
+            for r in results
         )
         + "."
     )
@@ -285,6 +287,7 @@ def main(argv=None):
         r = bench_tokenizer(name, args.per_file, args.repeats, args.threads)
         results.append(r)
         print(json.dumps({"name": name, "conversations": r["conversations"], "tokens": r["tokens"],
+                          "encoder": r["encoder"], "check_seconds": r["check_seconds"], "cpu_over_wall_1t": r["cpu_over_wall_1t"],
                           **{k: round(r["conversations"] / v, 1) for k, v in r["seconds"].items()}}), flush=True)
     memory = memory_check(names[0], 100_000) if args.memory else None
     text = table(results, args.threads, memory)
