@@ -243,6 +243,12 @@ def table(results, threads, memory):
     lines += ["", "| ratio (geometric mean over the tokenizers) | value |", "|---|---:|"]
     for label, (slow, fast) in RATIOS.items():
         lines.append(f"| {label} | {geomean([speedup(r, slow, fast) for r in results]):.2f}x |")
+    if memory:
+        lines.append(
+            f"| peak-RSS growth of tokenize_batch over {memory['rows']:,} conversations / bytes returned "
+            f"({memory['encoder']} engine) "
+            f"| {memory['growth'] / memory['returned']:.2f}x ({memory['growth'] / 2**20:,.0f} MiB) |"
+        )
     lines.append("")
     lines.append(
         "Encoder per tokenizer (self-check load cost; CPU/wall of a 1-thread batch): "
@@ -253,12 +259,6 @@ def table(results, threads, memory):
         )
         + "."
     )
-    if memory:
-        lines.append(
-            f"| peak-RSS growth of tokenize_batch over {memory['rows']:,} conversations / bytes returned "
-            f"({memory['encoder']} engine) "
-            f"| {memory['growth'] / memory['returned']:.2f}x |"
-        )
     return "\n".join(lines)
 
 
