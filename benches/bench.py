@@ -91,7 +91,9 @@ def bench_tokenizer(name, per_file, repeats, threads):
 
     def dropin(mode):
         for r in rows:
-            chatmask.tokenize_for_trainer(tok, r["messages"], train_on_all_assistant_turns=mode == "all", **kwargs_of(r))
+            chatmask.tokenize_for_trainer(
+                tok, r["messages"], train_on_all_assistant_turns=mode == "all", **kwargs_of(r)
+            )
 
     def batch(mode, n, on=core):
         on.tokenize_batch(rows, mode=mode, num_threads=n, date_string=DATE)
@@ -187,7 +189,7 @@ def memory_check(name, n_rows):
     """Peak-RSS growth of tokenize_batch over n_rows conversations vs the bytes it returns (subprocess)."""
     code = f"""
 import resource, sys, json
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 import _parity, chatmask
 tok = _parity.oracle().load_tokenizer({name!r})
 core = chatmask.ChatTokenizer.from_transformers(tok)
@@ -286,9 +288,20 @@ def main(argv=None):
     for name in names:
         r = bench_tokenizer(name, args.per_file, args.repeats, args.threads)
         results.append(r)
-        print(json.dumps({"name": name, "conversations": r["conversations"], "tokens": r["tokens"],
-                          "encoder": r["encoder"], "check_seconds": r["check_seconds"], "cpu_over_wall_1t": r["cpu_over_wall_1t"],
-                          **{k: round(r["conversations"] / v, 1) for k, v in r["seconds"].items()}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "name": name,
+                    "conversations": r["conversations"],
+                    "tokens": r["tokens"],
+                    "encoder": r["encoder"],
+                    "check_seconds": r["check_seconds"],
+                    "cpu_over_wall_1t": r["cpu_over_wall_1t"],
+                    **{k: round(r["conversations"] / v, 1) for k, v in r["seconds"].items()},
+                }
+            ),
+            flush=True,
+        )
     memory = memory_check(names[0], 100_000) if args.memory else None
     text = table(results, args.threads, memory)
     print(text)

@@ -70,8 +70,21 @@ def write_corpus(path: Path, n: int) -> list[int]:
 def run_cli(corpus: Path, out: Path, tokenizer: Path, mode: str, threads: int) -> tuple[float, int]:
     """Wall seconds and peak RSS in bytes of the CLI child."""
     labels = [] if mode == "policy" else ["--mode", mode]
-    cmd = [sys.executable, "-m", "chatmask", "tokenize", str(corpus), "-o", str(out), "--tokenizer", str(tokenizer),
-           *labels, "--threads", str(threads), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "chatmask",
+        "tokenize",
+        str(corpus),
+        "-o",
+        str(out),
+        "--tokenizer",
+        str(tokenizer),
+        *labels,
+        "--threads",
+        str(threads),
+        "--quiet",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -120,7 +133,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--tokenizer", default="qwen3", help="a ../shared fixture tokenizer name")
-    ap.add_argument("--mode", default="all", help="last|all|multistep (flagged, as the CLI does), or policy (the CLI default)")
+    ap.add_argument(
+        "--mode", default="all", help="last|all|multistep (flagged, as the CLI does), or policy (the CLI default)"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workdir", default="/tmp/chatmask-scale")
     ap.add_argument("--keep", action="store_true", help="keep the corpus and output")
@@ -134,8 +149,11 @@ def main() -> int:
 
     t0 = time.perf_counter()
     broken = write_corpus(corpus, args.rows)
-    print(f"corpus: {args.rows:,} rows, {corpus.stat().st_size / 2**30:.2f} GiB, {len(broken)} broken on purpose "
-          f"({time.perf_counter() - t0:.0f} s to write)", flush=True)
+    print(
+        f"corpus: {args.rows:,} rows, {corpus.stat().st_size / 2**30:.2f} GiB, {len(broken)} broken on purpose "
+        f"({time.perf_counter() - t0:.0f} s to write)",
+        flush=True,
+    )
 
     cli_s, rss = run_cli(corpus, out, tokenizer, args.mode, args.threads)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -143,20 +161,35 @@ def main() -> int:
     accounted = manifest["rows_in"] == manifest["rows_out"] + manifest["rows_failed"] == args.rows
     broken_listed = set(broken) <= set(failed_rows) and len(failed_rows) == manifest["rows_failed"]
     print(f"cli: {cli_s:.1f} s, {args.rows / cli_s:,.0f} rows/s, peak RSS {rss / 2**20:,.0f} MiB")
-    print("manifest:", json.dumps({k: manifest[k] for k in ("rows_in", "rows_out", "rows_failed", "tokens",
-                                                          "trained_tokens", "seconds")}))
-    print(f"accounting: rows_in == rows_out + rows_failed: {accounted}; errors.jsonl lines == rows_failed and "
-          f"every broken row listed: {broken_listed}; parts: {len(manifest['parts'])}", flush=True)
+    print(
+        "manifest:",
+        json.dumps(
+            {k: manifest[k] for k in ("rows_in", "rows_out", "rows_failed", "tokens", "trained_tokens", "seconds")}
+        ),
+    )
+    print(
+        f"accounting: rows_in == rows_out + rows_failed: {accounted}; errors.jsonl lines == rows_failed and "
+        f"every broken row listed: {broken_listed}; parts: {len(manifest['parts'])}",
+        flush=True,
+    )
 
     api_s, api_rows, api_tokens, api_failed = time_batch_api(corpus, tokenizer, args.mode, args.threads)
-    print(f"batch API: {api_s:.1f} s tokenizing, {api_rows / api_s:,.0f} rows/s ({api_rows:,} rows, "
-          f"{api_tokens:,} tokens, {api_failed:,} rows the template rejects; parsing not timed)")
+    print(
+        f"batch API: {api_s:.1f} s tokenizing, {api_rows / api_s:,.0f} rows/s ({api_rows:,} rows, "
+        f"{api_tokens:,} tokens, {api_failed:,} rows the template rejects; parsing not timed)"
+    )
     # The CLI's failures are the broken rows plus the rows the template rejects in the batch API too.
-    same = (api_rows, api_tokens, api_failed + len(broken)) == (manifest["rows_out"], manifest["tokens"], manifest["rows_failed"])
+    same = (api_rows, api_tokens, api_failed + len(broken)) == (
+        manifest["rows_out"],
+        manifest["tokens"],
+        manifest["rows_failed"],
+    )
     ratio = (args.rows / cli_s) / (api_rows / api_s)
     print(f"same rows and tokens as the CLI: {same}")
-    print(f"throughput CLI / batch API: {ratio:.2f}x   peak RSS: {rss / 2**20:,.0f} MiB "
-          f"({args.threads} threads, {args.tokenizer}, mode {args.mode})")
+    print(
+        f"throughput CLI / batch API: {ratio:.2f}x   peak RSS: {rss / 2**20:,.0f} MiB "
+        f"({args.threads} threads, {args.tokenizer}, mode {args.mode})"
+    )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     ok = accounted and broken_listed and same

@@ -88,7 +88,9 @@ def main(argv=None) -> int:
         while mb <= args.max_mb:
             big = (PARAGRAPH * (mb * 1_000_000 // len(PARAGRAPH) + 1))[: mb * 1_000_000]
             chat = [{"role": "user", "content": "Repeat this back."}, {"role": "assistant", "content": big}]
-            rows.append((len(big.encode()), timed(lambda: tok.tokenize_for_trainer(chat, mode=mode, **DATE), args.repeats)))
+            rows.append(
+                (len(big.encode()), timed(lambda: tok.tokenize_for_trainer(chat, mode=mode, **DATE), args.repeats))
+            )
             mb *= 2
         table(f"one long assistant message, mode={mode}", "bytes", rows)
 
@@ -113,7 +115,11 @@ def main(argv=None) -> int:
     for depth in (16, 32, 64, 128, 250):
         chat = [
             {"role": "user", "content": "call"},
-            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": nested(depth)}}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": nested(depth)}}],
+            },
         ]
         try:
             rows.append((depth, timed(lambda: tok.tokenize_for_trainer(chat, mode="all", **DATE), args.repeats)))

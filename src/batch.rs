@@ -87,7 +87,12 @@ pub struct BatchArgs {
     pub kwargs: Vec<(String, Value)>,
 }
 
-fn label_row(tok: &ChatTokenizer, row: RowInput, task: &Task, args: &BatchArgs) -> Result<RowResult> {
+fn label_row(
+    tok: &ChatTokenizer,
+    row: RowInput,
+    task: &Task,
+    args: &BatchArgs,
+) -> Result<RowResult> {
     let own;
     let template_args = if row.overrides.is_empty() {
         &args.shared
@@ -101,10 +106,14 @@ fn label_row(tok: &ChatTokenizer, row: RowInput, task: &Task, args: &BatchArgs) 
         Task::Reference(mode) => {
             let labeled = tok.label(&row.conversation, *mode, row.finish_length, template_args)?;
             // Only counted here; a template whose literal text cannot be read counts none.
-            let control = tok.has_control_tokens(&row.conversation, template_args).unwrap_or(false);
+            let control = tok
+                .has_control_tokens(&row.conversation, template_args)
+                .unwrap_or(false);
             Ok(RowResult::Reference(labeled, control))
         }
-        Task::Policy(policy) => tok.tokenize(&row.conversation, policy, false, template_args).map(RowResult::Policy),
+        Task::Policy(policy) => tok
+            .tokenize(&row.conversation, policy, false, template_args)
+            .map(RowResult::Policy),
     }
 }
 
@@ -146,7 +155,12 @@ pub fn install_fork_handler() {
 pub fn resolve_threads(num_threads: Option<usize>) -> usize {
     num_threads
         .filter(|&n| n > 0)
-        .or_else(|| std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0))
+        .or_else(|| {
+            std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n| n > 0)
+        })
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
@@ -161,9 +175,16 @@ impl Pending {
     pub fn wait(self) -> (usize, Vec<Result<RowResult>>) {
         // Rows are labelled under `catch_panic`, so the sender disappears only if the pool
         // itself failed; every row of the chunk then becomes an error, none goes missing.
-        let results = self.results.recv().ok().filter(|r| r.len() == self.rows).unwrap_or_else(|| {
-            (0..self.rows).map(|_| Err(Error::Internal("a batch worker thread died".into()))).collect()
-        });
+        let results = self
+            .results
+            .recv()
+            .ok()
+            .filter(|r| r.len() == self.rows)
+            .unwrap_or_else(|| {
+                (0..self.rows)
+                    .map(|_| Err(Error::Internal("a batch worker thread died".into())))
+                    .collect()
+            });
         (self.first_row, results)
     }
 }
@@ -182,15 +203,29 @@ pub struct BatchRunner {
 }
 
 impl BatchRunner {
-    pub fn new(tok: Arc<ChatTokenizer>, args: BatchArgs, task: Task, on_error: OnError, num_threads: Option<usize>) -> Result<Self> {
+    pub fn new(
+        tok: Arc<ChatTokenizer>,
+        args: BatchArgs,
+        task: Task,
+        on_error: OnError,
+        num_threads: Option<usize>,
+    ) -> Result<Self> {
         let threads = resolve_threads(num_threads);
         Ok(BatchRunner {
             tok,
             args: Arc::new(args),
             task,
             on_error,
-            pool: if threads > 1 { Some(pool(threads)?) } else { None },
-            out: BatchOutput { offsets: vec![0], label_offsets: vec![0], ..Default::default() },
+            pool: if threads > 1 {
+                Some(pool(threads)?)
+            } else {
+                None
+            },
+            out: BatchOutput {
+                offsets: vec![0],
+                label_offsets: vec![0],
+                ..Default::default()
+            },
             next_row: 0,
         })
     }
@@ -201,7 +236,8 @@ impl BatchRunner {
         let (tx, rx) = mpsc::sync_channel(1);
         let (tok, args, task) = (self.tok.clone(), self.args.clone(), self.task.clone());
         let expected = chunk.len();
-        let label = move |row: Row| row.and_then(|r| catch_panic(|| label_row(&tok, r, &task, &args)));
+        let label =
+            move |row: Row| row.and_then(|r| catch_panic(|| label_row(&tok, r, &task, &args)));
         match &self.pool {
             None => {
                 let _ = tx.send(chunk.into_iter().map(label).collect());
@@ -209,19 +245,28 @@ impl BatchRunner {
             Some(pool) => {
                 let inner = pool.clone();
                 pool.spawn(move || {
-                    let labeled: Vec<Result<RowResult>> = inner.install(|| chunk.into_par_iter().map(label).collect());
+                    let labeled: Vec<Result<RowResult>> =
+                        inner.install(|| chunk.into_par_iter().map(label).collect());
                     let _ = tx.send(labeled);
                 });
             }
         }
-        let pending = Pending { first_row: self.next_row, rows: expected, results: rx };
+        let pending = Pending {
+            first_row: self.next_row,
+            rows: expected,
+            results: rx,
+        };
         self.next_row += expected;
         pending
     }
 
     /// Appends a finished chunk. With `OnError::Raise` the first failing row (in input order)
     /// is returned as `Err((row, error))`.
-    pub fn collect(&mut self, first_row: usize, labeled: Vec<Result<RowResult>>) -> std::result::Result<(), (usize, Error)> {
+    pub fn collect(
+        &mut self,
+        first_row: usize,
+        labeled: Vec<Result<RowResult>>,
+    ) -> std::result::Result<(), (usize, Error)> {
         let out = &mut self.out;
         for (i, result) in labeled.into_iter().enumerate() {
             let row = first_row + i;

@@ -70,9 +70,12 @@ impl Conversation {
 /// `reasoning_content` as `{"thinking": r, **message, "reasoning_content": r}`.
 fn prepare_message(pairs: Vec<(Value, Value)>) -> Value {
     let pairs: Vec<(Value, Value)> = pairs.into_iter().filter(|(_, v)| !v.is_none()).collect();
-    let reasoning = REASONING_FIELDS
-        .iter()
-        .find_map(|field| pairs.iter().find(|(k, _)| k.as_str() == Some(*field)).map(|(_, v)| v.clone()));
+    let reasoning = REASONING_FIELDS.iter().find_map(|field| {
+        pairs
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(*field))
+            .map(|(_, v)| v.clone())
+    });
     let Some(reasoning) = reasoning else {
         return Value::from_pairs(pairs);
     };
@@ -84,7 +87,10 @@ fn prepare_message(pairs: Vec<(Value, Value)>) -> Value {
             None => out.push((k, v)),
         }
     }
-    match out.iter_mut().find(|(k, _)| k.as_str() == Some("reasoning_content")) {
+    match out
+        .iter_mut()
+        .find(|(k, _)| k.as_str() == Some("reasoning_content"))
+    {
         Some(slot) => slot.1 = reasoning,
         None => out.push((Value::from("reasoning_content"), reasoning)),
     }
@@ -96,7 +102,10 @@ mod tests {
     use super::*;
 
     fn keys(v: &Value) -> Vec<String> {
-        map_pairs(v).into_iter().map(|(k, _)| k.to_string()).collect()
+        map_pairs(v)
+            .into_iter()
+            .map(|(k, _)| k.to_string())
+            .collect()
     }
 
     #[test]
@@ -107,14 +116,20 @@ mod tests {
             ("reasoning", Value::from("why")),
         ]);
         let conv = Conversation::new(vec![raw]).unwrap();
-        assert_eq!(keys(&conv.messages[0]), ["thinking", "role", "reasoning", "reasoning_content"]);
+        assert_eq!(
+            keys(&conv.messages[0]),
+            ["thinking", "role", "reasoning", "reasoning_content"]
+        );
         assert_eq!(conv.roles, [Role::Unmasked]);
     }
 
     #[test]
     fn role_read_before_none_dropping() {
         let missing = Value::from_pairs(vec![("content", Value::from("x"))]);
-        let none_role = Value::from_pairs(vec![("role", Value::from(())), ("content", Value::from("x"))]);
+        let none_role = Value::from_pairs(vec![
+            ("role", Value::from(())),
+            ("content", Value::from("x")),
+        ]);
         let conv = Conversation::new(vec![missing, none_role]).unwrap();
         assert_eq!(conv.roles, [Role::Missing, Role::Other]);
         assert!(Conversation::new(vec![Value::from("hi")]).is_err());

@@ -11,17 +11,25 @@ use crate::chat::Conversation;
 use crate::encode::{Encoder, EncoderChoice};
 use crate::error::{Error, Result};
 use crate::label::{self, Labeled, Mode};
-use crate::sanitize::{encode_marked, ControlTokens};
 use crate::policy::{self, MessageInfo, Policy, SpanMethod, SpanRow, SpanSource, Tokenized};
+use crate::sanitize::{encode_marked, ControlTokens};
 use crate::spans::{
-    diff_region, dummy_char, for_each_string, has_plane16, mark_message, replace_field, strip_field_markers, strip_markers,
-    token_mask, FieldKind, FieldSpan, MarkerPicker, Marking, MAX_MARKED_MESSAGES,
+    diff_region, dummy_char, for_each_string, has_plane16, mark_message, replace_field,
+    strip_field_markers, strip_markers, token_mask, FieldKind, FieldSpan, MarkerPicker, Marking,
+    MAX_MARKED_MESSAGES,
 };
 use crate::template::{render_context, ChatTemplate, RenderLimits, MARKERS_VAR};
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`: the named special tokens every template sees.
-pub const SPECIAL_TOKEN_NAMES: [&str; 7] =
-    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+pub const SPECIAL_TOKEN_NAMES: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
 
 /// The chat templates a tokenizer carries: one, or several by name.
 #[derive(Debug, Clone, Default)]
@@ -71,7 +79,10 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
 fn token_text(v: &serde_json::Value) -> Option<String> {
     match v {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -108,7 +119,12 @@ impl ChatTokenizer {
 
     /// Every template source the tokenizer carries.
     pub fn template_sources(&self) -> Vec<String> {
-        self.sources.default.iter().cloned().chain(self.sources.named.iter().map(|(_, s)| s.clone())).collect()
+        self.sources
+            .default
+            .iter()
+            .cloned()
+            .chain(self.sources.named.iter().map(|(_, s)| s.clone()))
+            .collect()
     }
 
     /// Loads a local tokenizer directory with transformers 5's precedence: `chat_template.jinja`
@@ -133,8 +149,13 @@ impl ChatTokenizer {
             paths.sort();
             for p in paths {
                 if p.extension().and_then(|e| e.to_str()) == Some("jinja") {
-                    let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-                    let text = std::fs::read_to_string(&p).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+                    let name = p
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .unwrap_or_default()
+                        .to_string();
+                    let text = std::fs::read_to_string(&p)
+                        .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
                     from_files.push((name, text));
                 }
             }
@@ -153,7 +174,9 @@ impl ChatTokenizer {
                             item.get("name").and_then(|v| v.as_str()),
                             item.get("template").and_then(|v| v.as_str()),
                         ) else {
-                            return Err(Error::Config("chat_template list entries need 'name' and 'template'".into()));
+                            return Err(Error::Config(
+                                "chat_template list entries need 'name' and 'template'".into(),
+                            ));
                         };
                         named.push((name.to_string(), t.to_string()));
                     }
@@ -165,7 +188,10 @@ impl ChatTokenizer {
 
         let mut special_tokens = Vec::new();
         for name in SPECIAL_TOKEN_NAMES {
-            let value = config.get(name).and_then(token_text).or_else(|| special_map.get(name).and_then(token_text));
+            let value = config
+                .get(name)
+                .and_then(token_text)
+                .or_else(|| special_map.get(name).and_then(token_text));
             if let Some(v) = value {
                 special_tokens.push((name.to_string(), v));
             }
@@ -178,16 +204,25 @@ impl ChatTokenizer {
                     .iter()
                     .map(|v| v.as_str().map(str::to_string))
                     .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| Error::Config("`chat_control_tokens` should be a list of strings".into()))?,
+                    .ok_or_else(|| {
+                        Error::Config("`chat_control_tokens` should be a list of strings".into())
+                    })?,
             ),
-            Some(other) => return Err(Error::Config(format!("`chat_control_tokens` should be a list of strings, got {other}"))),
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "`chat_control_tokens` should be a list of strings, got {other}"
+                )))
+            }
         };
         Ok(tok)
     }
 
     /// A dict of templates keeps "default" as the default only through the name.
     fn split_named(named: Vec<(String, String)>) -> TemplateSources {
-        TemplateSources { default: None, named }
+        TemplateSources {
+            default: None,
+            named,
+        }
     }
 
     fn compile(&self, source: &str) -> Result<Arc<ChatTemplate>> {
@@ -201,21 +236,33 @@ impl ChatTokenizer {
     }
 
     pub fn render_limits(&self) -> RenderLimits {
-        self.compiled.lock().unwrap_or_else(|p| p.into_inner()).limits
+        self.compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .limits
     }
 
     /// Applies to renders that start after the call; running ones keep their template.
     pub fn set_render_limits(&self, limits: RenderLimits) {
         let mut cache = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
         if cache.limits != limits {
-            *cache = CompiledTemplates { limits, by_source: HashMap::new() };
+            *cache = CompiledTemplates {
+                limits,
+                by_source: HashMap::new(),
+            };
         }
     }
 
     /// The template transformers' `get_chat_template` would pick.
     pub fn template_source(&self, chat_template: Option<&str>, has_tools: bool) -> Result<String> {
         if !self.sources.named.is_empty() {
-            let by_name = |n: &str| self.sources.named.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+            let by_name = |n: &str| {
+                self.sources
+                    .named
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.clone())
+            };
             return match chat_template {
                 Some(name) => Ok(by_name(name).unwrap_or_else(|| name.to_string())),
                 None => {
@@ -257,11 +304,18 @@ impl ChatTokenizer {
 
     /// Resolves the template and builds the base context: special tokens, then `kwargs`
     /// (which win), with `tools` and `documents` always defined (None when not given).
-    pub fn template_args(&self, chat_template: Option<&str>, kwargs: Vec<(String, Value)>) -> Result<TemplateArgs> {
+    pub fn template_args(
+        &self,
+        chat_template: Option<&str>,
+        kwargs: Vec<(String, Value)>,
+    ) -> Result<TemplateArgs> {
         let has_tools = kwargs.iter().any(|(k, v)| k == "tools" && !v.is_none());
         let template = self.compile(&self.template_source(chat_template, has_tools)?)?;
-        let mut base: Vec<(String, Value)> =
-            self.special_tokens.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect();
+        let mut base: Vec<(String, Value)> = self
+            .special_tokens
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect();
         for (k, v) in kwargs {
             match base.iter_mut().find(|(name, _)| *name == k) {
                 Some(slot) => slot.1 = v,
@@ -273,15 +327,29 @@ impl ChatTokenizer {
                 base.push((name.to_string(), Value::from(())));
             }
         }
-        Ok(TemplateArgs { template, base, generation_prompt: Default::default() })
+        Ok(TemplateArgs {
+            template,
+            base,
+            generation_prompt: Default::default(),
+        })
     }
 
     /// Renders `conversation[:n]`.
-    pub fn render(&self, conv: &Conversation, n: usize, add_generation_prompt: bool, args: &TemplateArgs) -> Result<String> {
+    pub fn render(
+        &self,
+        conv: &Conversation,
+        n: usize,
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<String> {
         if n == 0 {
             return Err(Error::EmptyConversation);
         }
-        args.template.render(&render_context(conv.prefix(n), add_generation_prompt, &args.base))
+        args.template.render(&render_context(
+            conv.prefix(n),
+            add_generation_prompt,
+            &args.base,
+        ))
     }
 
     /// Renders `conversation[:n]` and returns the text with the `{% generation %}` spans (code points).
@@ -297,50 +365,107 @@ impl ChatTokenizer {
         }
         let mut picker = MarkerPicker::default();
         picker.see_template(&args.template.source);
-        for value in conv.messages[..n].iter().chain(args.base.iter().map(|(_, v)| v)) {
+        for value in conv.messages[..n]
+            .iter()
+            .chain(args.base.iter().map(|(_, v)| v))
+        {
             for_each_string(value, &mut |s| picker.see(s));
         }
         let (start, end) = picker.pick()?;
         let mut base = args.base.clone();
-        base.push((MARKERS_VAR.to_string(), Value::from(format!("{start}{end}"))));
-        let marked = args.template.render(&render_context(conv.prefix(n), add_generation_prompt, &base))?;
+        base.push((
+            MARKERS_VAR.to_string(),
+            Value::from(format!("{start}{end}")),
+        ));
+        let marked = args.template.render(&render_context(
+            conv.prefix(n),
+            add_generation_prompt,
+            &base,
+        ))?;
         strip_markers(&marked, (start, end))
     }
 
     /// Token ids of the rendered conversation and transformers' `assistant_masks` (bugs fixed).
-    pub fn assistant_mask(&self, conv: &Conversation, add_generation_prompt: bool, args: &TemplateArgs) -> Result<(Vec<u32>, Vec<u8>)> {
-        let (text, spans) = self.render_with_spans(conv, conv.len(), add_generation_prompt, args)?;
+    pub fn assistant_mask(
+        &self,
+        conv: &Conversation,
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<(Vec<u32>, Vec<u8>)> {
+        let (text, spans) =
+            self.render_with_spans(conv, conv.len(), add_generation_prompt, args)?;
         self.mask_from_spans(&text, &spans)
     }
 
     /// Token ids of `text` and the assistant mask of the given spans (code points).
-    pub fn mask_from_spans(&self, text: &str, spans: &[(usize, usize)]) -> Result<(Vec<u32>, Vec<u8>)> {
+    pub fn mask_from_spans(
+        &self,
+        text: &str,
+        spans: &[(usize, usize)],
+    ) -> Result<(Vec<u32>, Vec<u8>)> {
         let (ids, offsets) = self.encoder.encode_with_char_offsets(text)?;
         Ok((ids, token_mask(&offsets, spans)))
     }
 
     /// Labels with renders from elsewhere (the Jinja2 fallback): `render(n, add_generation_prompt)`.
-    pub fn label_with(&self, roles: &[crate::chat::Role], render: &label::RenderFn<'_>, mode: Mode, finish_length: bool) -> Result<Labeled> {
-        label::label(&self.encoder, render, roles, mode, finish_length, self.eos_token_id)
+    pub fn label_with(
+        &self,
+        roles: &[crate::chat::Role],
+        render: &label::RenderFn<'_>,
+        mode: Mode,
+        finish_length: bool,
+    ) -> Result<Labeled> {
+        label::label(
+            &self.encoder,
+            render,
+            roles,
+            mode,
+            finish_length,
+            self.eos_token_id,
+        )
     }
 
     /// The reference's tokens and masks for one conversation (or generation-block labels).
-    pub fn label(&self, conv: &Conversation, mode: Mode, finish_length: bool, args: &TemplateArgs) -> Result<Labeled> {
+    pub fn label(
+        &self,
+        conv: &Conversation,
+        mode: Mode,
+        finish_length: bool,
+        args: &TemplateArgs,
+    ) -> Result<Labeled> {
         if mode == Mode::Generation {
             let (ids, mask) = self.assistant_mask(conv, false, args)?;
-            return Ok(label::label_generation(ids, &mask, finish_length, self.eos_token_id));
+            return Ok(label::label_generation(
+                ids,
+                &mask,
+                finish_length,
+                self.eos_token_id,
+            ));
         }
         let render = |n: usize, gen: bool| self.render(conv, n, gen, args);
-        label::label(&self.encoder, &render, &conv.roles, mode, finish_length, self.eos_token_id)
+        label::label(
+            &self.encoder,
+            &render,
+            &conv.roles,
+            mode,
+            finish_length,
+            self.eos_token_id,
+        )
     }
 
     /// The plain render of the whole conversation and where each message's fields landed in
     /// it, with the method that found them and where each string content starts inside its
     /// span (see [`SpanRow::content_origin`]).
-    pub fn message_spans(&self, conv: &Conversation, add_generation_prompt: bool, args: &TemplateArgs) -> Result<MessageSpans> {
+    pub fn message_spans(
+        &self,
+        conv: &Conversation,
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<MessageSpans> {
         let n = conv.len();
         let plain = self.render(conv, n, add_generation_prompt, args)?;
-        let mut collides = has_plane16(&args.template.source) || args.template.source.contains("\\U0010");
+        let mut collides =
+            has_plane16(&args.template.source) || args.template.source.contains("\\U0010");
         for value in conv.messages.iter().chain(args.base.iter().map(|(_, v)| v)) {
             for_each_string(value, &mut |s| collides |= has_plane16(s));
         }
@@ -352,25 +477,56 @@ impl ChatTokenizer {
             ));
         }
         if n > MAX_MARKED_MESSAGES {
-            return Err(Error::Span(format!("{n} messages; span markers cover at most {MAX_MARKED_MESSAGES}")));
+            return Err(Error::Span(format!(
+                "{n} messages; span markers cover at most {MAX_MARKED_MESSAGES}"
+            )));
         }
         let render_marked = |marking: Marking| -> Result<Option<Vec<FieldSpan>>> {
-            let messages: Vec<Value> = conv.messages.iter().enumerate().map(|(i, m)| mark_message(m, i, marking)).collect();
-            let marked = Conversation { messages, roles: conv.roles.clone() };
+            let messages: Vec<Value> = conv
+                .messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| mark_message(m, i, marking))
+                .collect();
+            let marked = Conversation {
+                messages,
+                roles: conv.roles.clone(),
+            };
             // A render that fails only because of the markers (a template that parses a field)
             // is a failed attempt, not an error of the row.
-            let Ok(text) = self.render(&marked, n, add_generation_prompt, args) else { return Ok(None) };
-            Ok(strip_field_markers(&text).filter(|(stripped, _)| *stripped == plain).map(|(_, spans)| spans))
+            let Ok(text) = self.render(&marked, n, add_generation_prompt, args) else {
+                return Ok(None);
+            };
+            Ok(strip_field_markers(&text)
+                .filter(|(stripped, _)| *stripped == plain)
+                .map(|(_, spans)| spans))
         };
         let content_lead = |m: &Value, inner: bool| -> Option<usize> {
             let content = m.get_attr("content").ok()?;
             let s = content.as_str()?;
-            Some(if inner { s.chars().take_while(|c| c.is_whitespace()).count() } else { 0 })
+            Some(if inner {
+                s.chars().take_while(|c| c.is_whitespace()).count()
+            } else {
+                0
+            })
         };
         for inner in [false, true] {
-            if let Some(spans) = render_marked(Marking { message: None, kind: None, inner })? {
-                let content_origin = conv.messages.iter().map(|m| content_lead(m, inner)).collect();
-                return Ok(MessageSpans { text: plain, spans, method: SpanMethod::OneRender, content_origin });
+            if let Some(spans) = render_marked(Marking {
+                message: None,
+                kind: None,
+                inner,
+            })? {
+                let content_origin = conv
+                    .messages
+                    .iter()
+                    .map(|m| content_lead(m, inner))
+                    .collect();
+                return Ok(MessageSpans {
+                    text: plain,
+                    spans,
+                    method: SpanMethod::OneRender,
+                    content_origin,
+                });
             }
         }
         // One field at a time: markers first (checked), else the text that changes when the
@@ -381,7 +537,11 @@ impl ChatTokenizer {
         let mut diffed: Vec<FieldSpan> = Vec::new();
         for (i, msg) in conv.messages.iter().enumerate() {
             for kind in [FieldKind::Content, FieldKind::Reasoning, FieldKind::Tool] {
-                let only = Marking { message: Some(i), kind: Some(kind), inner: false };
+                let only = Marking {
+                    message: Some(i),
+                    kind: Some(kind),
+                    inner: false,
+                };
                 if mark_message(msg, i, only) == *msg {
                     continue; // nothing of this kind to locate
                 }
@@ -403,19 +563,34 @@ impl ChatTokenizer {
                 let dummy = dummy_char(i, kind).to_string();
                 let mut messages = conv.messages.clone();
                 messages[i] = replace_field(msg, i, kind, &dummy);
-                let replaced = Conversation { messages, roles: conv.roles.clone() };
-                let other = self.render(&replaced, n, add_generation_prompt, args).map_err(|e| {
-                    Error::Span(format!("message {i}: the template fails when its {kind:?} is replaced: {e}"))
-                })?;
+                let replaced = Conversation {
+                    messages,
+                    roles: conv.roles.clone(),
+                };
+                let other = self
+                    .render(&replaced, n, add_generation_prompt, args)
+                    .map_err(|e| {
+                        Error::Span(format!(
+                            "message {i}: the template fails when its {kind:?} is replaced: {e}"
+                        ))
+                    })?;
                 let (start, end) = diff_region(&plain, &other);
                 if start < end {
-                    diffed.push(FieldSpan { message: i, kind, start, end });
+                    diffed.push(FieldSpan {
+                        message: i,
+                        kind,
+                        start,
+                        end,
+                    });
                 }
             }
         }
         // A diff region is everything that changed; it must not reach into another message's text.
         for d in &diffed {
-            let clash = spans.iter().chain(&diffed).find(|s| s.message != d.message && s.start < d.end && d.start < s.end);
+            let clash = spans
+                .iter()
+                .chain(&diffed)
+                .find(|s| s.message != d.message && s.start < d.end && d.start < s.end);
             if let Some(c) = clash {
                 return Err(Error::Span(format!(
                     "message {}'s {:?} changes text that message {} also owns; no exact span",
@@ -424,17 +599,34 @@ impl ChatTokenizer {
             }
         }
         spans.extend(diffed);
-        Ok(MessageSpans { text: plain, spans, method, content_origin })
+        Ok(MessageSpans {
+            text: plain,
+            spans,
+            method,
+            content_origin,
+        })
     }
 
     /// The control tokens `sanitize_control_tokens` protects for this template.
     pub fn control_tokens(&self, args: &TemplateArgs) -> Result<Arc<ControlTokens>> {
         let source = &args.template.source;
-        if let Some(found) = self.control.lock().unwrap_or_else(|p| p.into_inner()).get(&**source) {
+        if let Some(found) = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&**source)
+        {
             return Ok(found.clone());
         }
-        let found = Arc::new(ControlTokens::new(&self.encoder, source, self.chat_control_tokens.as_deref())?);
-        self.control.lock().unwrap_or_else(|p| p.into_inner()).insert(source.clone(), found.clone());
+        let found = Arc::new(ControlTokens::new(
+            &self.encoder,
+            source,
+            self.chat_control_tokens.as_deref(),
+        )?);
+        self.control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source.clone(), found.clone());
         Ok(found)
     }
 
@@ -454,31 +646,55 @@ impl ChatTokenizer {
     fn caller_values<'a>(&'a self, args: &'a TemplateArgs) -> impl Iterator<Item = &'a Value> + 'a {
         args.base
             .iter()
-            .filter(|(k, v)| !self.special_tokens.iter().any(|(name, text)| name == k && v.as_str() == Some(text.as_str())))
+            .filter(|(k, v)| {
+                !self
+                    .special_tokens
+                    .iter()
+                    .any(|(name, text)| name == k && v.as_str() == Some(text.as_str()))
+            })
             .map(|(_, v)| v)
     }
 
     /// transformers' `_mark_chat_inputs`: the conversation and caller arguments with control
     /// tokens in their strings marked, so `encode_marked` encodes them as text.
-    pub fn sanitized(&self, conv: &Conversation, args: &TemplateArgs) -> Result<(Conversation, TemplateArgs)> {
+    pub fn sanitized(
+        &self,
+        conv: &Conversation,
+        args: &TemplateArgs,
+    ) -> Result<(Conversation, TemplateArgs)> {
         let control = self.control_tokens(args)?;
         let messages = conv.messages.iter().map(|m| control.mark(m)).collect();
         let base = args
             .base
             .iter()
             .map(|(k, v)| {
-                let special = self.special_tokens.iter().any(|(name, text)| name == k && v.as_str() == Some(text.as_str()));
+                let special = self
+                    .special_tokens
+                    .iter()
+                    .any(|(name, text)| name == k && v.as_str() == Some(text.as_str()));
                 (k.clone(), if special { v.clone() } else { control.mark(v) })
             })
             .collect();
         Ok((
-            Conversation { messages, roles: conv.roles.clone() },
-            TemplateArgs { template: args.template.clone(), base, generation_prompt: Default::default() },
+            Conversation {
+                messages,
+                roles: conv.roles.clone(),
+            },
+            TemplateArgs {
+                template: args.template.clone(),
+                base,
+                generation_prompt: Default::default(),
+            },
         ))
     }
 
     /// `apply_chat_template(..., tokenize=True, sanitize_control_tokens=True)`.
-    pub fn encode_sanitized(&self, conv: &Conversation, add_generation_prompt: bool, args: &TemplateArgs) -> Result<Vec<u32>> {
+    pub fn encode_sanitized(
+        &self,
+        conv: &Conversation,
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<Vec<u32>> {
         let (marked, marked_args) = self.sanitized(conv, args)?;
         let text = self.render(&marked, marked.len(), add_generation_prompt, &marked_args)?;
         Ok(encode_marked(&self.encoder, &text)?.0)
@@ -499,14 +715,24 @@ impl ChatTokenizer {
     }
 
     fn probe_generation_prompt(&self, args: &TemplateArgs) -> Option<String> {
-        let probe = Conversation::new(vec![Value::from_pairs(vec![("role", Value::from("user")), ("content", Value::from("x"))])]).ok()?;
+        let probe = Conversation::new(vec![Value::from_pairs(vec![
+            ("role", Value::from("user")),
+            ("content", Value::from("x")),
+        ])])
+        .ok()?;
         let without = self.render(&probe, 1, false, args).ok()?;
         let with = self.render(&probe, 1, true, args).ok()?;
         with.strip_prefix(without.as_str()).map(str::to_string)
     }
 
     /// Tokens, labels and `message_index` of one conversation under `policy`.
-    pub fn tokenize(&self, conv: &Conversation, policy: &Policy, add_generation_prompt: bool, args: &TemplateArgs) -> Result<Option<(Tokenized, SpanMethod)>> {
+    pub fn tokenize(
+        &self,
+        conv: &Conversation,
+        policy: &Policy,
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<Option<(Tokenized, SpanMethod)>> {
         if conv.is_empty() {
             return Err(Error::EmptyConversation);
         }
@@ -526,16 +752,23 @@ impl ChatTokenizer {
         let located = self.message_spans(conv, add_generation_prompt, args)?;
         let generation = match policy.source {
             SpanSource::Generation => {
-                let (text, spans) = self.render_with_spans(conv, conv.len(), add_generation_prompt, args)?;
+                let (text, spans) =
+                    self.render_with_spans(conv, conv.len(), add_generation_prompt, args)?;
                 if text != located.text {
-                    return Err(Error::Internal("generation render differs from the plain render".into()));
+                    return Err(Error::Internal(
+                        "generation render differs from the plain render".into(),
+                    ));
                 }
                 spans
             }
             SpanSource::Messages => Vec::new(),
         };
-        let messages =
-            conv.messages.iter().enumerate().map(|(i, m)| MessageInfo::read(m, i, policy)).collect::<Result<Vec<_>>>()?;
+        let messages = conv
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| MessageInfo::read(m, i, policy))
+            .collect::<Result<Vec<_>>>()?;
         let (ids, positions, positions_derived) = if policy.sanitize_control_tokens {
             let (ids, offsets) = encode_marked(&self.encoder, &located.text)?;
             (ids, offsets, false)
@@ -555,9 +788,18 @@ impl ChatTokenizer {
             generation: &generation,
         };
         let (labels, message_index, straddling) =
-            policy::label(&row, policy, self.eos_token_id, &|id| self.encoder.is_special_added(id))?;
-        let mut out =
-            Tokenized { input_ids: ids, labels, message_index, straddling, positions_derived, truncated: 0, control_found };
+            policy::label(&row, policy, self.eos_token_id, &|id| {
+                self.encoder.is_special_added(id)
+            })?;
+        let mut out = Tokenized {
+            input_ids: ids,
+            labels,
+            message_index,
+            straddling,
+            positions_derived,
+            truncated: 0,
+            control_found,
+        };
         Ok(policy::fit_length(&mut out, policy)?.then_some((out, located.method)))
     }
 }

@@ -103,12 +103,17 @@ pub fn label(
                     let value = turn.get(start) as i64;
                     masks[lo..hi].iter_mut().for_each(|m| *m = value);
                 } else {
-                    return Err(Error::Broadcast { from: rhs_len, into: lhs_len });
+                    return Err(Error::Broadcast {
+                        from: rhs_len,
+                        into: lhs_len,
+                    });
                 }
             }
         }
         Mode::Generation => {
-            return Err(Error::Internal("generation labels come from label_generation".into()));
+            return Err(Error::Internal(
+                "generation labels come from label_generation".into(),
+            ));
         }
         Mode::Multistep => {
             masks = vec![IGNORE; total];
@@ -150,8 +155,17 @@ pub fn label(
 
 /// Labels from an assistant mask: the token where the mask is set, IGNORE elsewhere.
 /// `finish_length` drops a trailing eos, as the reference's multistep mode does.
-pub fn label_generation(mut tokens: Vec<u32>, mask: &[u8], finish_length: bool, eos: Option<u32>) -> Labeled {
-    let mut masks: Vec<i64> = tokens.iter().zip(mask).map(|(&t, &m)| if m != 0 { t as i64 } else { IGNORE }).collect();
+pub fn label_generation(
+    mut tokens: Vec<u32>,
+    mask: &[u8],
+    finish_length: bool,
+    eos: Option<u32>,
+) -> Labeled {
+    let mut masks: Vec<i64> = tokens
+        .iter()
+        .zip(mask)
+        .map(|(&t, &m)| if m != 0 { t as i64 } else { IGNORE })
+        .collect();
     if finish_length && tokens.last().is_some_and(|&t| Some(t) == eos) {
         tokens.pop();
         masks.pop();
@@ -167,7 +181,11 @@ mod tests {
     fn run(texts: &[(usize, bool, &str)], roles: &[Role], mode: Mode) -> Result<Labeled> {
         let tok = demo::chat_tokenizer(DemoKind::ByteLevel).unwrap();
         let render = |n: usize, g: bool| {
-            Ok(texts.iter().find(|(m, gen, _)| *m == n && *gen == g).map(|t| t.2.to_string()).expect("scripted render"))
+            Ok(texts
+                .iter()
+                .find(|(m, gen, _)| *m == n && *gen == g)
+                .map(|t| t.2.to_string())
+                .expect("scripted render"))
         };
         label(&tok.encoder, &render, roles, mode, false, tok.eos_token_id)
     }
@@ -178,7 +196,15 @@ mod tests {
     #[test]
     fn last_mode_masks_can_outgrow_tokens() {
         // The prefix (with generation prompt) renders longer than the whole chat.
-        let out = run(&[(2, false, "<|im_start|>"), (1, true, "<|im_start|><|im_end|><|im_end|>")], &[U, A], Mode::Last).unwrap();
+        let out = run(
+            &[
+                (2, false, "<|im_start|>"),
+                (1, true, "<|im_start|><|im_end|><|im_end|>"),
+            ],
+            &[U, A],
+            Mode::Last,
+        )
+        .unwrap();
         assert_eq!(out.tokens.len(), 1);
         assert_eq!(out.masks, vec![IGNORE; 3]);
     }
@@ -187,11 +213,24 @@ mod tests {
     fn all_mode_follows_numpy_broadcasting() {
         let full = "<|im_start|><|im_end|>";
         // rhs of length 1 broadcasts over an lhs of length 1 after clipping: fine.
-        let ok = run(&[(2, false, full), (1, true, "<|im_start|>"), (2, false, full)], &[U, A], Mode::All).unwrap();
+        let ok = run(
+            &[
+                (2, false, full),
+                (1, true, "<|im_start|>"),
+                (2, false, full),
+            ],
+            &[U, A],
+            Mode::All,
+        )
+        .unwrap();
         assert_eq!(ok.masks.len(), 2);
         assert_eq!(ok.masks[0], IGNORE);
         // turn render longer than the chat: rhs 2 tokens into a clipped lhs of 1 -> broadcast error.
-        let texts = [(3, false, full), (1, true, "<|im_start|>"), (2, false, "<|im_start|><|im_end|><|im_end|>")];
+        let texts = [
+            (3, false, full),
+            (1, true, "<|im_start|>"),
+            (2, false, "<|im_start|><|im_end|><|im_end|>"),
+        ];
         let err = run(&texts, &[U, A, U], Mode::All).unwrap_err();
         assert_eq!(err, Error::Broadcast { from: 2, into: 1 });
     }
@@ -199,8 +238,17 @@ mod tests {
     #[test]
     fn empty_prefix_and_missing_role_raise_like_the_reference() {
         let full = "<|im_start|>";
-        assert_eq!(run(&[(1, false, full)], &[A], Mode::All).unwrap_err(), Error::EmptyConversation);
-        assert_eq!(run(&[(1, false, full)], &[A], Mode::Last).unwrap_err(), Error::EmptyConversation);
-        assert_eq!(run(&[(2, false, full)], &[U, Role::Missing], Mode::Multistep).unwrap_err(), Error::MissingRole { message: 1 });
+        assert_eq!(
+            run(&[(1, false, full)], &[A], Mode::All).unwrap_err(),
+            Error::EmptyConversation
+        );
+        assert_eq!(
+            run(&[(1, false, full)], &[A], Mode::Last).unwrap_err(),
+            Error::EmptyConversation
+        );
+        assert_eq!(
+            run(&[(2, false, full)], &[U, Role::Missing], Mode::Multistep).unwrap_err(),
+            Error::MissingRole { message: 1 }
+        );
     }
 }

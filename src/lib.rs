@@ -9,9 +9,9 @@ pub mod encode;
 pub mod error;
 pub mod label;
 pub mod policy;
+mod python;
 pub mod sanitize;
 pub mod spans;
-mod python;
 pub mod template;
 
 // Tokenization and rendering allocate many small strings; mimalloc is markedly faster than

@@ -32,7 +32,9 @@ impl EndTokens {
             "turn" => Ok(EndTokens::Turn),
             "all" => Ok(EndTokens::All),
             "last" => Ok(EndTokens::Last),
-            other => Err(Error::InvalidInput(format!("train_on_eot/eos must be 'none', 'turn', 'all' or 'last', not {other:?}"))),
+            other => Err(Error::InvalidInput(format!(
+                "train_on_eot/eos must be 'none', 'turn', 'all' or 'last', not {other:?}"
+            ))),
         }
     }
 }
@@ -144,13 +146,18 @@ pub struct MessageInfo {
 }
 
 fn get<'a>(pairs: &'a [(Value, Value)], key: &str) -> Option<&'a Value> {
-    pairs.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+    pairs
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
 }
 
 impl MessageInfo {
     pub fn read(message: &Value, index: usize, policy: &Policy) -> Result<MessageInfo> {
         let pairs = map_pairs(message);
-        let role = get(&pairs, "role").and_then(|r| r.as_str()).map(str::to_string);
+        let role = get(&pairs, "role")
+            .and_then(|r| r.as_str())
+            .map(str::to_string);
         let training = match get(&pairs, &policy.field_training) {
             None => None,
             Some(v) if v.is_none() => None,
@@ -167,7 +174,11 @@ impl MessageInfo {
             Some(v) if v.is_none() => None,
             Some(v) => Some(read_detail(v, index, &policy.field_training_detail)?),
         };
-        Ok(MessageInfo { role, training, detail })
+        Ok(MessageInfo {
+            role,
+            training,
+            detail,
+        })
     }
 
     fn trained(&self, policy: &Policy) -> bool {
@@ -175,7 +186,11 @@ impl MessageInfo {
             (Some(t), _) => t,
             (None, Some(d)) => !d.is_empty(),
             (None, None) => {
-                policy.train_on_inputs || self.role.as_deref().is_some_and(|r| policy.roles_to_train.iter().any(|x| x == r))
+                policy.train_on_inputs
+                    || self
+                        .role
+                        .as_deref()
+                        .is_some_and(|r| policy.roles_to_train.iter().any(|x| x == r))
             }
         }
     }
@@ -183,7 +198,9 @@ impl MessageInfo {
 
 fn read_detail(v: &Value, index: usize, field: &str) -> Result<Vec<(usize, usize, bool)>> {
     let bad = |why: &str| Error::InvalidInput(format!("message {index}: '{field}' {why}"));
-    let items = v.try_iter().map_err(|_| bad("must be a list of {begin_offset, end_offset, train}"))?;
+    let items = v
+        .try_iter()
+        .map_err(|_| bad("must be a list of {begin_offset, end_offset, train}"))?;
     let mut out = Vec::new();
     for item in items {
         let pairs = map_pairs(&item);
@@ -195,7 +212,9 @@ fn read_detail(v: &Value, index: usize, field: &str) -> Result<Vec<(usize, usize
         };
         let (begin, end) = (num("begin_offset")?, num("end_offset")?);
         if end < begin {
-            return Err(bad(&format!("has end_offset {end} before begin_offset {begin}")));
+            return Err(bad(&format!(
+                "has end_offset {end} before begin_offset {begin}"
+            )));
         }
         let train = get(&pairs, "train").is_some_and(|t| t.is_true());
         out.push((begin, end, train));
@@ -284,7 +303,11 @@ fn segments(spans: &[FieldSpan]) -> Vec<Segment> {
     for s in sorted {
         match out.last_mut() {
             Some(seg) if seg.message == s.message => seg.end = seg.end.max(s.end),
-            _ => out.push(Segment { message: s.message, start: s.start, end: s.end }),
+            _ => out.push(Segment {
+                message: s.message,
+                start: s.start,
+                end: s.end,
+            }),
         }
     }
     out
@@ -311,7 +334,10 @@ pub struct SpanRow<'a> {
 
 /// The byte offset of every code point of `text`, and of its end.
 fn char_byte_offsets(text: &str) -> Vec<usize> {
-    text.char_indices().map(|(b, _)| b).chain(std::iter::once(text.len())).collect()
+    text.char_indices()
+        .map(|(b, _)| b)
+        .chain(std::iter::once(text.len()))
+        .collect()
 }
 
 /// Labels and `message_index` for one row; returns `(labels, message_index, straddling)`.
@@ -338,7 +364,10 @@ pub fn label(
         // where a template leaves a turn unclosed (SmolLM3's system block).
         None => is_special(id) && !row.opener_ids.contains(&id),
     };
-    let char_bytes = row.generation_prompt.filter(|_| policy.train_turn_prefix).map(|g| (g, char_byte_offsets(row.text)));
+    let char_bytes = row
+        .generation_prompt
+        .filter(|_| policy.train_turn_prefix)
+        .map(|g| (g, char_byte_offsets(row.text)));
     // Where the text after the previous message ends: its last segment, or its end token
     // (then `after_end_token`).
     let mut boundary = 0usize;
@@ -348,7 +377,10 @@ pub fn label(
     let mut last_seg = vec![0usize; n_messages];
     for (k, seg) in segs.iter().enumerate() {
         if seg.message >= n_messages {
-            return Err(Error::Internal(format!("span of message {} beyond the conversation", seg.message)));
+            return Err(Error::Internal(format!(
+                "span of message {} beyond the conversation",
+                seg.message
+            )));
         }
         first_seg[seg.message] = first_seg[seg.message].min(k);
         last_seg[seg.message] = k;
@@ -364,14 +396,22 @@ pub fn label(
             let prefix_start = if prompt.is_empty() {
                 // An empty prompt (Mistral's) opens an assistant turn right after the previous
                 // message's end token, when no empty message lies in between.
-                let follows_previous = k.checked_sub(1).map_or(seg.message == 0, |prev| segs[prev].message + 1 == seg.message);
-                let assistant = row.messages.get(seg.message).and_then(|m| m.role.as_deref()) == Some("assistant");
+                let follows_previous = k.checked_sub(1).map_or(seg.message == 0, |prev| {
+                    segs[prev].message + 1 == seg.message
+                });
+                let assistant = row
+                    .messages
+                    .get(seg.message)
+                    .and_then(|m| m.role.as_deref())
+                    == Some("assistant");
                 (assistant && after_end_token && follows_previous).then_some(from)
             } else {
-                gap.rfind(prompt).map(|at| from + gap[..at + prompt.len()].chars().count()).filter(|&p| {
-                    let tokens = token_ending_after(p)..token_starting_at(seg.start);
-                    !ids[tokens].iter().any(|id| row.opener_ids.contains(id))
-                })
+                gap.rfind(prompt)
+                    .map(|at| from + gap[..at + prompt.len()].chars().count())
+                    .filter(|&p| {
+                        let tokens = token_ending_after(p)..token_starting_at(seg.start);
+                        !ids[tokens].iter().any(|id| row.opener_ids.contains(id))
+                    })
             };
             if let Some(prefix_start) = prefix_start.filter(|&p| p < seg.start) {
                 start = prefix_start;
@@ -428,7 +468,8 @@ pub fn label(
                 if !info.trained(policy) {
                     continue;
                 }
-                let own = |kind: FieldKind| spans_of[m].iter().copied().filter(move |s| s.kind == kind);
+                let own =
+                    |kind: FieldKind| spans_of[m].iter().copied().filter(move |s| s.kind == kind);
                 if let Some(detail) = &info.detail {
                     let Some(origin) = row.content_origin.get(m).copied().flatten() else {
                         return Err(Error::InvalidInput(format!(
@@ -450,17 +491,31 @@ pub fn label(
                 if !policy.train_reasoning {
                     // Reasoning runs to the next non-reasoning field of the message (so its
                     // closing `</think>` goes with it), or to its own end.
-                    let mut others: Vec<usize> =
-                        spans_of[m].iter().filter(|s| s.kind != FieldKind::Reasoning).map(|s| s.start).collect();
+                    let mut others: Vec<usize> = spans_of[m]
+                        .iter()
+                        .filter(|s| s.kind != FieldKind::Reasoning)
+                        .map(|s| s.start)
+                        .collect();
                     others.sort_unstable();
                     // Reasoning that opens the message takes the template text before it
                     // (`<think>`) along.
                     let region_start = ranges.first().map_or(0, |r| r.0);
                     let excluded: Vec<(usize, usize)> = own(FieldKind::Reasoning)
                         .map(|r| {
-                            let next = others.iter().copied().find(|&o| o >= r.end).unwrap_or(r.end);
+                            let next = others
+                                .iter()
+                                .copied()
+                                .find(|&o| o >= r.end)
+                                .unwrap_or(r.end);
                             let opens = !others.iter().any(|&o| o < r.start);
-                            (if opens { region_start.min(r.start) } else { r.start }, next)
+                            (
+                                if opens {
+                                    region_start.min(r.start)
+                                } else {
+                                    r.start
+                                },
+                                next,
+                            )
                         })
                         .collect();
                     ranges = subtract(&ranges, &normalize(excluded));
@@ -481,9 +536,22 @@ pub fn label(
     }
 
     if policy.source == SpanSource::Messages {
-        let option = |t: usize| if Some(ids[t]) == eos { policy.train_on_eos } else { policy.train_on_eot };
+        let option = |t: usize| {
+            if Some(ids[t]) == eos {
+                policy.train_on_eos
+            } else {
+                policy.train_on_eot
+            }
+        };
         let is_eos_class = |t: usize| Some(ids[t]) == eos;
-        let last_of_class = |eos_class: bool| end_token.iter().flatten().copied().filter(|&t| is_eos_class(t) == eos_class).max();
+        let last_of_class = |eos_class: bool| {
+            end_token
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|&t| is_eos_class(t) == eos_class)
+                .max()
+        };
         for (m, t) in end_token.iter().enumerate() {
             let Some(t) = *t else { continue };
             trained[t] = match option(t) {
@@ -494,31 +562,47 @@ pub fn label(
             };
         }
     }
-    let labels = ids.iter().zip(&trained).map(|(&id, &on)| if on { id as i64 } else { IGNORE }).collect();
+    let labels = ids
+        .iter()
+        .zip(&trained)
+        .map(|(&id, &on)| if on { id as i64 } else { IGNORE })
+        .collect();
     Ok((labels, message_index, straddling))
 }
 
 /// Applies `max_length`. `Ok(false)`: drop the row.
 pub fn fit_length(out: &mut Tokenized, policy: &Policy) -> Result<bool> {
-    let Some(max) = policy.max_length else { return Ok(true) };
+    let Some(max) = policy.max_length else {
+        return Ok(true);
+    };
     let len = out.input_ids.len();
     if len <= max {
         return Ok(true);
     }
     let keep = match policy.overflow {
-        Overflow::Error => return Err(Error::TooLong(format!("{len} tokens, max_length is {max}"))),
+        Overflow::Error => {
+            return Err(Error::TooLong(format!("{len} tokens, max_length is {max}")))
+        }
         Overflow::Drop => return Ok(false),
         Overflow::TruncateRight => 0..max,
         Overflow::TruncateLeft => {
             let Some(last) = out.labels.iter().rposition(|&l| l != IGNORE) else {
-                return Err(Error::TooLong(format!("{len} tokens, max_length {max}, and no trained token to keep")));
+                return Err(Error::TooLong(format!(
+                    "{len} tokens, max_length {max}, and no trained token to keep"
+                )));
             };
             // The last trained message: its first trained token.
             let message = out.message_index[last];
             let first = if message >= 0 {
-                (0..=last).find(|&t| out.message_index[t] == message && out.labels[t] != IGNORE).unwrap_or(last)
+                (0..=last)
+                    .find(|&t| out.message_index[t] == message && out.labels[t] != IGNORE)
+                    .unwrap_or(last)
             } else {
-                (0..=last).rev().take_while(|&t| out.labels[t] != IGNORE).last().unwrap_or(last)
+                (0..=last)
+                    .rev()
+                    .take_while(|&t| out.labels[t] != IGNORE)
+                    .last()
+                    .unwrap_or(last)
             };
             // Untrained tokens after the target go first, then context from the left.
             let end = if len - first <= max { len } else { last + 1 };
@@ -543,25 +627,53 @@ mod tests {
     use super::*;
 
     fn span(message: usize, kind: FieldKind, start: usize, end: usize) -> FieldSpan {
-        FieldSpan { message, kind, start, end }
+        FieldSpan {
+            message,
+            kind,
+            start,
+            end,
+        }
     }
 
     #[test]
     fn ranges_subtract_and_merge() {
-        assert_eq!(normalize(vec![(5, 7), (0, 2), (2, 3), (6, 9), (4, 4)]), vec![(0, 3), (5, 9)]);
-        assert_eq!(subtract(&[(0, 10)], &[(2, 4), (6, 8)]), vec![(0, 2), (4, 6), (8, 10)]);
+        assert_eq!(
+            normalize(vec![(5, 7), (0, 2), (2, 3), (6, 9), (4, 4)]),
+            vec![(0, 3), (5, 9)]
+        );
+        assert_eq!(
+            subtract(&[(0, 10)], &[(2, 4), (6, 8)]),
+            vec![(0, 2), (4, 6), (8, 10)]
+        );
         assert_eq!(subtract(&[(0, 3), (5, 9)], &[(0, 6)]), vec![(6, 9)]);
     }
 
     /// "U: hi<E>A: ok<E>" with one token per character, `<E>` a special token at 5 and 11.
-    fn row_fixture() -> (Vec<u32>, Vec<(usize, usize)>, Vec<FieldSpan>, Vec<MessageInfo>) {
+    fn row_fixture() -> (
+        Vec<u32>,
+        Vec<(usize, usize)>,
+        Vec<FieldSpan>,
+        Vec<MessageInfo>,
+    ) {
         let text = "U: hi#A: ok#";
-        let ids: Vec<u32> = text.chars().map(|c| if c == '#' { 999 } else { c as u32 }).collect();
+        let ids: Vec<u32> = text
+            .chars()
+            .map(|c| if c == '#' { 999 } else { c as u32 })
+            .collect();
         let pos: Vec<(usize, usize)> = (0..text.len()).map(|i| (i, i + 1)).collect();
-        let spans = vec![span(0, FieldKind::Content, 3, 5), span(1, FieldKind::Content, 9, 11)];
+        let spans = vec![
+            span(0, FieldKind::Content, 3, 5),
+            span(1, FieldKind::Content, 9, 11),
+        ];
         let info = vec![
-            MessageInfo { role: Some("user".into()), ..Default::default() },
-            MessageInfo { role: Some("assistant".into()), ..Default::default() },
+            MessageInfo {
+                role: Some("user".into()),
+                ..Default::default()
+            },
+            MessageInfo {
+                role: Some("assistant".into()),
+                ..Default::default()
+            },
         ];
         (ids, pos, spans, info)
     }
@@ -585,7 +697,12 @@ mod tests {
     }
 
     fn trained(labels: &[i64]) -> Vec<usize> {
-        labels.iter().enumerate().filter(|(_, &l)| l != IGNORE).map(|(i, _)| i).collect()
+        labels
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l != IGNORE)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     #[test]
@@ -594,11 +711,20 @@ mod tests {
         let (labels, mi) = run(&Policy::default(), &info);
         assert_eq!(trained(&labels), vec![9, 10, 11]);
         assert_eq!(mi, vec![-1, -1, -1, 0, 0, 0, -1, -1, -1, 1, 1, 1]);
-        let none = Policy { train_on_eot: EndTokens::None, ..Policy::default() };
+        let none = Policy {
+            train_on_eot: EndTokens::None,
+            ..Policy::default()
+        };
         assert_eq!(trained(&run(&none, &info).0), vec![9, 10]);
-        let all = Policy { train_on_eot: EndTokens::All, ..Policy::default() };
+        let all = Policy {
+            train_on_eot: EndTokens::All,
+            ..Policy::default()
+        };
         assert_eq!(trained(&run(&all, &info).0), vec![5, 9, 10, 11]);
-        let inputs = Policy { train_on_inputs: true, ..Policy::default() };
+        let inputs = Policy {
+            train_on_inputs: true,
+            ..Policy::default()
+        };
         assert_eq!(trained(&run(&inputs, &info).0), vec![3, 4, 5, 9, 10, 11]);
     }
 
@@ -614,11 +740,17 @@ mod tests {
     fn truncate_left_keeps_the_target() {
         let mut out = Tokenized {
             input_ids: (0..10).collect(),
-            labels: vec![IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 6, 7, IGNORE, IGNORE],
+            labels: vec![
+                IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 6, 7, IGNORE, IGNORE,
+            ],
             message_index: vec![0, 0, 0, 0, 1, 1, 1, 1, 1, -1],
             ..Default::default()
         };
-        let policy = Policy { max_length: Some(5), overflow: Overflow::TruncateLeft, ..Policy::default() };
+        let policy = Policy {
+            max_length: Some(5),
+            overflow: Overflow::TruncateLeft,
+            ..Policy::default()
+        };
         assert!(fit_length(&mut out, &policy).unwrap());
         assert_eq!(out.input_ids, vec![5, 6, 7, 8, 9]);
         let mut short = Tokenized {
@@ -627,9 +759,19 @@ mod tests {
             message_index: vec![0, 1, 1],
             ..Default::default()
         };
-        let tight = Policy { max_length: Some(1), overflow: Overflow::TruncateLeft, ..Policy::default() };
-        assert!(matches!(fit_length(&mut short, &tight), Err(Error::TooLong(_))));
-        let drop = Policy { overflow: Overflow::Drop, ..tight };
+        let tight = Policy {
+            max_length: Some(1),
+            overflow: Overflow::TruncateLeft,
+            ..Policy::default()
+        };
+        assert!(matches!(
+            fit_length(&mut short, &tight),
+            Err(Error::TooLong(_))
+        ));
+        let drop = Policy {
+            overflow: Overflow::Drop,
+            ..tight
+        };
         assert!(!fit_length(&mut short, &drop).unwrap());
     }
 }

@@ -41,9 +41,10 @@ fn to_pyerr(py: Python<'_>, err: &Error, row: Option<usize>) -> PyErr {
         Error::TemplateSyntax { .. } => "TemplateSyntaxError",
         Error::TemplateRender { .. } | Error::TemplateRaised(_) => "TemplateError",
         Error::TemplateLimit { .. } => "TemplateLimitError",
-        Error::EmptyConversation | Error::MissingRole { .. } | Error::Broadcast { .. } | Error::EmptyTokens => {
-            "ConversationError"
-        }
+        Error::EmptyConversation
+        | Error::MissingRole { .. }
+        | Error::Broadcast { .. }
+        | Error::EmptyTokens => "ConversationError",
         Error::InvalidInput(_) => "ConversationTypeError",
         Error::Tokenizer(_) | Error::Config(_) => "TokenizerError",
         Error::TooLong(_) => "SequenceTooLongError",
@@ -79,7 +80,9 @@ fn run<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, Error> + Send) 
 /// A Python value as plain template data (transformers' `_plain_template_data`).
 fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, Error> {
     if depth > MAX_DEPTH {
-        return Err(Error::InvalidInput(format!("input nested deeper than {MAX_DEPTH} levels")));
+        return Err(Error::InvalidInput(format!(
+            "input nested deeper than {MAX_DEPTH} levels"
+        )));
     }
     if obj.is_none() {
         return Ok(Value::from(()));
@@ -100,10 +103,9 @@ fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, Error> {
         return Ok(Value::from(f.value()));
     }
     if let Ok(s) = obj.cast::<PyString>() {
-        return s
-            .to_str()
-            .map(Value::from)
-            .map_err(|_| Error::InvalidInput("string is not valid Unicode (lone surrogate)".into()));
+        return s.to_str().map(Value::from).map_err(|_| {
+            Error::InvalidInput("string is not valid Unicode (lone surrogate)".into())
+        });
     }
     if let Ok(d) = obj.cast::<PyDict>() {
         let mut pairs = Vec::with_capacity(d.len());
@@ -113,23 +115,39 @@ fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, Error> {
         return Ok(Value::from_pairs(pairs));
     }
     if let Ok(l) = obj.cast::<PyList>() {
-        return l.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>().map(Value::from);
+        return l
+            .iter()
+            .map(|x| to_value(&x, depth + 1))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::from);
     }
     if let Ok(t) = obj.cast::<PyTuple>() {
         // A tuple stays a tuple: Python prints it `('a', 'b')` and `%` takes it as its arguments.
-        let items = t.iter().map(|x| to_value(&x, depth + 1)).collect::<Result<Vec<_>, _>>()?;
+        let items = t
+            .iter()
+            .map(|x| to_value(&x, depth + 1))
+            .collect::<Result<Vec<_>, _>>()?;
         return Ok(Value::from(minijinja::value::Tuple::from(items)));
     }
     let ty = obj.get_type();
-    let type_name = ty.name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into());
+    let type_name = ty
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "object".into());
     // Mappings, numpy scalars and pydantic models, as transformers unwraps them.
     if obj.hasattr("items").unwrap_or(false) && obj.hasattr("keys").unwrap_or(false) {
-        let items = obj.call_method0("items").map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let items = obj
+            .call_method0("items")
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
         let mut pairs = Vec::new();
-        for item in items.try_iter().map_err(|e| Error::InvalidInput(e.to_string()))? {
+        for item in items
+            .try_iter()
+            .map_err(|e| Error::InvalidInput(e.to_string()))?
+        {
             let item = item.map_err(|e| Error::InvalidInput(e.to_string()))?;
-            let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) =
-                item.extract().map_err(|e: PyErr| Error::InvalidInput(e.to_string()))?;
+            let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item
+                .extract()
+                .map_err(|e: PyErr| Error::InvalidInput(e.to_string()))?;
             pairs.push((to_value(&k, depth + 1)?, to_value(&v, depth + 1)?));
         }
         return Ok(Value::from_pairs(pairs));
@@ -154,20 +172,34 @@ fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> Result<Value, Error> {
 /// numpy object array a pandas or Arrow row of a messages column is), as the reference slices.
 fn to_conversation(chat: &Bound<'_, PyAny>) -> Result<Conversation, Error> {
     let not_a_conversation = || {
-        let name = chat.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-        Error::InvalidInput(format!("a conversation must be a list of message dicts, not {name}"))
+        let name = chat
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        Error::InvalidInput(format!(
+            "a conversation must be a list of message dicts, not {name}"
+        ))
     };
     let messages: Vec<Bound<'_, PyAny>> = if let Ok(l) = chat.cast::<PyList>() {
         l.iter().collect()
     } else if let Ok(t) = chat.cast::<PyTuple>() {
         t.iter().collect()
-    } else if chat.is_instance_of::<PyString>() || chat.is_instance_of::<PyDict>() || !chat.hasattr("__len__").unwrap_or(false) {
+    } else if chat.is_instance_of::<PyString>()
+        || chat.is_instance_of::<PyDict>()
+        || !chat.hasattr("__len__").unwrap_or(false)
+    {
         return Err(not_a_conversation());
     } else {
         let items = chat.try_iter().map_err(|_| not_a_conversation())?;
-        items.collect::<PyResult<_>>().map_err(|_| not_a_conversation())?
+        items
+            .collect::<PyResult<_>>()
+            .map_err(|_| not_a_conversation())?
     };
-    let values = messages.iter().map(|m| to_value(m, 1)).collect::<Result<Vec<_>, _>>()?;
+    let values = messages
+        .iter()
+        .map(|m| to_value(m, 1))
+        .collect::<Result<Vec<_>, _>>()?;
     Conversation::new(values)
 }
 
@@ -195,14 +227,20 @@ fn to_row(row: &Bound<'_, PyAny>) -> batch::Row {
             }
         }
     }
-    Ok(batch::RowInput { conversation, overrides, finish_length: false })
+    Ok(batch::RowInput {
+        conversation,
+        overrides,
+        finish_length: false,
+    })
 }
 
 fn kwargs_to_values(kwargs: Option<&Bound<'_, PyDict>>) -> Result<Vec<(String, Value)>, Error> {
     let mut out = Vec::new();
     if let Some(d) = kwargs {
         for (k, v) in d.iter() {
-            let key: String = k.extract().map_err(|_| Error::InvalidInput("keyword names must be str".into()))?;
+            let key: String = k
+                .extract()
+                .map_err(|_| Error::InvalidInput("keyword names must be str".into()))?;
             out.push((key, to_value(&v, 1)?));
         }
     }
@@ -220,9 +258,16 @@ pub struct PyChatTokenizer {
 }
 
 impl PyChatTokenizer {
-    fn args(&self, py: Python<'_>, chat_template: Option<&str>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<TemplateArgs> {
+    fn args(
+        &self,
+        py: Python<'_>,
+        chat_template: Option<&str>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<TemplateArgs> {
         let values = kwargs_to_values(kwargs).map_err(core_err(py))?;
-        self.inner.template_args(chat_template, values).map_err(core_err(py))
+        self.inner
+            .template_args(chat_template, values)
+            .map_err(core_err(py))
     }
 
     /// A call's conversation and template arguments, converted with the GIL held.
@@ -292,8 +337,11 @@ impl PyChatTokenizer {
 }
 
 fn encoder_choice(name: &str) -> PyResult<EncoderChoice> {
-    EncoderChoice::parse(name)
-        .ok_or_else(|| PyValueError::new_err(format!("encoder must be 'auto', 'fast' or 'tokenizers', not {name:?}")))
+    EncoderChoice::parse(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "encoder must be 'auto', 'fast' or 'tokenizers', not {name:?}"
+        ))
+    })
 }
 
 #[pymethods]
@@ -304,7 +352,9 @@ impl PyChatTokenizer {
     fn from_pretrained(py: Python<'_>, path: PathBuf, encoder: &str) -> PyResult<Self> {
         let encoder = encoder_choice(encoder)?;
         let inner = run(py, || ChatTokenizer::from_dir(&path, encoder))?;
-        Ok(PyChatTokenizer { inner: Arc::new(inner) })
+        Ok(PyChatTokenizer {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Builds the core from a serialized tokenizer, a template (a string, or a dict of named
@@ -328,7 +378,9 @@ impl PyChatTokenizer {
                     sources.named.push((k.extract()?, v.extract()?));
                 }
             } else if !t.is_none() {
-                return Err(PyTypeError::new_err("chat_template must be a str or a dict of named templates"));
+                return Err(PyTypeError::new_err(
+                    "chat_template must be a str or a dict of named templates",
+                ));
             }
         }
         let mut specials = Vec::new();
@@ -337,8 +389,12 @@ impl PyChatTokenizer {
                 specials.push((k.extract::<String>()?, v.str()?.to_string()));
             }
         }
-        let inner = run(py, || ChatTokenizer::new(&tokenizer_json, sources, specials, encoder))?;
-        Ok(PyChatTokenizer { inner: Arc::new(inner) })
+        let inner = run(py, || {
+            ChatTokenizer::new(&tokenizer_json, sources, specials, encoder)
+        })?;
+        Ok(PyChatTokenizer {
+            inner: Arc::new(inner),
+        })
     }
 
     /// `"fast"` or `"tokenizers"`: the engine that encodes for this tokenizer.
@@ -352,7 +408,10 @@ impl PyChatTokenizer {
     #[getter]
     fn encoder_fallback(&self) -> Option<(String, bool)> {
         use crate::encode::Fallback;
-        self.inner.encoder.fallback().map(|f| (f.describe(), matches!(f, Fallback::Differs(_))))
+        self.inner
+            .encoder
+            .fallback()
+            .map(|f| (f.describe(), matches!(f, Fallback::Differs(_))))
     }
 
     /// Seconds the engine gate took when this tokenizer was first loaded in the process:
@@ -395,11 +454,22 @@ impl PyChatTokenizer {
 
     /// Decodes ids to text; with `per_token`, one string per id.
     #[pyo3(signature = (ids, per_token=false))]
-    fn decode<'py>(&self, py: Python<'py>, ids: Vec<u32>, per_token: bool) -> PyResult<Bound<'py, PyAny>> {
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u32>,
+        per_token: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let tok = self.inner.encoder.tokenizer();
-        let decode = |chunk: &[u32]| tok.decode(chunk, false).map_err(|e| Error::Tokenizer(e.to_string()));
+        let decode = |chunk: &[u32]| {
+            tok.decode(chunk, false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))
+        };
         if per_token {
-            let pieces = ids.iter().map(|id| decode(std::slice::from_ref(id))).collect::<Result<Vec<_>, _>>();
+            let pieces = ids
+                .iter()
+                .map(|id| decode(std::slice::from_ref(id)))
+                .collect::<Result<Vec<_>, _>>();
             Ok(PyList::new(py, pieces.map_err(core_err(py))?)?.into_any())
         } else {
             Ok(PyString::new(py, &decode(&ids).map_err(core_err(py))?).into_any())
@@ -408,8 +478,15 @@ impl PyChatTokenizer {
 
     /// The template source that would be used.
     #[pyo3(signature = (chat_template=None, has_tools=false))]
-    fn template_source(&self, py: Python<'_>, chat_template: Option<&str>, has_tools: bool) -> PyResult<String> {
-        self.inner.template_source(chat_template, has_tools).map_err(core_err(py))
+    fn template_source(
+        &self,
+        py: Python<'_>,
+        chat_template: Option<&str>,
+        has_tools: bool,
+    ) -> PyResult<String> {
+        self.inner
+            .template_source(chat_template, has_tools)
+            .map_err(core_err(py))
     }
 
     /// Renders a conversation to text.
@@ -424,7 +501,9 @@ impl PyChatTokenizer {
     ) -> PyResult<String> {
         let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
-        run(py, || inner.render(&conv, conv.len(), add_generation_prompt, &args))
+        run(py, || {
+            inner.render(&conv, conv.len(), add_generation_prompt, &args)
+        })
     }
 
     /// Token ids and transformers' `assistant_masks` from `{% generation %}` blocks.
@@ -439,7 +518,9 @@ impl PyChatTokenizer {
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
         let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
-        let (ids, mask) = run(py, || inner.assistant_mask(&conv, add_generation_prompt, &args))?;
+        let (ids, mask) = run(py, || {
+            inner.assistant_mask(&conv, add_generation_prompt, &args)
+        })?;
         Ok((ids_list(py, &ids)?, PyList::new(py, &mask)?))
     }
 
@@ -455,14 +536,27 @@ impl PyChatTokenizer {
     ) -> PyResult<(String, Vec<(usize, usize)>)> {
         let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
-        run(py, || inner.render_with_spans(&conv, conv.len(), add_generation_prompt, &args))
+        run(py, || {
+            inner.render_with_spans(&conv, conv.len(), add_generation_prompt, &args)
+        })
     }
 
     /// Why minijinja cannot compile a template (None if it can): the caller's cue to fall back.
     #[pyo3(signature = (chat_template=None, has_tools=false))]
-    fn compile_error(&self, py: Python<'_>, chat_template: Option<&str>, has_tools: bool) -> PyResult<Option<PyErr>> {
-        let source = self.inner.template_source(chat_template, has_tools).map_err(core_err(py))?;
-        Ok(self.inner.compile_error(&source).map(|e| to_pyerr(py, &e, None)))
+    fn compile_error(
+        &self,
+        py: Python<'_>,
+        chat_template: Option<&str>,
+        has_tools: bool,
+    ) -> PyResult<Option<PyErr>> {
+        let source = self
+            .inner
+            .template_source(chat_template, has_tools)
+            .map_err(core_err(py))?;
+        Ok(self
+            .inner
+            .compile_error(&source)
+            .map(|e| to_pyerr(py, &e, None)))
     }
 
     /// A construct in this template source that minijinja renders differently from Jinja2, if any.
@@ -482,8 +576,17 @@ impl PyChatTokenizer {
         (l.fuel, l.max_recursion, l.max_output_bytes)
     }
 
-    fn set_render_limits(&self, fuel: Option<u64>, max_recursion: usize, max_output_bytes: Option<usize>) {
-        self.inner.set_render_limits(RenderLimits { fuel, max_recursion, max_output_bytes });
+    fn set_render_limits(
+        &self,
+        fuel: Option<u64>,
+        max_recursion: usize,
+        max_output_bytes: Option<usize>,
+    ) {
+        self.inner.set_render_limits(RenderLimits {
+            fuel,
+            max_recursion,
+            max_output_bytes,
+        });
     }
 
     /// Token ids of `text` and the assistant mask of `spans` (code points), for spans rendered elsewhere.
@@ -511,20 +614,33 @@ impl PyChatTokenizer {
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
         let mode = Mode::parse(mode).map_err(|e| PyValueError::new_err(e.to_string()))?;
         if mode == Mode::Generation {
-            return Err(PyValueError::new_err("mode='generation' with a Python renderer goes through mask_from_spans"));
+            return Err(PyValueError::new_err(
+                "mode='generation' with a Python renderer goes through mask_from_spans",
+            ));
         }
         let conv = to_conversation(conversation).map_err(core_err(py))?;
         // The renderer's own exception (a TemplateLimitError, say) is re-raised as it was.
         let raised: std::cell::RefCell<Option<PyErr>> = std::cell::RefCell::new(None);
         let call = |n: usize, gen: bool| -> Result<String, Error> {
-            render.call1((n, gen)).and_then(|v| v.extract::<String>()).map_err(|e| {
-                let message = e.value(py).to_string();
-                raised.borrow_mut().get_or_insert(e);
-                Error::TemplateRaised(message)
-            })
+            render
+                .call1((n, gen))
+                .and_then(|v| v.extract::<String>())
+                .map_err(|e| {
+                    let message = e.value(py).to_string();
+                    raised.borrow_mut().get_or_insert(e);
+                    Error::TemplateRaised(message)
+                })
         };
-        let out = catch_panic(|| self.inner.label_with(&conv.roles, &call, mode, finish_reason == "length"))
-            .map_err(|e| raised.borrow_mut().take().unwrap_or_else(|| core_err(py)(e)))?;
+        let out = catch_panic(|| {
+            self.inner
+                .label_with(&conv.roles, &call, mode, finish_reason == "length")
+        })
+        .map_err(|e| {
+            raised
+                .borrow_mut()
+                .take()
+                .unwrap_or_else(|| core_err(py)(e))
+        })?;
         Ok((ids_list(py, &out.tokens)?, PyList::new(py, &out.masks)?))
     }
 
@@ -563,11 +679,21 @@ impl PyChatTokenizer {
         let policy = self.policy(policy)?;
         let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
-        let Some((out, method)) = run(py, || inner.tokenize(&conv, &policy, add_generation_prompt, &args))? else {
+        let Some((out, method)) = run(py, || {
+            inner.tokenize(&conv, &policy, add_generation_prompt, &args)
+        })?
+        else {
             return Ok(None);
         };
         let d = PyDict::new(py);
-        d.set_item("input_ids", out.input_ids.iter().map(|&x| x as i64).collect::<Vec<_>>().into_pyarray(py))?;
+        d.set_item(
+            "input_ids",
+            out.input_ids
+                .iter()
+                .map(|&x| x as i64)
+                .collect::<Vec<_>>()
+                .into_pyarray(py),
+        )?;
         d.set_item("labels", out.labels.into_pyarray(py))?;
         d.set_item("message_index", out.message_index.into_pyarray(py))?;
         d.set_item("span_method", method.name())?;
@@ -590,15 +716,29 @@ impl PyChatTokenizer {
     ) -> PyResult<Bound<'py, PyList>> {
         let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
-        let ids = run(py, || inner.encode_sanitized(&conv, add_generation_prompt, &args))?;
+        let ids = run(py, || {
+            inner.encode_sanitized(&conv, add_generation_prompt, &args)
+        })?;
         ids_list(py, &ids)
     }
 
     /// The control tokens `sanitize_control_tokens` encodes as text, for a template.
     #[pyo3(signature = (chat_template=None, has_tools=false))]
-    fn control_tokens(&self, py: Python<'_>, chat_template: Option<&str>, has_tools: bool) -> PyResult<Vec<String>> {
-        let kwargs = if has_tools { vec![("tools".to_string(), Value::from(vec![Value::from(())]))] } else { Vec::new() };
-        let args = self.inner.template_args(chat_template, kwargs).map_err(core_err(py))?;
+    fn control_tokens(
+        &self,
+        py: Python<'_>,
+        chat_template: Option<&str>,
+        has_tools: bool,
+    ) -> PyResult<Vec<String>> {
+        let kwargs = if has_tools {
+            vec![("tools".to_string(), Value::from(vec![Value::from(())]))]
+        } else {
+            Vec::new()
+        };
+        let args = self
+            .inner
+            .template_args(chat_template, kwargs)
+            .map_err(core_err(py))?;
         let found = self.inner.control_tokens(&args).map_err(core_err(py))?;
         Ok(found.tokens().to_vec())
     }
@@ -613,10 +753,16 @@ impl PyChatTokenizer {
         add_generation_prompt: bool,
         chat_template: Option<&str>,
         kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<(String, Vec<(usize, &'static str, usize, usize)>, &'static str)> {
+    ) -> PyResult<(
+        String,
+        Vec<(usize, &'static str, usize, usize)>,
+        &'static str,
+    )> {
         let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
-        let located = run(py, || inner.message_spans(&conv, add_generation_prompt, &args))?;
+        let located = run(py, || {
+            inner.message_spans(&conv, add_generation_prompt, &args)
+        })?;
         let spans = located
             .spans
             .iter()
@@ -634,7 +780,11 @@ impl PyChatTokenizer {
 
     /// Token ids of `text` and each token's (start, end) in code points, derived from the
     /// tokens themselves, and whether that worked (else the tokenizer's offsets).
-    fn positions<'py>(&self, py: Python<'py>, text: &str) -> PyResult<(Vec<u32>, Vec<(usize, usize)>, bool, Vec<(usize, usize)>)> {
+    fn positions<'py>(
+        &self,
+        py: Python<'py>,
+        text: &str,
+    ) -> PyResult<(Vec<u32>, Vec<(usize, usize)>, bool, Vec<(usize, usize)>)> {
         let inner = &self.inner;
         run(py, || {
             let (ids, positions, derived) = inner.encoder.encode_with_positions(text)?;
@@ -662,16 +812,24 @@ impl PyChatTokenizer {
     ) -> PyResult<Bound<'py, PyDict>> {
         let task = match policy {
             Some(p) => batch::Task::Policy(Arc::new(self.policy(p)?)),
-            None => batch::Task::Reference(Mode::parse(mode).map_err(|e| PyValueError::new_err(e.to_string()))?),
+            None => batch::Task::Reference(
+                Mode::parse(mode).map_err(|e| PyValueError::new_err(e.to_string()))?,
+            ),
         };
         let with_policy = policy.is_some();
         let on_error = match on_error {
             "raise" => OnError::Raise,
             "skip" => OnError::Skip,
-            other => return Err(PyValueError::new_err(format!("on_error must be 'raise' or 'skip', not {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "on_error must be 'raise' or 'skip', not {other:?}"
+                )))
+            }
         };
         if !matches!(ids_dtype, "int32" | "int64" | "uint32") {
-            return Err(PyValueError::new_err(format!("ids_dtype must be int32, int64 or uint32, not {ids_dtype:?}")));
+            return Err(PyValueError::new_err(format!(
+                "ids_dtype must be int32, int64 or uint32, not {ids_dtype:?}"
+            )));
         }
         enum Finish<'a> {
             All(bool),
@@ -690,17 +848,27 @@ impl PyChatTokenizer {
                 Finish::All(b) => Ok(*b),
                 Finish::PerRow(seq) => {
                     let item = seq.get_item(i).map_err(|_| {
-                        PyValueError::new_err(format!("finish_reason has no entry for conversation {i}"))
+                        PyValueError::new_err(format!(
+                            "finish_reason has no entry for conversation {i}"
+                        ))
                     })?;
                     Ok(item.extract::<Option<String>>()?.as_deref() == Some("length"))
                 }
             }
         };
         let values = kwargs_to_values(kwargs).map_err(core_err(py))?;
-        let shared = self.inner.template_args(chat_template, values.clone()).map_err(core_err(py))?;
-        let args = batch::BatchArgs { shared, chat_template: chat_template.map(str::to_string), kwargs: values };
+        let shared = self
+            .inner
+            .template_args(chat_template, values.clone())
+            .map_err(core_err(py))?;
+        let args = batch::BatchArgs {
+            shared,
+            chat_template: chat_template.map(str::to_string),
+            kwargs: values,
+        };
         let mut runner =
-            batch::BatchRunner::new(self.inner.clone(), args, task, on_error, num_threads).map_err(core_err(py))?;
+            batch::BatchRunner::new(self.inner.clone(), args, task, on_error, num_threads)
+                .map_err(core_err(py))?;
         // Convert a chunk (GIL held) while the pool labels the previous one (GIL not needed).
         let mut rows_in = conversations.try_iter()?;
         let mut pending: Option<batch::Pending> = None;
@@ -722,7 +890,9 @@ impl PyChatTokenizer {
             let submitted = (!chunk.is_empty()).then(|| py.detach(|| runner.submit(chunk)));
             if let Some(p) = pending.take() {
                 let (first, labeled) = py.detach(|| p.wait());
-                runner.collect(first, labeled).map_err(|(row, e)| to_pyerr(py, &e, Some(row)))?;
+                runner
+                    .collect(first, labeled)
+                    .map_err(|(row, e)| to_pyerr(py, &e, Some(row)))?;
             }
             match submitted {
                 Some(p) => pending = Some(p),
@@ -741,8 +911,22 @@ impl PyChatTokenizer {
         let d = PyDict::new(py);
         match ids_dtype {
             // Token ids are below 2^31, so the int32 cast is exact (and done in place).
-            "int32" => d.set_item("input_ids", out.input_ids.into_iter().map(|x| x as i32).collect::<Vec<_>>().into_pyarray(py))?,
-            "int64" => d.set_item("input_ids", out.input_ids.iter().map(|&x| x as i64).collect::<Vec<_>>().into_pyarray(py))?,
+            "int32" => d.set_item(
+                "input_ids",
+                out.input_ids
+                    .into_iter()
+                    .map(|x| x as i32)
+                    .collect::<Vec<_>>()
+                    .into_pyarray(py),
+            )?,
+            "int64" => d.set_item(
+                "input_ids",
+                out.input_ids
+                    .iter()
+                    .map(|&x| x as i64)
+                    .collect::<Vec<_>>()
+                    .into_pyarray(py),
+            )?,
             _ => d.set_item("input_ids", out.input_ids.into_pyarray(py))?,
         }
         d.set_item("labels", out.labels.into_pyarray(py))?;
@@ -789,7 +973,11 @@ fn demo_tokenizer_json(py: Python<'_>, kind: &str) -> PyResult<String> {
     let kind = match kind {
         "bytelevel" => demo::DemoKind::ByteLevel,
         "metaspace" => demo::DemoKind::Metaspace,
-        other => return Err(PyValueError::new_err(format!("kind must be 'bytelevel' or 'metaspace', not {other:?}"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "kind must be 'bytelevel' or 'metaspace', not {other:?}"
+            )))
+        }
     };
     run(py, || demo::tokenizer_json(kind))
 }
@@ -805,7 +993,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEMO_CHAT_TEMPLATE", demo::CHAT_TEMPLATE)?;
     m.add("DEMO_EOS_TOKEN", demo::EOS_TOKEN)?;
     let limits = RenderLimits::default();
-    m.add("DEFAULT_RENDER_LIMITS", (limits.fuel, limits.max_recursion, limits.max_output_bytes))?;
+    m.add(
+        "DEFAULT_RENDER_LIMITS",
+        (limits.fuel, limits.max_recursion, limits.max_output_bytes),
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -18,7 +18,9 @@ use std::borrow::Cow;
 
 use minijinja::value::{Value, ValueKind};
 use regex::Regex;
-use tokenizers::{Model, NormalizedString, Normalizer, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer};
+use tokenizers::{
+    Model, NormalizedString, Normalizer, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
+};
 
 use crate::encode::Encoder;
 use crate::error::{Error, Result};
@@ -41,14 +43,23 @@ pub struct ControlTokens {
 
 /// Python's `str.isspace()`: false on the empty string.
 fn is_py_space_str(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }
 
 impl ControlTokens {
     /// transformers' `_get_control_tokens(chat_template)`: `chat_control_tokens` = Option of the tokenizer_config list.
-    pub fn new(encoder: &Encoder, template_source: &str, chat_control_tokens: Option<&[String]>) -> Result<Self> {
-        let mut added: Vec<(u32, tokenizers::AddedToken)> =
-            encoder.tokenizer().get_added_tokens_decoder().into_iter().collect();
+    pub fn new(
+        encoder: &Encoder,
+        template_source: &str,
+        chat_control_tokens: Option<&[String]>,
+    ) -> Result<Self> {
+        let mut added: Vec<(u32, tokenizers::AddedToken)> = encoder
+            .tokenizer()
+            .get_added_tokens_decoder()
+            .into_iter()
+            .collect();
         added.sort_unstable_by_key(|(id, _)| *id);
         let tokens: Vec<String> = match chat_control_tokens {
             Some(listed) => added
@@ -61,12 +72,17 @@ impl ControlTokens {
                 // A whitespace token like Gemma's "\n" occurs in nearly every template as ordinary text.
                 added
                     .into_iter()
-                    .filter(|(_, t)| t.special || (literal.contains(&t.content) && !is_py_space_str(&t.content)))
+                    .filter(|(_, t)| {
+                        t.special || (literal.contains(&t.content) && !is_py_space_str(&t.content))
+                    })
                     .map(|(_, t)| t.content)
                     .collect()
             }
         };
-        Ok(ControlTokens { regex: control_regex(&tokens)?, tokens })
+        Ok(ControlTokens {
+            regex: control_regex(&tokens)?,
+            tokens,
+        })
     }
 
     /// The control tokens, in added-token id order.
@@ -84,7 +100,9 @@ impl ControlTokens {
     /// Read after dropping the markers, as `mark` reads it: `"<|im_" + U+F0000 + "start|>"` counts,
     /// since marking turns it into a marked `<|im_start|>`.
     pub fn occurs_in(&self, s: &str) -> bool {
-        self.regex.as_ref().is_some_and(|re| re.is_match(&drop_markers(s)))
+        self.regex
+            .as_ref()
+            .is_some_and(|re| re.is_match(&drop_markers(s)))
     }
 
     /// The marked value, or `None` when marking changes nothing (most inputs), so unchanged
@@ -94,20 +112,32 @@ impl ControlTokens {
             ValueKind::String => self.mark_str(v.as_str()?).map(Value::from),
             ValueKind::Seq => {
                 let items: Vec<Value> = v.try_iter().ok()?.collect();
-                let marked: Vec<Option<Value>> = items.iter().map(|x| self.mark_changed(x)).collect();
+                let marked: Vec<Option<Value>> =
+                    items.iter().map(|x| self.mark_changed(x)).collect();
                 if marked.iter().all(Option::is_none) {
                     return None;
                 }
-                Some(Value::from(items.into_iter().zip(marked).map(|(old, new)| new.unwrap_or(old)).collect::<Vec<_>>()))
+                Some(Value::from(
+                    items
+                        .into_iter()
+                        .zip(marked)
+                        .map(|(old, new)| new.unwrap_or(old))
+                        .collect::<Vec<_>>(),
+                ))
             }
             ValueKind::Map => {
                 let pairs = map_pairs(v);
-                let marked: Vec<Option<Value>> = pairs.iter().map(|(_, x)| self.mark_changed(x)).collect();
+                let marked: Vec<Option<Value>> =
+                    pairs.iter().map(|(_, x)| self.mark_changed(x)).collect();
                 if marked.iter().all(Option::is_none) {
                     return None;
                 }
                 Some(Value::from_pairs(
-                    pairs.into_iter().zip(marked).map(|((k, old), new)| (k, new.unwrap_or(old))).collect::<Vec<_>>(),
+                    pairs
+                        .into_iter()
+                        .zip(marked)
+                        .map(|((k, old), new)| (k, new.unwrap_or(old)))
+                        .collect::<Vec<_>>(),
                 ))
             }
             _ => None,
@@ -153,7 +183,11 @@ fn control_regex(tokens: &[String]) -> Result<Option<Regex>> {
     }
     let mut longest_first: Vec<&String> = tokens.iter().collect();
     longest_first.sort_by_key(|t| std::cmp::Reverse(t.chars().count()));
-    let pattern = longest_first.iter().map(|t| regex::escape(t)).collect::<Vec<_>>().join("|");
+    let pattern = longest_first
+        .iter()
+        .map(|t| regex::escape(t))
+        .collect::<Vec<_>>()
+        .join("|");
     // Some tokenizers have tens of thousands of added tokens; the default size limit is for
     // hand-written patterns.
     regex::RegexBuilder::new(&pattern)
@@ -182,7 +216,10 @@ pub fn template_literal_text(source: &str) -> Result<String> {
     let mut in_string = false;
     for token in tokenize(&prepared, false, syntax) {
         let (token, _) = token.map_err(|e| Error::TemplateSyntax {
-            detail: e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string()),
+            detail: e
+                .detail()
+                .map(str::to_string)
+                .unwrap_or_else(|| e.kind().to_string()),
             line: e.line(),
         })?;
         let (text, is_string): (&str, bool) = match &token {
@@ -220,7 +257,11 @@ enum Piece<'a> {
     /// Text outside marks.
     Text { text: &'a str, start: usize },
     /// A marked control token (markers excluded), with its id.
-    Marked { token: &'a str, start: usize, id: u32 },
+    Marked {
+        token: &'a str,
+        start: usize,
+        id: u32,
+    },
 }
 
 /// Converts increasing byte offsets of one text into code-point offsets in linear time.
@@ -249,27 +290,46 @@ fn split_marked<'a>(tokenizer: &Tokenizer, text: &'a str) -> Vec<Piece<'a>> {
     // Both markers are 4 bytes in UTF-8.
     const W: usize = MARK_START.len_utf8();
     let added = tokenizer.get_added_vocabulary().get_vocab();
-    let mut pos = CharPos { text, byte: 0, chars: 0 };
+    let mut pos = CharPos {
+        text,
+        byte: 0,
+        chars: 0,
+    };
     let mut pieces = Vec::new();
     let mut piece_start = 0;
     // The first END at or after the last START's content (`usize::MAX`: none), found once per
     // END, so the scan stays linear even with many lone STARTs.
     let mut next_end = 0;
-    while let Some(marker) = text[piece_start..].find([MARK_START, MARK_END]).map(|i| piece_start + i) {
-        pieces.push(Piece::Text { text: &text[piece_start..marker], start: pos.at(piece_start) });
+    while let Some(marker) = text[piece_start..]
+        .find([MARK_START, MARK_END])
+        .map(|i| piece_start + i)
+    {
+        pieces.push(Piece::Text {
+            text: &text[piece_start..marker],
+            start: pos.at(piece_start),
+        });
         let inner = marker + W;
         piece_start = inner;
         if text[marker..].starts_with(MARK_START) {
             if next_end < inner {
-                next_end = text[inner..].find(MARK_END).map_or(usize::MAX, |i| inner + i);
+                next_end = text[inner..]
+                    .find(MARK_END)
+                    .map_or(usize::MAX, |i| inner + i);
             }
             if let Some(&id) = text.get(inner..next_end).and_then(|token| added.get(token)) {
-                pieces.push(Piece::Marked { token: &text[inner..next_end], start: pos.at(inner), id });
+                pieces.push(Piece::Marked {
+                    token: &text[inner..next_end],
+                    start: pos.at(inner),
+                    id,
+                });
                 piece_start = next_end + W;
             }
         }
     }
-    pieces.push(Piece::Text { text: &text[piece_start..], start: pos.at(piece_start) });
+    pieces.push(Piece::Text {
+        text: &text[piece_start..],
+        start: pos.at(piece_start),
+    });
     pieces
 }
 
@@ -287,8 +347,12 @@ fn encode_plain(tokenizer: &Tokenizer, text: &str) -> Result<IdsAndOffsets> {
         p.pre_tokenize(&mut pretokenized).map_err(err)?;
     }
     let model = tokenizer.get_model();
-    pretokenized.tokenize(|n| model.tokenize(n.get())).map_err(err)?;
-    let enc = pretokenized.into_encoding(None, 0, OffsetType::Char).map_err(err)?;
+    pretokenized
+        .tokenize(|n| model.tokenize(n.get()))
+        .map_err(err)?;
+    let enc = pretokenized
+        .into_encoding(None, 0, OffsetType::Char)
+        .map_err(err)?;
     Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
 }
 
@@ -296,13 +360,20 @@ fn encode_plain(tokenizer: &Tokenizer, text: &str) -> Result<IdsAndOffsets> {
 /// does not add the prefix space it adds at the start of a text, then drops the newline's
 /// tokens; when the newline does not encode apart, encodes the piece alone. Offsets are made
 /// relative to the piece.
-fn encode_piece(encode: &dyn Fn(&str) -> Result<IdsAndOffsets>, piece: &str, newline_ids: &[u32]) -> Result<IdsAndOffsets> {
+fn encode_piece(
+    encode: &dyn Fn(&str) -> Result<IdsAndOffsets>,
+    piece: &str,
+    newline_ids: &[u32],
+) -> Result<IdsAndOffsets> {
     let (ids, offsets) = encode(&format!("\n{piece}"))?;
     if !ids.starts_with(newline_ids) {
         return encode(piece);
     }
     let n = newline_ids.len();
-    let offsets = offsets[n..].iter().map(|&(s, e)| (s.saturating_sub(1), e.saturating_sub(1))).collect();
+    let offsets = offsets[n..]
+        .iter()
+        .map(|&(s, e)| (s.saturating_sub(1), e.saturating_sub(1)))
+        .collect();
     Ok((ids[n..].to_vec(), offsets))
 }
 
@@ -327,7 +398,11 @@ pub fn encode_marked(encoder: &Encoder, text: &str) -> Result<IdsAndOffsets> {
             // The text before the first marker is encoded as it is, even when empty.
             Piece::Text { text, start } if i == 0 => (start, text.chars().count(), normal(text)?),
             Piece::Text { text: "", .. } => continue,
-            Piece::Text { text, start } => (start, text.chars().count(), encode_piece(&normal, text, &newline_ids)?),
+            Piece::Text { text, start } => (
+                start,
+                text.chars().count(),
+                encode_piece(&normal, text, &newline_ids)?,
+            ),
             Piece::Marked { token, start, id } => {
                 let encoded = encode_piece(&plain, token, &newline_ids)?;
                 if encoded.0.contains(&id) {
@@ -340,7 +415,11 @@ pub fn encode_marked(encoder: &Encoder, text: &str) -> Result<IdsAndOffsets> {
             }
         };
         ids.extend(piece_ids);
-        offsets.extend(piece_offsets.into_iter().map(|(s, e)| (start + s.min(len), start + e.min(len))));
+        offsets.extend(
+            piece_offsets
+                .into_iter()
+                .map(|(s, e)| (start + s.min(len), start + e.min(len))),
+        );
     }
     Ok((ids, offsets))
 }
@@ -361,7 +440,8 @@ mod tests {
     /// The demo tokenizer plus non-special added tokens, some of which the template writes.
     fn encoder_with_added(kind: DemoKind, non_special: &[&str]) -> Encoder {
         let mut tok = demo_encoder(kind).tokenizer().clone();
-        tok.add_tokens(non_special.iter().map(|t| AddedToken::from(*t, false))).unwrap();
+        tok.add_tokens(non_special.iter().map(|t| AddedToken::from(*t, false)))
+            .unwrap();
         Encoder::new(tok).unwrap()
     }
 
@@ -375,14 +455,36 @@ mod tests {
 
     #[test]
     fn control_tokens_are_specials_plus_template_literals() {
-        let enc = encoder_with_added(DemoKind::ByteLevel, &["<think>", "</think>", "<tool_call>", "\n\n", "<unused>"]);
+        let enc = encoder_with_added(
+            DemoKind::ByteLevel,
+            &["<think>", "</think>", "<tool_call>", "\n\n", "<unused>"],
+        );
         let ctl = ControlTokens::new(&enc, demo::CHAT_TEMPLATE, None).unwrap();
         // "\n\n" occurs in the template but is whitespace; "<unused>" does not occur.
-        assert_eq!(ctl.tokens(), ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>"]);
+        assert_eq!(
+            ctl.tokens(),
+            [
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<think>",
+                "</think>",
+                "<tool_call>"
+            ]
+        );
 
         let listed = ["<think>".to_string(), "<unused>".into(), "not added".into()];
         let ctl = ControlTokens::new(&enc, demo::CHAT_TEMPLATE, Some(&listed)).unwrap();
-        assert_eq!(ctl.tokens(), ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "<unused>"]);
+        assert_eq!(
+            ctl.tokens(),
+            [
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<think>",
+                "<unused>"
+            ]
+        );
     }
 
     #[test]
@@ -390,17 +492,43 @@ mod tests {
         let src = "{# <a> #}A{{ '<b' '>' }}{% raw %}\n<c>{% endraw %}  {%- if x == \"<d>\" %}\r\n  <e>{% endif %}\n";
         // As Jinja2 sees it: no comment, `-` strips before its tag, trim_blocks eats the newline
         // after a tag but not after `{% raw %}`, and the final newline is dropped.
-        assert_eq!(template_literal_text(src).unwrap(), ["\n<c>", "  <e>", "<b>", "<d>", "A"].join("\0"));
+        assert_eq!(
+            template_literal_text(src).unwrap(),
+            ["\n<c>", "  <e>", "<b>", "<d>", "A"].join("\0")
+        );
         let demo_literals = [
-            "", "\n", "\n\n", "\n</think>\n\n", "\n</tool_call>", "\n</tools><|im_end|>\n", "\n<tool_call>\n",
-            "# Tools\n<tools>", "</think>", "<think>", "<think>\n", "<|im_end|>\n", "<|im_start|>",
-            "<|im_start|>assistant\n", "<|im_start|>system\n", "arguments", "assistant", "name", "system", "user",
+            "",
+            "\n",
+            "\n\n",
+            "\n</think>\n\n",
+            "\n</tool_call>",
+            "\n</tools><|im_end|>\n",
+            "\n<tool_call>\n",
+            "# Tools\n<tools>",
+            "</think>",
+            "<think>",
+            "<think>\n",
+            "<|im_end|>\n",
+            "<|im_start|>",
+            "<|im_start|>assistant\n",
+            "<|im_start|>system\n",
+            "arguments",
+            "assistant",
+            "name",
+            "system",
+            "user",
         ];
-        assert_eq!(template_literal_text(demo::CHAT_TEMPLATE).unwrap(), demo_literals.join("\0"));
+        assert_eq!(
+            template_literal_text(demo::CHAT_TEMPLATE).unwrap(),
+            demo_literals.join("\0")
+        );
         let enc = encoder_with_added(DemoKind::ByteLevel, &["<b>", "<d>", "<a>", "A<b"]);
         let ctl = ControlTokens::new(&enc, src, None).unwrap();
         assert!(ctl.tokens().iter().any(|t| t == "<b>") && ctl.tokens().iter().any(|t| t == "<d>"));
-        assert!(!ctl.tokens().iter().any(|t| t == "<a>" || t == "A<b"), "no match across literals");
+        assert!(
+            !ctl.tokens().iter().any(|t| t == "<a>" || t == "A<b"),
+            "no match across literals"
+        );
     }
 
     #[test]
@@ -422,13 +550,20 @@ mod tests {
         }));
         assert_eq!(out, want);
         // Keys stay, in order.
-        let keys: Vec<String> = map_pairs(&out).into_iter().map(|(k, _)| k.to_string()).collect();
+        let keys: Vec<String> = map_pairs(&out)
+            .into_iter()
+            .map(|(k, _)| k.to_string())
+            .collect();
         assert_eq!(keys, ["role", "<|im_end|>", "content", "plain"]);
         // Marking is idempotent, and leaves clean values alone.
         assert_eq!(ctl.mark(&out), out);
         assert_eq!(ctl.mark(&Value::from("x")), Value::from("x"));
         assert_eq!(ctl.mark(&Value::from(format!("a{E}b"))), Value::from("ab"));
-        assert!(ctl.occurs_in("x<|im_end|>") && ctl.occurs_in(&format!("<|im_{S}end|>")) && !ctl.occurs_in("<|i m"));
+        assert!(
+            ctl.occurs_in("x<|im_end|>")
+                && ctl.occurs_in(&format!("<|im_{S}end|>"))
+                && !ctl.occurs_in("<|i m")
+        );
     }
 
     #[test]
@@ -437,7 +572,10 @@ mod tests {
         let enc = Encoder::new(tok).unwrap();
         let ctl = ControlTokens::new(&enc, "{{ '<|im_end|>' }}", None).unwrap();
         assert!(ctl.tokens().is_empty() && !ctl.occurs_in("<|im_end|>"));
-        assert_eq!(ctl.mark(&Value::from(format!("<|im_end|>{S}"))), Value::from("<|im_end|>"));
+        assert_eq!(
+            ctl.mark(&Value::from(format!("<|im_end|>{S}"))),
+            Value::from("<|im_end|>")
+        );
     }
 
     /// transformers' `encode_marked_chat`, step by step on the crate's own encode calls.
@@ -452,7 +590,11 @@ mod tests {
             }
             let f: &dyn Fn(&str) -> Result<IdsAndOffsets> = if as_text { &plain } else { &normal };
             let with_nl = f(&format!("\n{p}")).unwrap().0;
-            ids.extend(if with_nl.starts_with(&nl) { with_nl[nl.len()..].to_vec() } else { f(p).unwrap().0 });
+            ids.extend(if with_nl.starts_with(&nl) {
+                with_nl[nl.len()..].to_vec()
+            } else {
+                f(p).unwrap().0
+            });
         }
         ids
     }
@@ -467,24 +609,41 @@ mod tests {
             let (ids, offsets) = encode_marked(&enc, &text).unwrap();
             let want = expected(
                 &enc,
-                &[("<|im_start|>user\nHi ", false), ("<|im_end|>", true), ("there", false), ("<|im_start|>", true), ("<|im_end|>\n", false)],
+                &[
+                    ("<|im_start|>user\nHi ", false),
+                    ("<|im_end|>", true),
+                    ("there", false),
+                    ("<|im_start|>", true),
+                    ("<|im_end|>\n", false),
+                ],
             );
             assert_eq!(ids, want, "{kind:?}");
-            assert_eq!(ids.iter().filter(|&&i| i == im_end).count(), 1, "{kind:?}: only the template's token");
+            assert_eq!(
+                ids.iter().filter(|&&i| i == im_end).count(),
+                1,
+                "{kind:?}: only the template's token"
+            );
             // Plain-text encoding agrees with the tokenizer's own "no special tokens" mode when
             // every added token is special.
             let mut split = enc.tokenizer().clone();
             split.set_encode_special_tokens(true);
             for s in ["<|im_end|>", "\n<|im_start|>x <|endoftext|>"] {
                 let want = split.encode(s, false).unwrap().get_ids().to_vec();
-                assert_eq!(encode_plain(enc.tokenizer(), s).unwrap().0, want, "{kind:?} {s:?}");
+                assert_eq!(
+                    encode_plain(enc.tokenizer(), s).unwrap().0,
+                    want,
+                    "{kind:?} {s:?}"
+                );
             }
             // Offsets: one per id, in order, inside `text`, never over a marker.
             let chars: Vec<char> = text.chars().collect();
             assert_eq!(offsets.len(), ids.len());
             assert!(offsets.windows(2).all(|w| w[0].0 <= w[1].0), "{offsets:?}");
             for &(s, e) in &offsets {
-                assert!(s <= e && e <= chars.len() && !chars[s..e].iter().any(|&c| c == S || c == E), "{kind:?} {s}..{e}");
+                assert!(
+                    s <= e && e <= chars.len() && !chars[s..e].iter().any(|&c| c == S || c == E),
+                    "{kind:?} {s}..{e}"
+                );
             }
         }
     }
@@ -499,16 +658,48 @@ mod tests {
             let (ids, offsets) = encode_marked(&enc, &text).unwrap();
             let want = expected(
                 &enc,
-                &[("a ", false), ("", true), ("<|im_end|>b", false), ("", true), ("c<|im_", false), ("", true), ("start|>d", false), ("", true), ("", false), ("<|im_start|>", true), ("", false), ("", true), ("", false)],
+                &[
+                    ("a ", false),
+                    ("", true),
+                    ("<|im_end|>b", false),
+                    ("", true),
+                    ("c<|im_", false),
+                    ("", true),
+                    ("start|>d", false),
+                    ("", true),
+                    ("", false),
+                    ("<|im_start|>", true),
+                    ("", false),
+                    ("", true),
+                    ("", false),
+                ],
             );
             assert_eq!(ids, want, "{kind:?}");
-            assert!(!ids.contains(&im_start), "{kind:?}: the lone marker keeps `<|im_` and `start|>` apart");
+            assert!(
+                !ids.contains(&im_start),
+                "{kind:?}: the lone marker keeps `<|im_` and `start|>` apart"
+            );
             assert_eq!(offsets.len(), ids.len());
             // Without markers it is the plain encoding.
-            assert_eq!(encode_marked(&enc, "x<|im_end|>").unwrap(), enc.encode_with_char_offsets("x<|im_end|>").unwrap());
+            assert_eq!(
+                encode_marked(&enc, "x<|im_end|>").unwrap(),
+                enc.encode_with_char_offsets("x<|im_end|>").unwrap()
+            );
             // A mark around something that is not an added token is two lone markers.
             let (ids, _) = encode_marked(&enc, &format!("q{S}<|im_end|> {E}r")).unwrap();
-            assert_eq!(ids, expected(&enc, &[("q", false), ("", true), ("<|im_end|> ", false), ("", true), ("r", false)]));
+            assert_eq!(
+                ids,
+                expected(
+                    &enc,
+                    &[
+                        ("q", false),
+                        ("", true),
+                        ("<|im_end|> ", false),
+                        ("", true),
+                        ("r", false)
+                    ]
+                )
+            );
         }
     }
 
@@ -521,18 +712,30 @@ mod tests {
             .find(|w| base.encode(&format!("\n{w}")).unwrap().len() == 2)
             .expect("a whole-word token");
         let mut tok = base.tokenizer().clone();
-        tok.add_special_tokens([AddedToken::from(word, true)]).unwrap();
+        tok.add_special_tokens([AddedToken::from(word, true)])
+            .unwrap();
         let enc = Encoder::new(tok).unwrap();
         let ctl = ControlTokens::new(&enc, demo::CHAT_TEMPLATE, None).unwrap();
-        let text = ctl.mark(&Value::from(format!("say {word}"))).as_str().unwrap().to_string();
+        let text = ctl
+            .mark(&Value::from(format!("say {word}")))
+            .as_str()
+            .unwrap()
+            .to_string();
         let err = encode_marked(&enc, &text).unwrap_err();
-        assert_eq!(err, Error::Unsanitizable(format!("Can't sanitize '{word}': the tokenizer produces it from plain text")));
+        assert_eq!(
+            err,
+            Error::Unsanitizable(format!(
+                "Can't sanitize '{word}': the tokenizer produces it from plain text"
+            ))
+        );
     }
 
     /// The directory `tests/_sanitize_expect.py` wrote, if `CHATMASK_SANITIZE_EXPECT` names it.
     fn expect_dir(file: &str) -> Option<std::path::PathBuf> {
         let Some(dir) = std::env::var_os("CHATMASK_SANITIZE_EXPECT") else {
-            eprintln!("skipped: set CHATMASK_SANITIZE_EXPECT to the output of tests/_sanitize_expect.py");
+            eprintln!(
+                "skipped: set CHATMASK_SANITIZE_EXPECT to the output of tests/_sanitize_expect.py"
+            );
             return None;
         };
         Some(std::path::Path::new(&dir).join(file))
@@ -541,30 +744,55 @@ mod tests {
     fn jsonl(path: &std::path::Path) -> impl Iterator<Item = serde_json::Value> {
         use std::io::BufRead;
         let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        std::io::BufReader::new(file).lines().map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        std::io::BufReader::new(file)
+            .lines()
+            .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
     }
 
     /// A fixture tokenizer with its config's `chat_control_tokens`.
     fn load(dir: &str) -> (crate::core::ChatTokenizer, Option<Vec<String>>) {
-        let tok = crate::core::ChatTokenizer::from_dir(std::path::Path::new(dir), crate::encode::EncoderChoice::Auto).unwrap();
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(dir).join("tokenizer_config.json")).unwrap()).unwrap();
-        let listed = config.get("chat_control_tokens").and_then(|v| v.as_array()).map(|items| {
-            items.iter().map(|t| t.as_str().expect("chat_control_tokens are strings").to_string()).collect()
-        });
+        let tok = crate::core::ChatTokenizer::from_dir(
+            std::path::Path::new(dir),
+            crate::encode::EncoderChoice::Auto,
+        )
+        .unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(std::path::Path::new(dir).join("tokenizer_config.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let listed = config
+            .get("chat_control_tokens")
+            .and_then(|v| v.as_array())
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|t| {
+                        t.as_str()
+                            .expect("chat_control_tokens are strings")
+                            .to_string()
+                    })
+                    .collect()
+            });
         (tok, listed)
     }
 
     #[test]
     fn template_literals_match_jinja2() {
-        let Some(path) = expect_dir("literals.jsonl") else { return };
+        let Some(path) = expect_dir("literals.jsonl") else {
+            return;
+        };
         let (mut same, mut both_refused, mut differ) = (0, 0, Vec::new());
         for row in jsonl(&path) {
             let name = row["template"].as_str().unwrap();
             let got = template_literal_text(&std::fs::read_to_string(name).unwrap());
             match (row.get("literals").and_then(|l| l.as_array()), got) {
                 (Some(want), Ok(got)) => {
-                    let want = want.iter().map(|s| s.as_str().unwrap()).collect::<Vec<_>>().join("\0");
+                    let want = want
+                        .iter()
+                        .map(|s| s.as_str().unwrap())
+                        .collect::<Vec<_>>()
+                        .join("\0");
                     if want == got {
                         same += 1;
                     } else {
@@ -575,19 +803,34 @@ mod tests {
                 (want, got) => differ.push(format!("{name}: jinja2 {want:?}, chatmask {got:?}")),
             }
         }
-        eprintln!("template literals: {same} equal, {both_refused} refused by both, {} differ", differ.len());
+        eprintln!(
+            "template literals: {same} equal, {both_refused} refused by both, {} differ",
+            differ.len()
+        );
         assert!(differ.is_empty(), "{}", differ.join("\n"));
     }
 
     #[test]
     fn control_tokens_match_transformers() {
-        let Some(path) = expect_dir("control_tokens.jsonl") else { return };
+        let Some(path) = expect_dir("control_tokens.jsonl") else {
+            return;
+        };
         let mut checked = 0;
         for row in jsonl(&path) {
             let dir = row["tokenizer_dir"].as_str().unwrap();
             let (tok, listed) = load(dir);
-            let ctl = ControlTokens::new(&tok.encoder, row["template"].as_str().unwrap(), listed.as_deref()).unwrap();
-            let want: Vec<&str> = row["control_tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+            let ctl = ControlTokens::new(
+                &tok.encoder,
+                row["template"].as_str().unwrap(),
+                listed.as_deref(),
+            )
+            .unwrap();
+            let want: Vec<&str> = row["control_tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap())
+                .collect();
             assert_eq!(ctl.tokens(), want, "{dir}");
             checked += 1;
         }
@@ -599,8 +842,11 @@ mod tests {
     #[test]
     fn sanitize_matches_transformers() {
         use std::collections::HashMap;
-        let Some(path) = expect_dir("expect.jsonl") else { return };
-        let mut tokenizers: HashMap<String, (crate::core::ChatTokenizer, Option<Vec<String>>)> = HashMap::new();
+        let Some(path) = expect_dir("expect.jsonl") else {
+            return;
+        };
+        let mut tokenizers: HashMap<String, (crate::core::ChatTokenizer, Option<Vec<String>>)> =
+            HashMap::new();
         let mut controls: HashMap<(String, String), ControlTokens> = HashMap::new();
         let (mut rows, mut ids_compared, mut ids_differing, mut errors_matched) = (0, 0, 0, 0);
         let mut failures = Vec::new();
@@ -612,11 +858,18 @@ mod tests {
             let source = tok.template_source(None, !tools.is_null()).unwrap();
             let ctl = controls
                 .entry((dir.clone(), source.clone()))
-                .or_insert_with(|| ControlTokens::new(&tok.encoder, &source, listed.as_deref()).unwrap());
+                .or_insert_with(|| {
+                    ControlTokens::new(&tok.encoder, &source, listed.as_deref()).unwrap()
+                });
             // transformers marks messages, tools and the template kwargs; the special tokens it adds
             // to the context afterwards stay unmarked.
             let got = (|| -> Result<Vec<u32>> {
-                let messages = row["messages"].as_array().unwrap().iter().map(|m| ctl.mark(&json(m.clone()))).collect();
+                let messages = row["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| ctl.mark(&json(m.clone())))
+                    .collect();
                 let conv = crate::chat::Conversation::new(messages)?;
                 let mut kwargs: Vec<(String, Value)> = row["kwargs"]
                     .as_object()
@@ -629,7 +882,9 @@ mod tests {
                     kwargs.push(("tools".into(), ctl.mark(&json(tools.clone()))));
                 }
                 let args = tok.template_args(None, kwargs)?;
-                let add_generation_prompt = row["kwargs"]["add_generation_prompt"].as_bool().unwrap_or(false);
+                let add_generation_prompt = row["kwargs"]["add_generation_prompt"]
+                    .as_bool()
+                    .unwrap_or(false);
                 let text = tok.render(&conv, conv.len(), add_generation_prompt, &args)?;
                 Ok(encode_marked(&tok.encoder, &text)?.0)
             })();
@@ -637,12 +892,18 @@ mod tests {
             match (row.get("expected_ids").and_then(|v| v.as_array()), got) {
                 (Some(want), Ok(got)) => {
                     let want: Vec<u32> = want.iter().map(|i| i.as_u64().unwrap() as u32).collect();
-                    let differing = want.iter().zip(&got).filter(|(a, b)| a != b).count() + want.len().abs_diff(got.len());
+                    let differing = want.iter().zip(&got).filter(|(a, b)| a != b).count()
+                        + want.len().abs_diff(got.len());
                     ids_compared += want.len().min(got.len());
                     ids_differing += differing;
                     if differing > 0 {
-                        let at = want.iter().zip(&got).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
-                        let window = |v: &[u32]| v[at.saturating_sub(3)..(at + 5).min(v.len())].to_vec();
+                        let at = want
+                            .iter()
+                            .zip(&got)
+                            .position(|(a, b)| a != b)
+                            .unwrap_or(want.len().min(got.len()));
+                        let window =
+                            |v: &[u32]| v[at.saturating_sub(3)..(at + 5).min(v.len())].to_vec();
                         failures.push(format!(
                             "{case}: {differing} ids differ, first at {at}: want {:?} got {:?} (lengths {} / {})",
                             window(&want),
@@ -663,10 +924,15 @@ mod tests {
                     if alike {
                         errors_matched += 1;
                     } else {
-                        failures.push(format!("{case}: transformers raised {want}, chatmask gave {:?}", got.map(|ids| ids.len())));
+                        failures.push(format!(
+                            "{case}: transformers raised {want}, chatmask gave {:?}",
+                            got.map(|ids| ids.len())
+                        ));
                     }
                 }
-                (Some(_), Err(e)) => failures.push(format!("{case}: transformers encoded, chatmask raised {e:?}")),
+                (Some(_), Err(e)) => failures.push(format!(
+                    "{case}: transformers encoded, chatmask raised {e:?}"
+                )),
             }
         }
         eprintln!(

@@ -65,7 +65,9 @@ impl MarkerPicker {
                 Some(b'U') => 8,
                 _ => continue,
             };
-            let hex = source.get(i + 2..i + 2 + width).and_then(|h| u32::from_str_radix(h, 16).ok());
+            let hex = source
+                .get(i + 2..i + 2 + width)
+                .and_then(|h| u32::from_str_radix(h, 16).ok());
             if let Some(c) = hex.and_then(char::from_u32).filter(|&c| is_candidate(c)) {
                 self.seen |= 1 << ((c as u32 - FIRST) / 2);
             }
@@ -81,13 +83,20 @@ impl MarkerPicker {
                 let end = char::from_u32(FIRST + 2 * k + 1).expect("noncharacters are chars");
                 (start, end)
             })
-            .ok_or_else(|| Error::InvalidInput("every span-marker character U+FDD0..U+FDEF occurs in the input".into()))
+            .ok_or_else(|| {
+                Error::InvalidInput(
+                    "every span-marker character U+FDD0..U+FDEF occurs in the input".into(),
+                )
+            })
     }
 }
 
 /// Removes the markers and returns the text and the spans `(start, end)` in code points, in
 /// the order the blocks closed (AssistantTracker's order).
-pub fn strip_markers(marked: &str, (start, end): (char, char)) -> Result<(String, Vec<(usize, usize)>)> {
+pub fn strip_markers(
+    marked: &str,
+    (start, end): (char, char),
+) -> Result<(String, Vec<(usize, usize)>)> {
     let mut text = String::with_capacity(marked.len());
     let mut open = Vec::new();
     let mut spans = Vec::new();
@@ -96,7 +105,9 @@ pub fn strip_markers(marked: &str, (start, end): (char, char)) -> Result<(String
         if c == start {
             open.push(pos);
         } else if c == end {
-            let s = open.pop().ok_or_else(|| Error::Internal("generation end marker without start".into()))?;
+            let s = open
+                .pop()
+                .ok_or_else(|| Error::Internal("generation end marker without start".into()))?;
             spans.push((s, pos));
         } else {
             text.push(c);
@@ -104,7 +115,9 @@ pub fn strip_markers(marked: &str, (start, end): (char, char)) -> Result<(String
         }
     }
     if !open.is_empty() {
-        return Err(Error::Internal("generation start marker without end".into()));
+        return Err(Error::Internal(
+            "generation start marker without end".into(),
+        ));
     }
     Ok((text, spans))
 }
@@ -232,7 +245,12 @@ fn wrap_deep(v: &Value, wrap_str: &dyn Fn(&str) -> Value) -> Value {
             Ok(items) => Value::from(items.map(|x| wrap_deep(&x, wrap_str)).collect::<Vec<_>>()),
             Err(_) => v.clone(),
         },
-        ValueKind::Map => Value::from_pairs(map_pairs(v).into_iter().map(|(k, x)| (k, wrap_deep(&x, wrap_str))).collect::<Vec<_>>()),
+        ValueKind::Map => Value::from_pairs(
+            map_pairs(v)
+                .into_iter()
+                .map(|(k, x)| (k, wrap_deep(&x, wrap_str)))
+                .collect::<Vec<_>>(),
+        ),
         _ => v.clone(),
     }
 }
@@ -277,16 +295,25 @@ pub fn mark_message(msg: &Value, index: usize, marking: Marking) -> Value {
             let w = wrapper(kind);
             let v = match kind {
                 FieldKind::Content if v.kind() == ValueKind::Seq => match v.try_iter() {
-                    Ok(parts) => Value::from(parts.map(|p| map_keys(&p, &["text"], &|t| wrap_deep(t, &w))).collect::<Vec<_>>()),
+                    Ok(parts) => Value::from(
+                        parts
+                            .map(|p| map_keys(&p, &["text"], &|t| wrap_deep(t, &w)))
+                            .collect::<Vec<_>>(),
+                    ),
                     Err(_) => v,
                 },
-                FieldKind::Content | FieldKind::Reasoning if v.kind() == ValueKind::String => wrap_deep(&v, &w),
+                FieldKind::Content | FieldKind::Reasoning if v.kind() == ValueKind::String => {
+                    wrap_deep(&v, &w)
+                }
                 FieldKind::Tool => match v.try_iter() {
                     Ok(calls) if v.kind() == ValueKind::Seq => Value::from(
                         calls
                             .map(|call| {
-                                let call = map_keys(&call, &["name", "arguments"], &|x| wrap_deep(x, &w));
-                                map_keys(&call, &["function"], &|f| map_keys(f, &["name", "arguments"], &|x| wrap_deep(x, &w)))
+                                let call =
+                                    map_keys(&call, &["name", "arguments"], &|x| wrap_deep(x, &w));
+                                map_keys(&call, &["function"], &|f| {
+                                    map_keys(f, &["name", "arguments"], &|x| wrap_deep(x, &w))
+                                })
                             })
                             .collect::<Vec<_>>(),
                     ),
@@ -311,8 +338,16 @@ pub fn strip_field_markers(marked: &str) -> Option<(String, Vec<FieldSpan>)> {
         let code = c as u32;
         if c == FIELD_END {
             let (slot, start) = open.pop()?;
-            let (message, kind) = (slot as usize / KINDS.len(), KINDS[slot as usize % KINDS.len()]);
-            spans.push(FieldSpan { message, kind, start, end: pos });
+            let (message, kind) = (
+                slot as usize / KINDS.len(),
+                KINDS[slot as usize % KINDS.len()],
+            );
+            spans.push(FieldSpan {
+                message,
+                kind,
+                start,
+                end: pos,
+            });
         } else if (FIELD_FIRST..FIELD_FIRST + FIELD_SLOTS as u32).contains(&code) {
             open.push((code - FIELD_FIRST, pos));
         } else {
@@ -330,18 +365,33 @@ pub fn dummy_char(message: usize, kind: FieldKind) -> char {
 
 /// A message with the given field kind replaced by `dummy` (every string the marking would wrap).
 pub fn replace_field(msg: &Value, index: usize, kind: FieldKind, dummy: &str) -> Value {
-    let marked = mark_message(msg, index, Marking { message: Some(index), kind: Some(kind), inner: false });
+    let marked = mark_message(
+        msg,
+        index,
+        Marking {
+            message: Some(index),
+            kind: Some(kind),
+            inner: false,
+        },
+    );
     // Replace each wrapped string wholesale: map the marked strings back through a walk that
     // swaps any string holding this field's start character.
     let start = start_char(index, kind);
     fn swap(v: &Value, start: char, dummy: &str) -> Value {
         match v.kind() {
-            ValueKind::String if v.as_str().is_some_and(|s| s.contains(start)) => Value::from(dummy),
+            ValueKind::String if v.as_str().is_some_and(|s| s.contains(start)) => {
+                Value::from(dummy)
+            }
             ValueKind::Seq => match v.try_iter() {
                 Ok(items) => Value::from(items.map(|x| swap(&x, start, dummy)).collect::<Vec<_>>()),
                 Err(_) => v.clone(),
             },
-            ValueKind::Map => Value::from_pairs(map_pairs(v).into_iter().map(|(k, x)| (k, swap(&x, start, dummy))).collect::<Vec<_>>()),
+            ValueKind::Map => Value::from_pairs(
+                map_pairs(v)
+                    .into_iter()
+                    .map(|(k, x)| (k, swap(&x, start, dummy)))
+                    .collect::<Vec<_>>(),
+            ),
             _ => v.clone(),
         }
     }
@@ -355,7 +405,13 @@ pub fn diff_region(a: &str, b: &str) -> (usize, usize) {
     let b: Vec<char> = b.chars().collect();
     let p = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     let max_s = a.len().min(b.len()) - p;
-    let s = a.iter().rev().zip(b.iter().rev()).take(max_s).take_while(|(x, y)| x == y).count();
+    let s = a
+        .iter()
+        .rev()
+        .zip(b.iter().rev())
+        .take(max_s)
+        .take_while(|(x, y)| x == y)
+        .count();
     (p, a.len() - s)
 }
 
@@ -382,7 +438,11 @@ mod tests {
 
     #[test]
     fn strip_counts_code_points_and_nests() {
-        let (text, spans) = strip_markers("é\u{FDD0}ab\u{FDD0}c\u{FDD1}\u{FDD1}d", ('\u{FDD0}', '\u{FDD1}')).unwrap();
+        let (text, spans) = strip_markers(
+            "é\u{FDD0}ab\u{FDD0}c\u{FDD1}\u{FDD1}d",
+            ('\u{FDD0}', '\u{FDD1}'),
+        )
+        .unwrap();
         assert_eq!(text, "éabcd");
         assert_eq!(spans, vec![(3, 4), (1, 4)]);
         assert!(strip_markers("\u{FDD0}a", ('\u{FDD0}', '\u{FDD1}')).is_err());
@@ -395,7 +455,10 @@ mod tests {
         assert_eq!(token_mask(&offsets, &[(4, 6)]), vec![0, 1, 1, 0, 0, 0]);
         // A span starting inside a gap no token covers still marks what it overlaps,
         // and later spans are kept.
-        assert_eq!(token_mask(&offsets, &[(0, 1), (10, 11)]), vec![1, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            token_mask(&offsets, &[(0, 1), (10, 11)]),
+            vec![1, 0, 0, 0, 0, 1]
+        );
         assert_eq!(token_mask(&offsets, &[(3, 3)]), vec![0; 6]);
     }
 
@@ -407,7 +470,13 @@ mod tests {
     fn field_markers_round_trip_and_leave_roles_alone() {
         let call = message(vec![
             ("type", Value::from("function")),
-            ("function", message(vec![("name", Value::from("f")), ("arguments", message(vec![("x", Value::from("1 "))]))])),
+            (
+                "function",
+                message(vec![
+                    ("name", Value::from("f")),
+                    ("arguments", message(vec![("x", Value::from("1 "))])),
+                ]),
+            ),
         ]);
         let msg = message(vec![
             ("role", Value::from("assistant")),
@@ -416,27 +485,63 @@ mod tests {
             ("tool_calls", Value::from(vec![call])),
         ]);
         for inner in [false, true] {
-            let marked = mark_message(&msg, 7, Marking { message: None, kind: None, inner });
+            let marked = mark_message(
+                &msg,
+                7,
+                Marking {
+                    message: None,
+                    kind: None,
+                    inner,
+                },
+            );
             let role = marked.get_attr("role").unwrap();
             assert_eq!(role.as_str(), Some("assistant"));
             let content = marked.get_attr("content").unwrap().to_string();
             let (text, spans) = strip_field_markers(&content).unwrap();
             assert_eq!(text, "  hi ");
             let want = if inner { (2, 4) } else { (0, 5) };
-            assert_eq!((spans[0].message, spans[0].kind, spans[0].start, spans[0].end), (7, FieldKind::Content, want.0, want.1));
-            let tool = marked.get_attr("tool_calls").unwrap().get_item_by_index(0).unwrap();
+            assert_eq!(
+                (
+                    spans[0].message,
+                    spans[0].kind,
+                    spans[0].start,
+                    spans[0].end
+                ),
+                (7, FieldKind::Content, want.0, want.1)
+            );
+            let tool = marked
+                .get_attr("tool_calls")
+                .unwrap()
+                .get_item_by_index(0)
+                .unwrap();
             assert_eq!(tool.get_attr("type").unwrap().as_str(), Some("function"));
-            let name = tool.get_attr("function").unwrap().get_attr("name").unwrap().to_string();
-            assert_eq!(strip_field_markers(&name).unwrap().1[0].kind, FieldKind::Tool);
+            let name = tool
+                .get_attr("function")
+                .unwrap()
+                .get_attr("name")
+                .unwrap()
+                .to_string();
+            assert_eq!(
+                strip_field_markers(&name).unwrap().1[0].kind,
+                FieldKind::Tool
+            );
         }
         // Unpaired markers (a template that cut a field) are refused.
-        let cut: String = mark_message(&msg, 0, Marking { message: None, kind: None, inner: false })
-            .get_attr("content")
-            .unwrap()
-            .to_string()
-            .chars()
-            .skip(1)
-            .collect();
+        let cut: String = mark_message(
+            &msg,
+            0,
+            Marking {
+                message: None,
+                kind: None,
+                inner: false,
+            },
+        )
+        .get_attr("content")
+        .unwrap()
+        .to_string()
+        .chars()
+        .skip(1)
+        .collect();
         assert!(strip_field_markers(&format!("x{cut}")).is_none());
     }
 
@@ -453,8 +558,14 @@ mod tests {
         // Found by the `spans` fuzz target: merging spans that only touch marked the
         // zero-width token (9, 9) at their seam, which neither span contains.
         let offsets = [(0, 2), (2, 5), (5, 6), (6, 9), (9, 9), (9, 12)];
-        assert_eq!(token_mask(&offsets, &[(6, 9), (9, 12)]), vec![0, 0, 0, 1, 0, 1]);
+        assert_eq!(
+            token_mask(&offsets, &[(6, 9), (9, 12)]),
+            vec![0, 0, 0, 1, 0, 1]
+        );
         // Overlapping spans still cover it.
-        assert_eq!(token_mask(&offsets, &[(6, 10), (8, 12)]), vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(
+            token_mask(&offsets, &[(6, 10), (8, 12)]),
+            vec![0, 0, 0, 1, 1, 1]
+        );
     }
 }

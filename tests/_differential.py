@@ -155,9 +155,13 @@ def compare(ref_tok: Any, cm_tok: Any, chat: Any, mode: str, finish: str = "", *
     where = f"mode={mode} finish={finish!r}"
     if want_err is not None or got_err is not None:
         if want_err is None:
-            raise AssertionError(f"{where}: reference returned {len(want['tokens'])} tokens, chatmask raised {got_err!r}")
+            raise AssertionError(
+                f"{where}: reference returned {len(want['tokens'])} tokens, chatmask raised {got_err!r}"
+            )
         if got_err is None:
-            raise AssertionError(f"{where}: reference raised {want_err!r}, chatmask returned {len(got['tokens'])} tokens")
+            raise AssertionError(
+                f"{where}: reference raised {want_err!r}, chatmask returned {len(got['tokens'])} tokens"
+            )
         why = same_error(want_err, got_err)
         assert why is None, f"{where}: both raised, but {why}"
         return Outcome(None, want_err, got_err)

@@ -114,8 +114,12 @@ def compare_row(tok, name: str, row_id: str, row: dict, modes=MODES, finish_reas
             )
         else:
             call = lambda: chatmask.tokenize_for_trainer(  # noqa: E731
-                tok, chat, include_messages=include, train_on_all_assistant_turns=(mode == "all"),
-                finish_reason=finish, **kwargs,
+                tok,
+                chat,
+                include_messages=include,
+                train_on_all_assistant_turns=(mode == "all"),
+                finish_reason=finish,
+                **kwargs,
             )
         got, got_err = _run(call)
         tally.cases += 1
@@ -171,12 +175,17 @@ def main(argv=None) -> int:
         for path in files:
             t = compare_file(tok, name, path, args.limit)
             total.add(t)
-            print(f"{name:18} {path.name:28} cases={t.cases:6} tokens={t.tokens_compared:10} "
-                  f"both_raised={t.both_raised:5} mismatches={len(t.mismatches)}", flush=True)
+            print(
+                f"{name:18} {path.name:28} cases={t.cases:6} tokens={t.tokens_compared:10} "
+                f"both_raised={t.both_raised:5} mismatches={len(t.mismatches)}",
+                flush=True,
+            )
             for m in t.mismatches[:5]:
                 print("   ", m, flush=True)
-    print(f"TOTAL cases={total.cases} tokens_compared={total.tokens_compared} "
-          f"both_raised={total.both_raised} mismatches={len(total.mismatches)}")
+    print(
+        f"TOTAL cases={total.cases} tokens_compared={total.tokens_compared} "
+        f"both_raised={total.both_raised} mismatches={len(total.mismatches)}"
+    )
     return 1 if total.mismatches else 0
 
 

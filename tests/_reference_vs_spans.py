@@ -161,12 +161,19 @@ class ExactTally:
         self.unexplained.extend(other.unexplained)
 
     def summary(self, label: str) -> str:
-        cats = ", ".join(f"{c}: {self.tokens_by_category[c]} tokens in {self.rows_by_category[c]} rows"
-                         for c in sorted(self.tokens_by_category)) or "none"
+        cats = (
+            ", ".join(
+                f"{c}: {self.tokens_by_category[c]} tokens in {self.rows_by_category[c]} rows"
+                for c in sorted(self.tokens_by_category)
+            )
+            or "none"
+        )
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
-        return (f"{label}: {self.rows_compared}/{self.rows_seen} rows compared ({self.tokens_compared} tokens), "
-                f"{self.rows_with_differences} rows with differences; differences: {cats}; "
-                f"unexplained: {len(self.unexplained)}; not compared: {skipped}")
+        return (
+            f"{label}: {self.rows_compared}/{self.rows_seen} rows compared ({self.tokens_compared} tokens), "
+            f"{self.rows_with_differences} rows with differences; differences: {cats}; "
+            f"unexplained: {len(self.unexplained)}; not compared: {skipped}"
+        )
 
 
 def exact_prefix_renders(cm, chat: list, kwargs: dict) -> tuple[str | None, str]:
@@ -253,7 +260,8 @@ def compare_exact_row(ref_tok, cm, row_id: str, row: dict, reference: ReferenceR
             lo, hi = max(0, t - 4), min(len(ids), t + 3)
             context = " ".join(
                 f"{pieces[k]!r}[ref={'T' if masks[k] != IGNORE else '-'} cm={'T' if labels[k] != IGNORE else '-'} "
-                f"msg={index[k]}]" for k in range(lo, hi)
+                f"msg={index[k]}]"
+                for k in range(lo, hi)
             )
             owner_role = chat[i].get("role") if i >= 0 else None
             index_role = chat[index[t]].get("role") if index[t] >= 0 else None
@@ -363,7 +371,10 @@ def span_view(cm, chat: list, kwargs: dict) -> SpanView:
         if hit.size and 0 <= message < len(chat):
             first[message] = hit[0]
     return SpanView(
-        ids=out["input_ids"].tolist(), message_index=out["message_index"], field_tokens=field_tokens, first_field_token=first
+        ids=out["input_ids"].tolist(),
+        message_index=out["message_index"],
+        field_tokens=field_tokens,
+        first_field_token=first,
     )
 
 
@@ -374,7 +385,13 @@ def _template_raise(exc: BaseException) -> bool:
 
 
 def measure_row(
-    ref_tok, view: SpanView, chat: list, mode: str, kwargs: dict, row_id: str = "", reference: ReferenceRuns | None = None
+    ref_tok,
+    view: SpanView,
+    chat: list,
+    mode: str,
+    kwargs: dict,
+    row_id: str = "",
+    reference: ReferenceRuns | None = None,
 ) -> ErrorTally:
     """One row, one mode. Wrong when the reference:
 
@@ -444,7 +461,9 @@ def measure_row(
     return tally
 
 
-def measure_file(ref_tok, cm, path: Path, limit: int | None, modes=MODES, spread: bool = False) -> dict[str, ErrorTally]:
+def measure_file(
+    ref_tok, cm, path: Path, limit: int | None, modes=MODES, spread: bool = False
+) -> dict[str, ErrorTally]:
     return analyse_file(ref_tok, cm, path, limit, modes=modes, exact=False, spread=spread)[1]
 
 
@@ -474,8 +493,10 @@ def error_table(results: dict[str, dict[str, ErrorTally]]) -> str:
     is trained tokens that message_index gives to a non-target message before that message's
     first field (its header region; see ``ErrorTally.non_target_before_field_only``).
     """
-    head = (f"{'tokenizer':18} {'mode':9} {'rows':>6} {'wrong':>6} {'wrong%':>7} {'tmpl-only':>9} "
-            f"{'both-raise':>10} {'cm-raises':>9} {'hdr-only':>8}  wrong reasons (rows) / non-target roles trained (rows)")
+    head = (
+        f"{'tokenizer':18} {'mode':9} {'rows':>6} {'wrong':>6} {'wrong%':>7} {'tmpl-only':>9} "
+        f"{'both-raise':>10} {'cm-raises':>9} {'hdr-only':>8}  wrong reasons (rows) / non-target roles trained (rows)"
+    )
     lines = [head, "-" * len(head)]
     for name, by_mode in results.items():
         for mode, t in by_mode.items():
@@ -483,9 +504,11 @@ def error_table(results: dict[str, dict[str, ErrorTally]]) -> str:
             pct = f"{100 * t.wrong / measured:.1f}" if measured else "-"
             reasons = ", ".join(f"{r} {t.reasons[r]}" for r in WRONG_REASONS if t.reasons[r])
             roles = ", ".join(f"{r} {n}" for r, n in sorted(t.non_target_roles.items()))
-            lines.append(f"{name:18} {mode:9} {t.rows:6} {t.wrong:6} {pct:>7} {t.template_text_only:9} "
-                         f"{t.both_raise:10} {t.chatmask_raises:9} {t.non_target_before_field_only:8}  "
-                         f"{reasons}{' / ' + roles if roles else ''}")
+            lines.append(
+                f"{name:18} {mode:9} {t.rows:6} {t.wrong:6} {pct:>7} {t.template_text_only:9} "
+                f"{t.both_raise:10} {t.chatmask_raises:9} {t.non_target_before_field_only:8}  "
+                f"{reasons}{' / ' + roles if roles else ''}"
+            )
     return "\n".join(lines)
 
 

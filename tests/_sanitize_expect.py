@@ -59,8 +59,15 @@ def synthetic_tokenizers(out: Path) -> list[Path]:
     cfg = json.loads((hello / "tokenizer_config.json").read_text(encoding="utf-8"))
     next_id = max(max(t["id"] for t in tj["added_tokens"]), max(tj["model"]["vocab"].values())) + 1
     for content, token_id, special in (("hello", tj["model"]["vocab"]["hello"], True), ("\n\n", next_id, False)):
-        entry = {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": special}
+        entry = {
+            "id": token_id,
+            "content": content,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": special,
+        }
         tj["added_tokens"].append(entry)
         cfg["added_tokens_decoder"][str(token_id)] = {k: v for k, v in entry.items() if k != "id"}
     (hello / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
@@ -152,26 +159,47 @@ def main(argv=None) -> None:
     ref = oracle()
     dirs = [TOKENIZERS_DIR / name for name in fixture_tokenizers()] + synthetic_tokenizers(args.out)
     counts = {"rows": 0, "errors": 0, "ids": 0, "templates": write_literals(args.out / "literals.jsonl")}
-    with open(args.out / "expect.jsonl", "w", encoding="utf-8") as sink, \
-            open(args.out / "control_tokens.jsonl", "w", encoding="utf-8") as controls:
+    with (
+        open(args.out / "expect.jsonl", "w", encoding="utf-8") as sink,
+        open(args.out / "control_tokens.jsonl", "w", encoding="utf-8") as controls,
+    ):
         for tok_dir in dirs:
             tok = ref.load_tokenizer(str(tok_dir))
             template = tok.get_chat_template()
-            controls.write(json.dumps({"tokenizer_dir": str(tok_dir), "template": template,
-                                       "control_tokens": list(tok._get_control_tokens(template))},
-                                      ensure_ascii=False) + "\n")
+            controls.write(
+                json.dumps(
+                    {
+                        "tokenizer_dir": str(tok_dir),
+                        "template": template,
+                        "control_tokens": list(tok._get_control_tokens(template)),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             for file_idx, path in enumerate(conversation_files()):
                 for row_idx, row in enumerate(ref.read_conversations(path)):
                     if row_idx >= args.limit:
                         break
                     template = tok.get_chat_template(None, row.get("tools") or None)
                     messages, tools, kwargs = injected_row(row, row_idx, file_idx, probes(tok, template))
-                    record = {"tokenizer": tok_dir.name, "tokenizer_dir": str(tok_dir), "file": path.name,
-                              "row": row_idx, "kwargs": kwargs, "tools": tools, "messages": messages}
+                    record = {
+                        "tokenizer": tok_dir.name,
+                        "tokenizer_dir": str(tok_dir),
+                        "file": path.name,
+                        "row": row_idx,
+                        "kwargs": kwargs,
+                        "tools": tools,
+                        "messages": messages,
+                    }
                     try:
                         ids = tok.apply_chat_template(
-                            messages, tools=tools, tokenize=True, sanitize_control_tokens=True,
-                            return_dict=False, **kwargs,
+                            messages,
+                            tools=tools,
+                            tokenize=True,
+                            sanitize_control_tokens=True,
+                            return_dict=False,
+                            **kwargs,
                         )
                         record["expected_ids"] = list(ids)
                         counts["ids"] += len(ids)

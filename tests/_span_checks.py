@@ -38,7 +38,14 @@ class SpanTally:
     problems: list[str] = field(default_factory=list)
 
     def add(self, other: SpanTally) -> None:
-        for name in ("rows", "template_raised", "tokens", "field_chars_checked", "straddling", "positions_from_offsets"):
+        for name in (
+            "rows",
+            "template_raised",
+            "tokens",
+            "field_chars_checked",
+            "straddling",
+            "positions_from_offsets",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.methods.update(other.methods)
         self.template_text.update(other.template_text)
@@ -51,7 +58,9 @@ def special_token_ids(tokenizer_dir: Path) -> set[int]:
         return {t["id"] for t in json.load(f).get("added_tokens", []) if t.get("special")}
 
 
-def check_row(tok: ChatTokenizer, messages: list, tally: SpanTally, where: str, special_ids: set[int], **kwargs) -> None:
+def check_row(
+    tok: ChatTokenizer, messages: list, tally: SpanTally, where: str, special_ids: set[int], **kwargs
+) -> None:
     """Default policy (assistant messages and their end tokens) on one row:
 
     1. every character of every field (content, reasoning, tool call) of an assistant message
@@ -101,7 +110,7 @@ def check_row(tok: ChatTokenizer, messages: list, tally: SpanTally, where: str, 
             tally.field_chars_checked += e - s
             if not covered[s:e].all():
                 gap = s + int(np.argmin(covered[s:e]))
-                problems.append(f"{where}: message {m} {_kind} char {gap} {text[gap:gap + 20]!r} not trained")
+                problems.append(f"{where}: message {m} {_kind} char {gap} {text[gap : gap + 20]!r} not trained")
                 return
     for t in np.nonzero(trained)[0]:
         s, e = starts[t], ends[t]
@@ -127,7 +136,9 @@ def check_row(tok: ChatTokenizer, messages: list, tally: SpanTally, where: str, 
     for m, _kind, s, e in spans:
         over = (starts < e) & (ends > s) & (ends > starts)
         if not (index[over] == m).all():
-            problems.append(f"{where}: tokens over message {m}'s {_kind} have message_index {set(index[over].tolist())}")
+            problems.append(
+                f"{where}: tokens over message {m}'s {_kind} have message_index {set(index[over].tolist())}"
+            )
             return
 
 

@@ -13,6 +13,7 @@ Each case is classified as identical / both_raised / compile_error / mismatch / 
 only_jinja_raised (or slow). Each template runs in a worker process that the parent kills when the
 template exceeds a wall-clock budget (category "slow"), so a hang in Rust cannot stall the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,14 @@ def diff_context(a, b, width=60):
     while i < n and a[i] == b[i]:
         i += 1
     lo = max(0, i - width // 2)
-    return {"pos": i, "len_jinja": len(a), "len_chatmask": len(b),
-            "jinja": a[lo:i + width // 2], "chatmask": b[lo:i + width // 2], "offset": lo}
+    return {
+        "pos": i,
+        "len_jinja": len(a),
+        "len_chatmask": len(b),
+        "jinja": a[lo : i + width // 2],
+        "chatmask": b[lo : i + width // 2],
+        "offset": lo,
+    }
 
 
 def mismatch_label(a, b):
@@ -101,7 +108,7 @@ def mismatch_label(a, b):
     j = 0
     while j < n - i and a[len(a) - 1 - j] == b[len(b) - 1 - j]:
         j += 1
-    da, db = a[i:len(a) - j], b[i:len(b) - j]
+    da, db = a[i : len(a) - j], b[i : len(b) - j]
 
     def norm(s):  # coarse, so one construct differing on many inputs groups together
         s = re.sub(r"\d+", "N", s)
@@ -163,8 +170,14 @@ def survey_template(name, source, extra_vars, cases):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    out = render_jinja_template(conversations=[chat], tools=copy.deepcopy(tools), chat_template=source,
-                                                add_generation_prompt=agp, date_string=DATE_STRING, **extra_vars)
+                    out = render_jinja_template(
+                        conversations=[chat],
+                        tools=copy.deepcopy(tools),
+                        chat_template=source,
+                        add_generation_prompt=agp,
+                        date_string=DATE_STRING,
+                        **extra_vars,
+                    )
                 out = out[0] if isinstance(out, tuple) else out
                 jinja_out = out[0] if isinstance(out, list) else out
             except _Alarm as exc:
@@ -178,15 +191,23 @@ def survey_template(name, source, extra_vars, cases):
             if compile_err is not None:
                 cls = "compile_error"
                 rec["counts"][cls] += 1
-                fail(key, cls, "compile_error: " + normalize_error(first_line(compile_err)),
-                     {"chatmask_error": err_str(compile_err)})
+                fail(
+                    key,
+                    cls,
+                    "compile_error: " + normalize_error(first_line(compile_err)),
+                    {"chatmask_error": err_str(compile_err)},
+                )
                 continue
 
             cm_out = cm_exc = None
             t0 = time.time()
             try:
-                cm_out = core.render(copy.deepcopy(messages), add_generation_prompt=agp, tools=copy.deepcopy(tools),
-                                     date_string=DATE_STRING)
+                cm_out = core.render(
+                    copy.deepcopy(messages),
+                    add_generation_prompt=agp,
+                    tools=copy.deepcopy(tools),
+                    date_string=DATE_STRING,
+                )
             except Exception as exc:
                 cm_exc = exc
             cm_dt = time.time() - t0
@@ -207,8 +228,12 @@ def survey_template(name, source, extra_vars, cases):
             elif cm_exc is not None:
                 cls = "only_chatmask_raised"
                 rec["counts"][cls] += 1
-                fail(key, cls, f"{type(cm_exc).__name__}: " + normalize_error(first_line(cm_exc)),
-                     {"chatmask_error": err_str(cm_exc)})
+                fail(
+                    key,
+                    cls,
+                    f"{type(cm_exc).__name__}: " + normalize_error(first_line(cm_exc)),
+                    {"chatmask_error": err_str(cm_exc)},
+                )
             else:
                 cls = "only_jinja_raised"
                 rec["counts"][cls] += 1
@@ -238,9 +263,14 @@ def worker_main(conn, extra_vars, cases):
         try:
             rec = survey_template(name, source, extra_vars, cases)
         except BaseException as exc:  # never let one template kill the worker silently
-            rec = {"name": name, "counts": {"survey_crash": 1}, "failures": [{"category": "survey_crash",
-                                                                            "error": err_str(exc)}],
-                   "categories": {"survey_crash": 1}, "compiles": False, "native_ok": False}
+            rec = {
+                "name": name,
+                "counts": {"survey_crash": 1},
+                "failures": [{"category": "survey_crash", "error": err_str(exc)}],
+                "categories": {"survey_crash": 1},
+                "compiles": False,
+                "native_ok": False,
+            }
         conn.send(rec)
 
 
@@ -276,9 +306,14 @@ def run(templates, extra_vars, cases, workers):
                 try:
                     rec = s["conn"].recv()
                 except EOFError:  # worker died (e.g. a Rust panic aborting the process)
-                    rec = {"name": s["job"], "counts": {"worker_died": 1}, "categories": {"worker_died": 1},
-                           "failures": [{"category": "worker_died", "exitcode": s["proc"].exitcode}],
-                           "compiles": False, "native_ok": False}
+                    rec = {
+                        "name": s["job"],
+                        "counts": {"worker_died": 1},
+                        "categories": {"worker_died": 1},
+                        "failures": [{"category": "worker_died", "exitcode": s["proc"].exitcode}],
+                        "compiles": False,
+                        "native_ok": False,
+                    }
                     s["proc"].join(1)
                     s.update(spawn())
                 results.append(rec)
@@ -290,9 +325,16 @@ def run(templates, extra_vars, cases, workers):
             if s["job"] and time.time() - s["started"] > TEMPLATE_BUDGET_S:
                 s["proc"].kill()
                 s["proc"].join(5)
-                results.append({"name": s["job"], "counts": {"slow": 1}, "categories": {"slow": 1},
-                                "failures": [{"category": "slow", "detail": f"template exceeded {TEMPLATE_BUDGET_S}s"}],
-                                "compiles": None, "native_ok": False})
+                results.append(
+                    {
+                        "name": s["job"],
+                        "counts": {"slow": 1},
+                        "categories": {"slow": 1},
+                        "failures": [{"category": "slow", "detail": f"template exceeded {TEMPLATE_BUDGET_S}s"}],
+                        "compiles": None,
+                        "native_ok": False,
+                    }
+                )
                 done += 1
                 fresh = spawn()
                 s.update(fresh)
@@ -328,7 +370,8 @@ def summarize(results, n_cases, seconds):
         "cases_per_template": n_cases,
         "native_ok": native_ok,
         "compile_errors": sum(1 for r in results if r.get("compiles") is False and "compile_error" in r["counts"]),
-        "per_class_cases": {c: per_class.get(c, 0) for c in CLASSES} | {k: v for k, v in per_class.items() if k not in CLASSES},
+        "per_class_cases": {c: per_class.get(c, 0) for c in CLASSES}
+        | {k: v for k, v in per_class.items() if k not in CLASSES},
         "templates_with_class": {c: sum(1 for r in results if r["counts"].get(c)) for c in CLASSES},
         "top_failure_categories": [{"category": c, **v} for c, v in top],
         "only_jinja_raised_categories": [{"category": c, **v} for c, v in jinja_only],
@@ -356,9 +399,11 @@ def main():
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"summary": summary, "templates": results}, f, indent=1, ensure_ascii=False)
 
-    print(f"native-ok: {summary['native_ok']} / {summary['templates']} templates "
-          f"({summary['cases_per_template']} cases each; compile errors: {summary['compile_errors']}; "
-          f"{summary['seconds']}s)")
+    print(
+        f"native-ok: {summary['native_ok']} / {summary['templates']} templates "
+        f"({summary['cases_per_template']} cases each; compile errors: {summary['compile_errors']}; "
+        f"{summary['seconds']}s)"
+    )
     print("cases per class:")
     for c, n in summary["per_class_cases"].items():
         print(f"  {c:22s} {n:7d}   (templates: {summary['templates_with_class'].get(c, '-')})")

@@ -242,8 +242,9 @@ def test_datasets_num_proc_and_fingerprint(hf):
     single = ds.map(fn, batched=True, batch_size=32, remove_columns=ds.column_names)
     multi = ds.map(fn, batched=True, batch_size=32, num_proc=2, remove_columns=ds.column_names)
     assert multi.data.table.equals(single.data.table)
-    check_against_batch(TOK, rows, multi.data.table.column("input_ids"), multi.data.table.column("labels"),
-                        multi["error"], "all")
+    check_against_batch(
+        TOK, rows, multi.data.table.column("input_ids"), multi.data.table.column("labels"), multi["error"], "all"
+    )
     # A deterministic fingerprint (no "could not be hashed", random-hash fallback): an equal
     # function built separately gives the same fingerprint, a different mode another.
     from datasets.fingerprint import Hasher
@@ -279,9 +280,14 @@ def test_datasets_bad_rows_raise_or_are_marked(hf):
     cols["messages"][1] = None  # a missing conversation
     cols["messages"][4] = []  # an empty one (the template/reference rejects it)
     ds = hf.Dataset.from_dict(cols)
-    with pytest.raises(chatmask.ConversationTypeError, match=r"^dataset row 1 \(row 1 of the batch, id 'demo-1-1'\): field 'messages' is a null"):
+    with pytest.raises(
+        chatmask.ConversationTypeError,
+        match=r"^dataset row 1 \(row 1 of the batch, id 'demo-1-1'\): field 'messages' is a null",
+    ):
         ds.map(chatmask.datasets.map_fn(TOK), batched=True, with_indices=True)
-    out = ds.map(chatmask.datasets.map_fn(TOK, on_error="mark"), batched=True, batch_size=4, remove_columns=ds.column_names)
+    out = ds.map(
+        chatmask.datasets.map_fn(TOK, on_error="mark"), batched=True, batch_size=4, remove_columns=ds.column_names
+    )
     assert len(out) == len(rows)  # nothing dropped
     errors = out["error"]
     assert [i for i, e in enumerate(errors) if e] == [1, 4]
@@ -307,8 +313,15 @@ def test_datasets_tools_as_json_strings_and_fields(hf):
         TOK, mode="all", messages_field="conv", tools_field="tool_json", finish_reason_field="finish"
     )
     out = ds.map(fn, batched=True, remove_columns=ds.column_names)
-    check_against_batch(TOK, rows, out.data.table.column("input_ids"), out.data.table.column("labels"), None,
-                        "all", finish_reason=["length", "", "", "length"])
+    check_against_batch(
+        TOK,
+        rows,
+        out.data.table.column("input_ids"),
+        out.data.table.column("labels"),
+        None,
+        "all",
+        finish_reason=["length", "", "", "length"],
+    )
 
 
 def test_datasets_json_values_keep_their_nulls(hf):
@@ -371,7 +384,9 @@ def test_tokenize_batch_on_arrow_and_mappings():
     assert out.column("id").to_pylist() == [r["id"] for r in rows]
     assert out.schema.field("input_ids").type == pa.list_(pa.int32())
     assert out.schema.field("labels").type == pa.list_(pa.int64())
-    check_against_batch(TOK, rows, out.column("input_ids"), out.column("labels"), out.column("error").to_pylist(), "all")
+    check_against_batch(
+        TOK, rows, out.column("input_ids"), out.column("labels"), out.column("error").to_pylist(), "all"
+    )
 
     kept = TokenizeBatch(TOK, keep_columns=["messages"])(table)
     assert kept.column_names == ["messages", "input_ids", "labels"]
@@ -380,7 +395,9 @@ def test_tokenize_batch_on_arrow_and_mappings():
     with pytest.raises(chatmask.ConversationError, match=rf"^row {EMPTY} of the batch, id '{rows[EMPTY]['id']}': "):
         TokenizeBatch(TOK, "all")(table)
 
-    mapping = TokenizeBatch(TOK, "last")({"id": np.array([r["id"] for r in rows]), "messages": [r["messages"] for r in rows]})
+    mapping = TokenizeBatch(TOK, "last")(
+        {"id": np.array([r["id"] for r in rows]), "messages": [r["messages"] for r in rows]}
+    )
     assert list(mapping) == ["id", "input_ids", "labels"]
     ref = TOK.tokenize_batch([r["messages"] for r in rows])
     assert [x.tolist() for x in mapping["input_ids"]] == [x["tokens"] for x in ref.to_list()]
@@ -404,7 +421,9 @@ def test_tokenize_batch_reads_json_typed_columns(hf, tmp_path):
     table = pq.read_table(tmp_path / "json.parquet")
     assert table.schema.field("messages").type.value_type.extension_name == "arrow.json"
     out = TokenizeBatch(TOK, "all", on_error="mark")(table)
-    check_against_batch(TOK, rows, out.column("input_ids"), out.column("labels"), out.column("error").to_pylist(), "all")
+    check_against_batch(
+        TOK, rows, out.column("input_ids"), out.column("labels"), out.column("error").to_pylist(), "all"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -515,7 +534,9 @@ def test_ray_data_10k_rows_equal_batch_api(ray_cluster, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_policy_against_batch(tok: chatmask.ChatTokenizer, rows: list[Any], out: Any, policy: chatmask.MaskPolicy) -> int:
+def check_policy_against_batch(
+    tok: chatmask.ChatTokenizer, rows: list[Any], out: Any, policy: chatmask.MaskPolicy
+) -> int:
     """Adapter output under a policy (an Arrow table, one row per input row) == tokenize_batch(rows,
     policy=policy): ids, labels and message_index element by element, span_method and truncated per
     row; failed and dropped rows empty, with the batch API's message / in ``dropped``. Returns the
@@ -572,7 +593,9 @@ def test_datasets_map_with_policy_equals_batch_api(hf):
     good = check_policy_against_batch(TOK, rows, out.data.table, policy)
     assert 0 < good < len(rows) and out.filter(lambda r: not r["dropped"]).num_rows == good
     # A policy without overflow="drop": no dropped column; on_error="raise" has no error column.
-    plain = ds.map(chatmask.datasets.map_fn(TOK, policy=chatmask.MaskPolicy()), batched=True, remove_columns=ds.column_names)
+    plain = ds.map(
+        chatmask.datasets.map_fn(TOK, policy=chatmask.MaskPolicy()), batched=True, remove_columns=ds.column_names
+    )
     assert plain.column_names == ["input_ids", "labels", "message_index", "span_method", "truncated"]
     check_policy_against_batch(TOK, rows, plain.data.table, chatmask.MaskPolicy())
 
@@ -604,7 +627,9 @@ def test_datasets_policy_sharegpt_and_errors(hf):
     ]
     policy = chatmask.MaskPolicy(field_messages="conversations", field_system="sys", train_on_eos="last")
     ds = hf.Dataset.from_dict(columns(rows))
-    out = ds.map(chatmask.datasets.map_fn(TOK, policy=policy), batched=True, batch_size=3, remove_columns=ds.column_names)
+    out = ds.map(
+        chatmask.datasets.map_fn(TOK, policy=policy), batched=True, batch_size=3, remove_columns=ds.column_names
+    )
     check_policy_against_batch(TOK, rows, out.data.table, policy)
     assert out[0]["message_index"][0] == -1 and 0 in out[0]["message_index"]  # the system prompt is message 0
     # A bad message (Arrow cannot hold one, so a plain batch as a with_indices map passes it): named
@@ -629,9 +654,20 @@ def test_tokenize_batch_with_policy_on_arrow_and_mappings():
     policy = drop_policy()
     table = arrow_table(rows)
     out = TokenizeBatch(TOK, policy=policy, on_error="mark")(table)
-    assert out.column_names == ["id", "input_ids", "labels", "message_index", "span_method", "truncated", "dropped", "error"]
+    assert out.column_names == [
+        "id",
+        "input_ids",
+        "labels",
+        "message_index",
+        "span_method",
+        "truncated",
+        "dropped",
+        "error",
+    ]
     check_policy_against_batch(TOK, rows, out, policy)
-    mapping = TokenizeBatch(TOK, policy=policy)({"id": np.array([r["id"] for r in rows]), "messages": [r["messages"] for r in rows]})
+    mapping = TokenizeBatch(TOK, policy=policy)(
+        {"id": np.array([r["id"] for r in rows]), "messages": [r["messages"] for r in rows]}
+    )
     assert list(mapping) == ["id", "input_ids", "labels", "message_index", "span_method", "truncated", "dropped"]
     ref = TOK.tokenize_batch([r["messages"] for r in rows], policy=policy)
     kept = [i for i, d in enumerate(mapping["dropped"]) if not d]
@@ -647,7 +683,16 @@ def test_ray_data_with_policy(ray_cluster, tmp_path):
     policy = drop_policy(train_on_eos="all")
     src = write_parts(arrow_table(rows), tmp_path / "in", 2)
     result = in_input_order(run_ray(ray_cluster, src, tmp_path / "out", TOK, policy=policy, on_error="mark"), rows)
-    assert result.column_names == ["id", "input_ids", "labels", "message_index", "span_method", "truncated", "dropped", "error"]
+    assert result.column_names == [
+        "id",
+        "input_ids",
+        "labels",
+        "message_index",
+        "span_method",
+        "truncated",
+        "dropped",
+        "error",
+    ]
     good = check_policy_against_batch(TOK, rows, result, policy)
     assert 0 < good < len(rows)
 

@@ -191,12 +191,24 @@ class _HalfATokenizer:
 @pytest.mark.parametrize(
     "tokenizer",
     [
-        None, "qwen3", 42, {"backend_tokenizer": 1}, _NotATokenizer(), chatmask.ChatTokenizer,
-        types.SimpleNamespace(backend_tokenizer=object()), _HalfATokenizer(),
+        None,
+        "qwen3",
+        42,
+        {"backend_tokenizer": 1},
+        _NotATokenizer(),
+        chatmask.ChatTokenizer,
+        types.SimpleNamespace(backend_tokenizer=object()),
+        _HalfATokenizer(),
     ],
     ids=[
-        "None", "str-name", "int", "dict", "object-with-chat_template", "ChatTokenizer-class",
-        "namespace-with-backend", "backend-without-to_str",
+        "None",
+        "str-name",
+        "int",
+        "dict",
+        "object-with-chat_template",
+        "ChatTokenizer-class",
+        "namespace-with-backend",
+        "backend-without-to_str",
     ],
 )
 def test_arbitrary_object_as_tokenizer_is_a_type_error(tokenizer):
@@ -267,7 +279,8 @@ MISSING = object()
 @pytest.mark.parametrize("name", TOKENIZERS)
 @pytest.mark.parametrize("where", [0, 1, 3], ids=["first", "assistant", "last"])
 @pytest.mark.parametrize(
-    "role", [MISSING, None, 3, ["user"], {"r": 1}, "", "USER", "user ", "agent", "tool"],
+    "role",
+    [MISSING, None, 3, ["user"], {"r": 1}, "", "USER", "user ", "agent", "tool"],
     ids=["missing", "None", "int", "list", "dict", "empty", "USER", "trailing-space", "agent", "tool"],
 )
 def test_role_missing_or_not_a_string(name, where, role):
@@ -320,7 +333,8 @@ def test_tuple_value_prints_as_python_prints_it():
 
 @pytest.mark.parametrize("name", TOKENIZERS)
 @pytest.mark.parametrize(
-    "key", [1, None, 1.5, True, ("a", 1), b"k", frozenset([1])],
+    "key",
+    [1, None, 1.5, True, ("a", 1), b"k", frozenset([1])],
     ids=["int", "None", "float", "bool", "tuple", "bytes", "frozenset"],
 )
 def test_non_string_keys(name, key):
@@ -367,7 +381,10 @@ def test_lone_surrogate_in_a_rendered_field_raises_a_type_error(name, field, s):
             assert "surrogate" in str(o.chatmask_error)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: chatmask refuses a lone surrogate anywhere in the input; the reference only fails when one reaches the tokenizer")
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: chatmask refuses a lone surrogate anywhere in the input; the reference only fails when one reaches the tokenizer",
+)
 @pytest.mark.parametrize(
     "chat, kwargs",
     [
@@ -382,7 +399,28 @@ def test_lone_surrogate_the_template_never_renders(chat, kwargs):
     agree("qwen3", chat, **kwargs)
 
 
-CONTROL = ["\x00", "\x01", "\x07", "\x08", "\x1b", "\x7f", "\x0b", "\x0c", "\r", "\r\n", "\x1c", "\x1f", "\x80", "\x85", "\x9f", "\u2028", "\u2029", "\u200b", "\ufeff", "\u202e"]
+CONTROL = [
+    "\x00",
+    "\x01",
+    "\x07",
+    "\x08",
+    "\x1b",
+    "\x7f",
+    "\x0b",
+    "\x0c",
+    "\r",
+    "\r\n",
+    "\x1c",
+    "\x1f",
+    "\x80",
+    "\x85",
+    "\x9f",
+    "\u2028",
+    "\u2029",
+    "\u200b",
+    "\ufeff",
+    "\u202e",
+]
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
@@ -440,7 +478,9 @@ def _alternating(s: str):
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
-@pytest.mark.parametrize("s", [PRIVATE, EVERY_MARKER, *PRIVATE], ids=["all-private", "every-marker", *[f"U+{ord(c):04X}" for c in PRIVATE]])
+@pytest.mark.parametrize(
+    "s", [PRIVATE, EVERY_MARKER, *PRIVATE], ids=["all-private", "every-marker", *[f"U+{ord(c):04X}" for c in PRIVATE]]
+)
 def test_private_use_and_noncharacters_in_any_field(name, s):
     chat, kwargs = _everywhere(s)
     agree(name, chat, **kwargs)
@@ -479,14 +519,19 @@ def _check_generation(name: str, chat, kwargs) -> None:
 
 
 @pytest.mark.parametrize("name", GEN_TOKENIZERS)
-@pytest.mark.parametrize("s", [PRIVATE, *PRIVATE, "\x00\x85\u2028"], ids=["all-private", *[f"U+{ord(c):04X}" for c in PRIVATE], "controls"])
+@pytest.mark.parametrize(
+    "s", [PRIVATE, *PRIVATE, "\x00\x85\u2028"], ids=["all-private", *[f"U+{ord(c):04X}" for c in PRIVATE], "controls"]
+)
 def test_private_use_and_noncharacters_do_not_corrupt_generation_spans(name, s):
     chat, kwargs = _everywhere(s)
     _check_generation(name, chat, kwargs)
     _check_generation(name, _alternating(s), {})
 
 
-@pytest.mark.xfail(strict=True, reason="finding: with all 32 noncharacters U+FDD0..U+FDEF in the input there is no free span marker; transformers renders the spans")
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: with all 32 noncharacters U+FDD0..U+FDEF in the input there is no free span marker; transformers renders the spans",
+)
 def test_every_marker_character_in_the_input_generation_spans():
     _check_generation("qwen3-gen", _alternating(EVERY_MARKER), {})
 
@@ -606,7 +651,9 @@ def test_deeply_nested_tool_arguments(name):
     agree(name, [{"role": "user", "content": deep}, A])
 
 
-@pytest.mark.xfail(strict=True, reason="finding: chatmask refuses input nested deeper than 256 levels; the reference renders ~490")
+@pytest.mark.xfail(
+    strict=True, reason="finding: chatmask refuses input nested deeper than 256 levels; the reference renders ~490"
+)
 def test_nesting_the_reference_still_renders():
     agree("qwen3", [U, {"role": "assistant", "content": "", "tool_calls": [tool_call(_nested(300))]}])
 
@@ -642,7 +689,11 @@ def _qwen3_json() -> str:
         lambda s: "[]",
         lambda s: "null",
         lambda s: "not json \x00",
-        lambda s: s.replace('"type": "BPE"', '"type": "Nope"', 1) if '"type": "BPE"' in s else s.replace('"type":"BPE"', '"type":"Nope"', 1),
+        lambda s: (
+            s.replace('"type": "BPE"', '"type": "Nope"', 1)
+            if '"type": "BPE"' in s
+            else s.replace('"type":"BPE"', '"type":"Nope"', 1)
+        ),
     ],
     ids=["half", "10-chars", "last-char-cut", "empty", "empty-object", "array", "null", "garbage", "unknown-model"],
 )
@@ -675,7 +726,14 @@ def qwen3_dir(tmp_path):
         ("tokenizer_config.json", lambda s: s[: len(s) // 2], "tokenizer_config.json: invalid JSON"),
         ("special_tokens_map.json", lambda s: s[:5], "special_tokens_map.json: invalid JSON"),
     ],
-    ids=["tokenizer-third", "tokenizer-minus-2", "tokenizer-empty", "tokenizer-bad-utf8", "config-half", "special-tokens-5"],
+    ids=[
+        "tokenizer-third",
+        "tokenizer-minus-2",
+        "tokenizer-empty",
+        "tokenizer-bad-utf8",
+        "config-half",
+        "special-tokens-5",
+    ],
 )
 def test_from_pretrained_of_a_directory_with_a_truncated_file(qwen3_dir, file, content, says):
     path = qwen3_dir / file

@@ -183,7 +183,9 @@ def test_bad_rows_land_in_errors_with_their_row_numbers(tmp_path):
         json.dumps({"messages": ROWS[1]["messages"], "tools": "not json"}),  # 7
         json.dumps({"messages": []}),  # 8: the tokenizer's own error
         "   ",  # 9
-        json.dumps({"messages": ROWS[1]["messages"], "tools": json.dumps(ROWS[2]["tools"])}),  # 10: tools as a JSON string
+        json.dumps(
+            {"messages": ROWS[1]["messages"], "tools": json.dumps(ROWS[2]["tools"])}
+        ),  # 10: tools as a JSON string
     ]
     src = tmp_path / "in.jsonl"
     src.write_bytes(("\n".join(lines)).encode() + b"\n\xff\xfe\n")  # 11: invalid UTF-8; no row after the last \n
@@ -401,7 +403,10 @@ def test_show_text_without_color(tmp_path, capsys):
 
 def test_show_html(tmp_path, capsys):
     page = tmp_path / "view.html"
-    chat = [{"role": "user", "content": "<b>bold</b> & \"quotes\""}, {"role": "assistant", "content": "<script>x</script>"}]
+    chat = [
+        {"role": "user", "content": '<b>bold</b> & "quotes"'},
+        {"role": "assistant", "content": "<script>x</script>"},
+    ]
     src = write_jsonl(tmp_path / "in.jsonl", [{"messages": chat}])
     assert main(["show", str(src), "--tokenizer", "demo", "--mode", "last", "--html", str(page), "--no-color"]) == 0
     text = page.read_text(encoding="utf-8")
@@ -468,7 +473,11 @@ def check_policy_output(out: Path, rows: list[Any], policy: MaskPolicy) -> tuple
     dropped = read_dropped(out)
     got_rows = table.column("row").to_pylist() if table is not None else []
     dropped_rows = [d["row"] for d in dropped]
-    assert not set(got_rows) & set(errors) and not set(got_rows) & set(dropped_rows) and not set(errors) & set(dropped_rows)
+    assert (
+        not set(got_rows) & set(errors)
+        and not set(got_rows) & set(dropped_rows)
+        and not set(errors) & set(dropped_rows)
+    )
     assert sorted(got_rows + list(errors) + dropped_rows) == list(range(len(rows)))
     assert manifest["complete"] is True and not (out / "progress.json").exists()
     assert manifest["rows_in"] == len(rows) == manifest["rows_out"] + manifest["rows_failed"] + manifest["rows_dropped"]
@@ -582,7 +591,11 @@ def test_policy_sharegpt_fields(tmp_path, kind):
     expected = rows[:-1] + [None]
     table, errors, manifest = check_policy_output(out, expected, policy)
     # (Parquet has the column in every row: there it is a null.)
-    missing = "missing field 'conversations'" if kind == "jsonl" else "field 'conversations' is a null, not a list of messages"
+    missing = (
+        "missing field 'conversations'"
+        if kind == "jsonl"
+        else "field 'conversations' is a null, not a list of messages"
+    )
     assert errors == {len(rows) - 1: missing}
     assert table.num_rows == len(rows) - 1 and manifest["messages_field"] == "conversations"
     # The mappings took effect: the system prompt is message 0 and the human/gpt turns follow.
@@ -590,7 +603,9 @@ def test_policy_sharegpt_fields(tmp_path, kind):
     assert table.column("input_ids")[0].as_py() == first["input_ids"].tolist()
     shaped, _ = policy.shape(rows[0])
     assert shaped[0] == {"role": "system", "content": rows[0]["system_prompt"]}
-    assert [m["role"] for m in shaped[1:]] == ["user" if t["from"] == "human" else "assistant" for t in rows[0]["conversations"]]
+    assert [m["role"] for m in shaped[1:]] == [
+        "user" if t["from"] == "human" else "assistant" for t in rows[0]["conversations"]
+    ]
     assert set(table.column("message_index")[0].as_py()) == {-1, *range(len(shaped))}
 
 
@@ -723,21 +738,46 @@ def test_default_labels_are_span_based(tmp_path, capsys):
     rows = [{"conv": r["messages"], **({"fns": r["tools"]} if r.get("tools") else {})} for r in ROWS]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    assert main(["tokenize", str(src), "-o", str(out), "--tokenizer", "demo", "--quiet",
-                 "--messages-field", "conv", "--tools-field", "fns"]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                str(src),
+                "-o",
+                str(out),
+                "--tokenizer",
+                "demo",
+                "--quiet",
+                "--messages-field",
+                "conv",
+                "--tools-field",
+                "fns",
+            ]
+        )
+        == 0
+    )
     policy = MaskPolicy(field_messages="conv", field_tools="fns")
     _, _, manifest = check_policy_output(out, rows, policy)
     assert manifest["mode"] is None and manifest["policy"] == policy.to_dict()
     assert manifest["reference_wrong"] is None
     capsys.readouterr()
-    assert main(["tokenize", str(src), "-o", str(tmp_path / "o2"), "--tokenizer", "demo",
-                 "--finish-reason-field", "why"]) == 2
+    assert (
+        main(["tokenize", str(src), "-o", str(tmp_path / "o2"), "--tokenizer", "demo", "--finish-reason-field", "why"])
+        == 2
+    )
     assert "--finish-reason-field needs --mode" in capsys.readouterr().err
     # show defaults to the same labels
-    assert main(["show", str(src), "--tokenizer", "demo", "--messages-field", "conv", "--tools-field", "fns",
-                 "--no-color"]) == 0
+    assert (
+        main(
+            ["show", str(src), "--tokenizer", "demo", "--messages-field", "conv", "--tools-field", "fns", "--no-color"]
+        )
+        == 0
+    )
     want = TOK.tokenize(rows[0], policy)
-    assert f"policy: {len(want['input_ids'])} tokens, {int((want['labels'] != -100).sum())} trained" in capsys.readouterr().out
+    assert (
+        f"policy: {len(want['input_ids'])} tokens, {int((want['labels'] != -100).sum())} trained"
+        in capsys.readouterr().out
+    )
 
 
 def test_encoder_option_is_recorded_and_fingerprinted(tmp_path, capsys):

@@ -23,7 +23,9 @@ def hf_tokenizer(kind: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(demo_tokenizer_json(kind)), eos_token="<|im_end|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(demo_tokenizer_json(kind)), eos_token="<|im_end|>"
+    )
     tok.chat_template = demo_chat_template()
     return tok
 
@@ -94,7 +96,9 @@ def test_dropin_equals_reference_algorithm_on_demo(kind):
 def run_dropin(tok, chat, mode, finish, **kw):
     if mode == "multistep":
         return chatmask.tokenize_for_trainer_multistep(tok, chat, finish_reason=finish, **kw)
-    return chatmask.tokenize_for_trainer(tok, chat, train_on_all_assistant_turns=mode == "all", finish_reason=finish, **kw)
+    return chatmask.tokenize_for_trainer(
+        tok, chat, train_on_all_assistant_turns=mode == "all", finish_reason=finish, **kw
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -104,7 +108,10 @@ def test_render_equals_transformers(kind):
         for n, gen in itertools.product(range(1, len(row["messages"]) + 1), (False, True)):
             chat = row["messages"][:n]
             want = tok.apply_chat_template(chat, tools=row.get("tools"), add_generation_prompt=gen, tokenize=False)
-            assert ours.apply_chat_template(chat, tools=row.get("tools"), add_generation_prompt=gen, tokenize=False) == want
+            assert (
+                ours.apply_chat_template(chat, tools=row.get("tools"), add_generation_prompt=gen, tokenize=False)
+                == want
+            )
             assert ours.apply_chat_template(chat, tools=row.get("tools"), add_generation_prompt=gen) == tok.encode(
                 want, add_special_tokens=False
             )
@@ -132,5 +139,7 @@ def test_import_does_not_import_transformers():
     import sys
 
     code = "import sys, chatmask; chatmask.demo.demo_tokenizer(); print('transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", "import chatmask.demo;" + code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import chatmask.demo;" + code], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False"

@@ -57,7 +57,9 @@ def rendered_texts(tok: ChatTokenizer, limit: int | None) -> list[str]:
         kwargs = {"tools": row["tools"]} if row.get("tools") else {}
         for gen in (False, True):
             try:
-                out.append(tok.apply_chat_template(row["messages"], add_generation_prompt=gen, tokenize=False, **kwargs))
+                out.append(
+                    tok.apply_chat_template(row["messages"], add_generation_prompt=gen, tokenize=False, **kwargs)
+                )
             except chatmask.ChatMaskError:
                 continue
     return out
@@ -180,7 +182,16 @@ def _from_json(data: dict, encoder: str = "auto") -> ChatTokenizer:
 def test_demo_tokenizers_get_the_fast_engine(kind):
     tok = _from_json(_demo_json(kind))
     assert tok.encoder_backend == "fast", tok.encoder_fallback_reason
-    compare_ids(tok, [m["content"] for chat in json.loads(chatmask._core.DEMO_CONVERSATIONS_JSON) for m in chat["messages"] if isinstance(m.get("content"), str)][:200], kind)
+    compare_ids(
+        tok,
+        [
+            m["content"]
+            for chat in json.loads(chatmask._core.DEMO_CONVERSATIONS_JSON)
+            for m in chat["messages"]
+            if isinstance(m.get("content"), str)
+        ][:200],
+        kind,
+    )
 
 
 def _wordpiece_json() -> dict:
@@ -216,8 +227,24 @@ def test_mixed_normalized_added_tokens_are_gated_off():
     """Two-stage added-token matching (non-normalized first) is not what a single pass does."""
     data = _demo_json()
     data["added_tokens"] += [
-        {"id": 900, "content": "ab", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": False},
-        {"id": 901, "content": "xa", "single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False},
+        {
+            "id": 900,
+            "content": "ab",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": False,
+        },
+        {
+            "id": 901,
+            "content": "xa",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": True,
+            "special": False,
+        },
     ]
     tok = _from_json(data)
     assert tok.encoder_backend == "tokenizers"
@@ -331,7 +358,9 @@ def _fuzz(name, examples):
         pytest.skip("hypothesis is not installed")
     tok = loaded(name)
 
-    @settings(max_examples=examples, deadline=None, derandomize=IN_CI, database=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, derandomize=IN_CI, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(text=_fuzz_texts(name))
     def check(text):
         compare_ids(tok, [text], name)

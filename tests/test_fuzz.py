@@ -78,33 +78,115 @@ settings.register_profile("chatmask-slow", derandomize=False, **_COMMON)
 # Every kind of whitespace Python's str.strip()/split() or a tokenizer's pre-tokenizer cares
 # about, including the ASCII separators \x1c-\x1f that Python strips and most regexes do not.
 WHITESPACE = [
-    " ", "  ", "\t", "\n", "\n\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f",
-    "\x85", "\xa0", "\u1680", "\u2000", "\u2009", "\u200b", "\u2028", "\u2029", "\u202f", "\u3000", "\ufeff",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\n\n",
+    "\r",
+    "\r\n",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x1d",
+    "\x1e",
+    "\x1f",
+    "\x85",
+    "\xa0",
+    "\u1680",
+    "\u2000",
+    "\u2009",
+    "\u200b",
+    "\u2028",
+    "\u2029",
+    "\u202f",
+    "\u3000",
+    "\ufeff",
 ]
 EMOJI = ["🙂", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "❤️", "🏳️‍🌈", "🤖", "1️⃣", "🫠", "🧑🏿‍🚀"]
 # Strings that are (or look like) added tokens or template syntax of the fixture families.
 SPECIAL = [
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
-    "<tool_response>", "</tool_response>", "<|begin_of_text|>", "<|eot_id|>", "<|eom_id|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>", "<s>", "</s>", "<unk>", "[INST]", "[/INST]",
-    "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "▁", "{{", "}}", "{%", "%}",
-    "{#", "\\n", "'", '"', "\\", "None", "null", "assistant", "user",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<|begin_of_text|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|python_tag|>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "▁",
+    "{{",
+    "}}",
+    "{%",
+    "%}",
+    "{#",
+    "\\n",
+    "'",
+    '"',
+    "\\",
+    "None",
+    "null",
+    "assistant",
+    "user",
     # pieces that join into an added token with their neighbours, and rarer added tokens
-    "<|", "|>", "<|im_", "end|>", "<|eot", "_id|>", "[INS", "T]", "</", "think>", "<|fim_prefix|>",
-    "<|object_ref_start|>", "<|reserved_special_token_5|>", "[REFERENCE_DOC_3]", "[control_8]",
+    "<|",
+    "|>",
+    "<|im_",
+    "end|>",
+    "<|eot",
+    "_id|>",
+    "[INS",
+    "T]",
+    "</",
+    "think>",
+    "<|fim_prefix|>",
+    "<|object_ref_start|>",
+    "<|reserved_special_token_5|>",
+    "[REFERENCE_DOC_3]",
+    "[control_8]",
 ]
 # Private-use characters and noncharacters: chatmask marks {% generation %} spans with U+FDD0..U+FDEF.
 # Noncharacters and never-assigned code points are also the fuzzer's unassigned (Cn) characters:
 # the general alphabet leaves out Cn because chatmask's repr() of code points assigned after the
 # running Python's Unicode version differs (test_repr_of_code_points_newer_than_pythons_unicode).
 PRIVATE = [
-    "\ue000", "\uf8ff", "\ufdd0", "\ufdd1", "\ufdd2", "\ufdef", "\ufffe", "\uffff", "\U000f0000", "\U0010fffd",
-    "\U0010ffff", "\U00040000", "\U000e0080", "\U0003fffe",
+    "\ue000",
+    "\uf8ff",
+    "\ufdd0",
+    "\ufdd1",
+    "\ufdd2",
+    "\ufdef",
+    "\ufffe",
+    "\uffff",
+    "\U000f0000",
+    "\U0010fffd",
+    "\U0010ffff",
+    "\U00040000",
+    "\U000e0080",
+    "\U0003fffe",
 ]
 
 any_char_text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cn")), max_size=12)
 control_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x9F), max_size=6)
-word = st.sampled_from(["Paris", "hello", "x", "42", "3.14", "def f():", "日本語", "مرحبا", "Привет", "é", "ß", "ﬁ", "İ"])
+word = st.sampled_from(
+    ["Paris", "hello", "x", "42", "3.14", "def f():", "日本語", "مرحبا", "Привет", "é", "ß", "ﬁ", "İ"]
+)
 chunk = st.one_of(
     any_char_text,
     control_text,
@@ -156,7 +238,9 @@ def tool_call(draw):
 
 @st.composite
 def tool_schema(draw):
-    props = draw(st.dictionaries(key_text, st.fixed_dictionaries({"type": st.sampled_from(["string", "integer"])}), max_size=2))
+    props = draw(
+        st.dictionaries(key_text, st.fixed_dictionaries({"type": st.sampled_from(["string", "integer"])}), max_size=2)
+    )
     fn = {"name": draw(tool_name), "description": draw(text()), "parameters": {"type": "object", "properties": props}}
     if draw(st.booleans()):
         fn["parameters"]["required"] = sorted(props)[:1]
@@ -164,7 +248,9 @@ def tool_schema(draw):
 
 
 ROLES = ["system", "user", "assistant", "tool", "agent"]
-role_st = st.one_of(st.sampled_from(ROLES), st.sampled_from(["ipython", "tool_results", "developer", "", "Assistant"]), text())
+role_st = st.one_of(
+    st.sampled_from(ROLES), st.sampled_from(["ipython", "tool_results", "developer", "", "Assistant"]), text()
+)
 
 
 @st.composite
@@ -213,9 +299,18 @@ def alternating_chat(draw):
     for _ in range(draw(st.integers(1, 3))):
         chat.append(draw(message("user")))
         if draw(st.integers(0, 3)) == 0:
-            call = {"type": "function", "id": "abcdefghi", "function": {"name": draw(tool_name), "arguments": draw(st.dictionaries(key_text, json_value, max_size=2))}}
+            call = {
+                "type": "function",
+                "id": "abcdefghi",
+                "function": {
+                    "name": draw(tool_name),
+                    "arguments": draw(st.dictionaries(key_text, json_value, max_size=2)),
+                },
+            }
             chat.append({"role": "assistant", "content": draw(st.sampled_from(["", None])), "tool_calls": [call]})
-            chat.append({"role": "tool", "name": call["function"]["name"], "tool_call_id": "abcdefghi", "content": draw(text())})
+            chat.append(
+                {"role": "tool", "name": call["function"]["name"], "tool_call_id": "abcdefghi", "content": draw(text())}
+            )
         chat.append(draw(message(draw(st.sampled_from(["assistant", "assistant", "agent"])))))
     if draw(st.integers(0, 4)) == 0:
         chat.append(draw(message("user")))
@@ -255,7 +350,9 @@ def conversation(draw):
     if extra == 0:
         kwargs["enable_thinking"] = draw(st.booleans())
     elif extra == 1:
-        kwargs["builtin_tools"] = draw(st.lists(st.sampled_from(["brave_search", "wolfram_alpha", "code_interpreter"]), max_size=2))
+        kwargs["builtin_tools"] = draw(
+            st.lists(st.sampled_from(["brave_search", "wolfram_alpha", "code_interpreter"]), max_size=2)
+        )
     elif extra == 2:
         kwargs["tools_in_user_message"] = draw(st.booleans())
     return chat, kwargs
@@ -264,8 +361,6 @@ def conversation(draw):
 # ---------------------------------------------------------------------------------------------
 # The differential check
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 def check_example(name: str, chat, kwargs) -> None:
@@ -311,7 +406,9 @@ def run_fuzz(name: str, profile: str, examples: int) -> None:
     ran = FUZZ_TOTALS["examples"] - before["examples"]
     raised = FUZZ_TOTALS["both_raised"] - before["both_raised"]
     cases = FUZZ_TOTALS["cases"] - before["cases"]
-    print(f"\nfuzz {name} [{profile}]: {ran} examples, {cases} cases compared, {cases - raised} equal, {raised} raised alike")
+    print(
+        f"\nfuzz {name} [{profile}]: {ran} examples, {cases} cases compared, {cases - raised} equal, {raised} raised alike"
+    )
     assert ran >= examples, f"only {ran} of {examples} examples were compared"
 
 
@@ -401,12 +498,23 @@ def _template_case(template: str, content, name: str = "qwen3"):
 
 
 def _per_message(expr: str) -> str:
-    return "{% for m in messages %}<|im_start|>{{ " + expr + " }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}"
+    return (
+        "{% for m in messages %}<|im_start|>{{ "
+        + expr
+        + " }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}"
+    )
 
 
 def test_fuzz_regression_plain_methods_agree():
     # The same methods on ASCII and on the characters the findings below do not involve agree.
-    for expr in ("m.content.title()", "m.content.capitalize()", "m.content.upper()", "m.content|title", "m.content.isalpha()", "m.content.islower()"):
+    for expr in (
+        "m.content.title()",
+        "m.content.capitalize()",
+        "m.content.upper()",
+        "m.content|title",
+        "m.content.isalpha()",
+        "m.content.islower()",
+    ):
         _template_case(_per_message(expr), "hello wORLD 42 é ü ñ 日本 x_y-z")
 
 
@@ -414,18 +522,28 @@ def test_fuzz_regression_float_repr_tie_in_tool_arguments():
     # Was a finding (chatmask printed 1000000000000000.3); fixed in the core.
     chat = [
         {"role": "user", "content": "q"},
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": 1e15 + 0.3}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": 1e15 + 0.3}}}],
+        },
     ]
     assert repr(1e15 + 0.3) == "1000000000000000.2"
     compare(reference_tokenizer("llama3"), native_core("llama3"), chat, "last", "", date_string=DATE_STRING)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: str.title() differs from Python beyond ASCII ('ß' -> 'Ss'; a letter after an uncased letter starts a word)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: str.title() differs from Python beyond ASCII ('ß' -> 'Ss'; a letter after an uncased letter starts a word)",
+)
 def test_fuzz_regression_str_title():
     _template_case(_per_message("m.content.title()"), "ßa ƻa")
 
 
-@pytest.mark.xfail(strict=True, reason="finding: str.capitalize() uppercases the first character where Python titlecases it ('ǆa' -> 'ǅa', 'ßa' -> 'Ssa')")
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: str.capitalize() uppercases the first character where Python titlecases it ('ǆa' -> 'ǅa', 'ßa' -> 'Ssa')",
+)
 def test_fuzz_regression_str_capitalize():
     _template_case(_per_message("m.content.capitalize()"), "ǆa")
 

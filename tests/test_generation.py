@@ -24,7 +24,9 @@ def transformers_spans(tok, chat, **kw):
 
     chat = [{k: v for k, v in m.items() if v is not None} for m in chat]
     rendered, indices = render_jinja_template(
-        conversations=[chat], chat_template=tok.chat_template, return_assistant_tokens_mask=True,
+        conversations=[chat],
+        chat_template=tok.chat_template,
+        return_assistant_tokens_mask=True,
         **{**tok.special_tokens_map, **kw},
     )
     return rendered[0], [tuple(x) for x in indices[0]]

@@ -192,7 +192,9 @@ def test_panics_from_many_python_threads():
 def test_syntax_errors_and_raise_exception_in_batches():
     with pytest.raises(chatmask.TemplateSyntaxError, match="line 3"):
         from_template("a\nb\n{% for %}")
-    tok = from_template("{% if messages|length > 2 %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}x")
+    tok = from_template(
+        "{% if messages|length > 2 %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}x"
+    )
     batch = tok.tokenize_batch([CHAT, CHAT + [{"role": "user", "content": "again"}]], on_error="skip")
     assert batch.errors == [(1, "Conversation roles must alternate")]
     assert len(batch) == 1

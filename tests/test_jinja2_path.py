@@ -159,7 +159,9 @@ def test_hostile_template_with_a_trigger_stops_within_a_second(trigger, hostile,
             # and the tokenizer keeps working afterwards, on a native template
             assert tok.apply_chat_template(CHAT, tokenize=False, chat_template="{{ messages[1].content }}") == "hello"
     STOP_TIMES[(trigger, hostile, allow)] = cpu
-    print(f"\n[stop] {trigger} x {hostile}, {'allow_jinja2' if allow else 'no opt-in'}: {outcome} in {cpu:.3f} s CPU, {elapsed:.3f} s wall")
+    print(
+        f"\n[stop] {trigger} x {hostile}, {'allow_jinja2' if allow else 'no opt-in'}: {outcome} in {cpu:.3f} s CPU, {elapsed:.3f} s wall"
+    )
     # CPU time: the wall clock on a shared machine measures the other processes too.
     assert cpu < (3.0 if trigger in NATIVE and hostile in SLOW_NATIVE else 1.5), f"{cpu:.2f} s CPU"
 
@@ -295,7 +297,11 @@ def test_real_jinja2_path_templates_use_a_small_part_of_the_work_budget():
     templates = require_shared("fixtures", "templates")
     survey.ROWS_PER_FILE = 3
     extra, cases = survey.build_cases()
-    names = ["CohereForAI-c4ai-command-r-plus-tool_use", "SvalTek-Q3-CharThink-9B-temp", "meetkai-functionary-medium-v3.1"]
+    names = [
+        "CohereForAI-c4ai-command-r-plus-tool_use",
+        "SvalTek-Q3-CharThink-9B-temp",
+        "meetkai-functionary-medium-v3.1",
+    ]
     _sandbox.peak_units(reset=True)
     renders = limited = 0
     for name in names:
@@ -308,8 +314,11 @@ def test_real_jinja2_path_templates_use_a_small_part_of_the_work_budget():
             for agp in (False, True):
                 try:
                     tok.apply_chat_template(
-                        copy.deepcopy(messages), tools=copy.deepcopy(tools), add_generation_prompt=agp,
-                        tokenize=False, date_string="26 Jul 2024",
+                        copy.deepcopy(messages),
+                        tools=copy.deepcopy(tools),
+                        add_generation_prompt=agp,
+                        tokenize=False,
+                        date_string="26 Jul 2024",
                     )
                 except chatmask.TemplateLimitError:
                     # Only where transformers fails too (Cohere's recursive macro on two
@@ -317,8 +326,12 @@ def test_real_jinja2_path_templates_use_a_small_part_of_the_work_budget():
                     chat = [{k: v for k, v in m.items() if v is not None} for m in copy.deepcopy(messages)]
                     with pytest.raises(RecursionError):
                         render_jinja_template(
-                            conversations=[chat], tools=copy.deepcopy(tools), chat_template=source,
-                            add_generation_prompt=agp, date_string="26 Jul 2024", **extra,
+                            conversations=[chat],
+                            tools=copy.deepcopy(tools),
+                            chat_template=source,
+                            add_generation_prompt=agp,
+                            date_string="26 Jul 2024",
+                            **extra,
                         )
                     limited += 1
                     continue

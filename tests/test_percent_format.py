@@ -29,7 +29,9 @@ CONVERSION = st.sampled_from(list("sradiuoxXeEfFgGc%")) | st.sampled_from(["z", 
 SPEC = st.builds(lambda f, w, p, c: f"%{f}{w}{p}{c}", FLAGS, WIDTH, PRECISION, CONVERSION)
 LITERAL = st.text(alphabet="ab -:|é", max_size=4)
 FORMAT = st.lists(st.tuples(LITERAL, SPEC), min_size=1, max_size=4).map(lambda parts: "".join(a + b for a, b in parts))
-FLOATS = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.5, 1.5, 2.5, -0.0, 1e16, 1e-5, 123456789.0])
+FLOATS = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [0.5, 1.5, 2.5, -0.0, 1e16, 1e-5, 123456789.0]
+)
 VALUE = (
     st.integers(-(10**6), 10**6)
     | st.integers(-(2**62), 2**62)
@@ -88,7 +90,10 @@ def test_single_value_formatting_matches_python(fmt, value):
 
 
 @SETTINGS
-@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), SPEC), min_size=1, max_size=3), st.dictionaries(st.sampled_from(["a", "b"]), VALUE))
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), SPEC), min_size=1, max_size=3),
+    st.dictionaries(st.sampled_from(["a", "b"]), VALUE),
+)
 def test_mapping_formatting_matches_python(parts, mapping):
     fmt = "".join(f"%({key}){spec[1:]}" for key, spec in parts)
     check(python(fmt, mapping), render("{{ " + repr(fmt) + " % d }}", d=mapping), f"{fmt!r} % {mapping!r}")
@@ -113,7 +118,9 @@ def python_mod(a, b) -> str | None:
 
 
 def test_examples_from_the_hub_and_tuples():
-    assert render("{% for i in range(3) %}{{ '<image_%02d>' % (i + 1) }}{% endfor %}") == "<image_01><image_02><image_03>"
+    assert (
+        render("{% for i in range(3) %}{{ '<image_%02d>' % (i + 1) }}{% endfor %}") == "<image_01><image_02><image_03>"
+    )
     assert render("{{ 'video_%02d' % n }}", n=7) == "video_07"
     assert render("{{ '%s=%s' % ('a', 1) }}|{{ '%s' % [1, 2] }}|{{ '%s' % ((1, 2),) }}") == "a=1|[1, 2]|(1, 2)"
     assert render("{% for k, v in d.items() %}{{ '%s:%s;' % (k, v) }}{% endfor %}", d={"x": 1}) == "x:1;"
@@ -122,4 +129,6 @@ def test_examples_from_the_hub_and_tuples():
     # a sequence whose Python type chatmask cannot know (a list variable) is refused, not guessed
     assert render("{{ '%s' % xs }}", xs=[1, 2]) is None
     assert render("{{ ('%s' | safe) % '<' }}") is None  # Markup formatting: not rendered natively
-    print(f"\n[percent] {COUNTS['examples']} examples compared with Python's %: {COUNTS['rendered']} rendered alike, {COUNTS['raised']} raised alike")
+    print(
+        f"\n[percent] {COUNTS['examples']} examples compared with Python's %: {COUNTS['rendered']} rendered alike, {COUNTS['raised']} raised alike"
+    )

@@ -85,7 +85,11 @@ def test_per_message_training_and_detail(tok):
         {"role": "assistant", "content": "Red.", "training": False},
         {"role": "user", "content": "Another?", "training": True},
         # Characters 0-3 ("Blue", end inclusive as in axolotl) trained, the rest not.
-        {"role": "assistant", "content": "Blue, maybe.", "training_detail": [{"begin_offset": 0, "end_offset": 3, "train": True}]},
+        {
+            "role": "assistant",
+            "content": "Blue, maybe.",
+            "training_detail": [{"begin_offset": 0, "end_offset": 3, "train": True}],
+        },
     ]
     out = tok.tokenize(messages)
     assert trained_text(tok, out) == ["Another?<|im_end|>", "Blue", "<|im_end|>"]
@@ -97,7 +101,10 @@ def test_per_message_training_and_detail(tok):
 def test_bad_training_fields_name_the_message(tok):
     with pytest.raises(chatmask.ChatMaskError, match="message 1: 'training' must be true or false"):
         tok.tokenize([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "training": "yes"}])
-    bad = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "training_detail": [{"begin_offset": 3}]}]
+    bad = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "training_detail": [{"begin_offset": 3}]},
+    ]
     with pytest.raises(chatmask.ChatMaskError, match="end_offset"):
         tok.tokenize(bad)
 
@@ -140,7 +147,12 @@ def test_sharegpt_rows_and_role_map(tok):
     policy = MaskPolicy(field_messages="conversations")
     a, b = tok.tokenize(sharegpt, policy), tok.tokenize(plain)
     assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["labels"], b["labels"])
-    custom = {"conversations": [{"speaker": {"user": "me", "assistant": "bot", "system": "system"}[m["role"]], "text": m["content"]} for m in plain]}
+    custom = {
+        "conversations": [
+            {"speaker": {"user": "me", "assistant": "bot", "system": "system"}[m["role"]], "text": m["content"]}
+            for m in plain
+        ]
+    }
     policy = MaskPolicy(
         field_messages="conversations",
         message_property_mappings={"role": "speaker", "content": "text"},
@@ -153,7 +165,9 @@ def test_sharegpt_rows_and_role_map(tok):
 def test_system_field_and_drop_system(tok):
     row = {"messages": DEMO["demo-1"]["messages"], "sys": "Be kind."}
     with_system = tok.tokenize(row, MaskPolicy(field_system="sys"))
-    assert tok._core.decode(with_system["input_ids"].tolist(), False).startswith("<|im_start|>system\nBe kind.<|im_end|>")
+    assert tok._core.decode(with_system["input_ids"].tolist(), False).startswith(
+        "<|im_start|>system\nBe kind.<|im_end|>"
+    )
     dropped = tok.tokenize(row, MaskPolicy(field_system="sys", drop_system_message=True))
     assert np.array_equal(dropped["input_ids"], tok.tokenize(row)["input_ids"])
 
@@ -194,7 +208,9 @@ class TestLength:
     def test_truncate_right(self, tok):
         full = self.full(tok)
         out = tok.tokenize(self.row, MaskPolicy(max_length=20, overflow="truncate_right"))
-        assert np.array_equal(out["input_ids"], full["input_ids"][:20]) and out["truncated"] == len(full["input_ids"]) - 20
+        assert (
+            np.array_equal(out["input_ids"], full["input_ids"][:20]) and out["truncated"] == len(full["input_ids"]) - 20
+        )
 
     def test_truncate_left_keeps_the_last_target_whole(self, tok):
         full = self.full(tok)
@@ -323,7 +339,9 @@ def test_axolotl_prefix_renders_that_are_not_prefixes(tok):
     messages = DEMO["demo-4"]["messages"]
     ours = tok.tokenize(messages)
     ids = ours["input_ids"].tolist()
-    assert decoded_trained(tok, ids, ours["labels"].tolist()) == "5<|im_end|><think>\n2 * 3 = 6.\n</think>\n\n6<|im_end|>"
+    assert (
+        decoded_trained(tok, ids, ours["labels"].tolist()) == "5<|im_end|><think>\n2 * 3 = 6.\n</think>\n\n6<|im_end|>"
+    )
     theirs = axolotl_labels(tok, messages)
     assert decoded_trained(tok, ids, theirs) != decoded_trained(tok, ids, ours["labels"].tolist())
     wrong = [k for k, (a, b) in enumerate(zip(theirs, ours["labels"].tolist())) if a != b]
@@ -334,7 +352,8 @@ def test_axolotl_end_of_turn_window(tok):
     # A template that closes each assistant turn with a footer: the end-of-turn token is more
     # than 3 tokens after the content, so axolotl's window misses it; the spans find it.
     template = tok.apply_chat_template.__self__._core.template_source().replace(
-        "{{- '<|im_end|>\\n' }}\n    {%- else %}", "{{- ' -- end of answer, thank you' + '<|im_end|>\\n' }}\n    {%- else %}"
+        "{{- '<|im_end|>\\n' }}\n    {%- else %}",
+        "{{- ' -- end of answer, thank you' + '<|im_end|>\\n' }}\n    {%- else %}",
     )
     assert template != tok._core.template_source()
     messages = DEMO["demo-1"]["messages"]

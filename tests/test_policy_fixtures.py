@@ -93,7 +93,9 @@ def _check_generation_blocks(name: str, limit: int | None) -> None:
     template does not print: SmolLM3's template drops tool calls.)"""
     rows, tokens, differences = _generation_differences(name, limit)
     unexplained = [d for d in differences if d[3] is None or d[1] != "generation only"]
-    print(f"\n{name}: {rows} rows, {tokens} tokens compared, {len(differences)} differences, all assistant messages with no printed text")
+    print(
+        f"\n{name}: {rows} rows, {tokens} tokens compared, {len(differences)} differences, all assistant messages with no printed text"
+    )
     assert rows > 50 and unexplained == []
 
 

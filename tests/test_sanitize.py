@@ -46,7 +46,11 @@ def _compare(tok_dir, limit: int) -> None:
             messages, tools, kwargs = injected_row(row, row_idx, file_idx, probes(ref, template))
             where = f"{tok_dir.name}/{path.name}:{row_idx}"
             try:
-                want = list(ref.apply_chat_template(messages, tools=tools, tokenize=True, sanitize_control_tokens=True, return_dict=False, **kwargs))
+                want = list(
+                    ref.apply_chat_template(
+                        messages, tools=tools, tokenize=True, sanitize_control_tokens=True, return_dict=False, **kwargs
+                    )
+                )
             except Exception as e:  # noqa: BLE001  the exception is the expectation
                 with pytest.raises((chatmask.TemplateError, chatmask.ConversationError)) as info:
                     ours.apply_chat_template(messages, tools=tools, sanitize_control_tokens=True, **kwargs)

@@ -45,15 +45,22 @@ def test_every_template_renders_like_transformers():
                     chat = [{k: v for k, v in m.items() if v is not None} for m in copy.deepcopy(messages)]
                     try:
                         want = render_jinja_template(
-                            conversations=[chat], tools=copy.deepcopy(tools), chat_template=source,
-                            add_generation_prompt=agp, date_string=DATE, **extra_vars,
+                            conversations=[chat],
+                            tools=copy.deepcopy(tools),
+                            chat_template=source,
+                            add_generation_prompt=agp,
+                            date_string=DATE,
+                            **extra_vars,
                         )[0][0]
                     except Exception:
                         want = None
                     try:
                         got = tok.apply_chat_template(
-                            copy.deepcopy(messages), tools=copy.deepcopy(tools), add_generation_prompt=agp,
-                            tokenize=False, date_string=DATE,
+                            copy.deepcopy(messages),
+                            tools=copy.deepcopy(tools),
+                            add_generation_prompt=agp,
+                            tokenize=False,
+                            date_string=DATE,
                         )
                     except chatmask.ChatMaskError:
                         got = None
@@ -78,7 +85,7 @@ def test_every_template_renders_like_transformers():
     for name, reason in sorted(fallback.items()):
         print(f"  {name}: {reason}")
     assert not differing, "\n".join(differing[:30])
-    assert refused == set(fallback), (sorted(refused ^ set(fallback)))
+    assert refused == set(fallback), sorted(refused ^ set(fallback))
     assert native / len(paths) >= 0.95
 
 
@@ -101,7 +108,11 @@ def test_known_different_construct_takes_the_jinja2_path(source, want):
     with pytest.warns(UserWarning, match="Jinja2"):
         tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source, allow_jinja2=True)
     assert tok.render_backend == "jinja2"
-    assert tok.apply_chat_template(CHAT, tokenize=False) == render_jinja_template(conversations=[CHAT], chat_template=source)[0][0] == want
+    assert (
+        tok.apply_chat_template(CHAT, tokenize=False)
+        == render_jinja_template(conversations=[CHAT], chat_template=source)[0][0]
+        == want
+    )
     assert tok.tokenize_for_trainer(CHAT)["tokens"] == tok.encode(want)
 
 
@@ -122,7 +133,9 @@ class _DifferentRender:
 def test_verification_switches_to_jinja2_on_a_difference(verify):
     pytest.importorskip("transformers")
     source = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    tok = chatmask.ChatTokenizer.from_parts(chatmask.demo.demo_tokenizer_json(), source, verify=verify, allow_jinja2=True)
+    tok = chatmask.ChatTokenizer.from_parts(
+        chatmask.demo.demo_tokenizer_json(), source, verify=verify, allow_jinja2=True
+    )
     tok._core = _DifferentRender(tok._core)
     assert tok.render_backend == "minijinja"
     if verify == 0:

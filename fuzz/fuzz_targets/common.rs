@@ -13,8 +13,17 @@ pub fn tokenizer() -> &'static ChatTokenizer {
     static TOK: OnceLock<ChatTokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
         let json = demo::tokenizer_json(DemoKind::ByteLevel).expect("demo tokenizer");
-        let sources = TemplateSources { default: Some(demo::CHAT_TEMPLATE.to_string()), named: vec![] };
-        ChatTokenizer::new(&json, sources, vec![("eos_token".into(), demo::EOS_TOKEN.into())], EncoderChoice::Auto).expect("demo core")
+        let sources = TemplateSources {
+            default: Some(demo::CHAT_TEMPLATE.to_string()),
+            named: vec![],
+        };
+        ChatTokenizer::new(
+            &json,
+            sources,
+            vec![("eos_token".into(), demo::EOS_TOKEN.into())],
+            EncoderChoice::Auto,
+        )
+        .expect("demo core")
     })
 }
 
@@ -39,16 +48,25 @@ impl Message {
 
     fn to_value(&self) -> Value {
         let mut pairs = vec![("role", Value::from(self.role()))];
-        pairs.push(("content", self.content.as_deref().map_or(Value::from(()), Value::from)));
+        pairs.push((
+            "content",
+            self.content.as_deref().map_or(Value::from(()), Value::from),
+        ));
         if let Some(r) = &self.reasoning {
             pairs.push(("reasoning_content", Value::from(r.as_str())));
         }
         if let Some(args) = &self.tool_arguments {
             let call = Value::from_pairs(vec![
                 ("name", Value::from("f")),
-                ("arguments", Value::from_pairs(vec![("x", Value::from(args.as_str()))])),
+                (
+                    "arguments",
+                    Value::from_pairs(vec![("x", Value::from(args.as_str()))]),
+                ),
             ]);
-            pairs.push(("tool_calls", Value::from(vec![Value::from_pairs(vec![("function", call)])])));
+            pairs.push((
+                "tool_calls",
+                Value::from(vec![Value::from_pairs(vec![("function", call)])]),
+            ));
         }
         Value::from_pairs(pairs)
     }

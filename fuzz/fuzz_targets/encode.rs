@@ -16,7 +16,12 @@ fn encoders() -> &'static Vec<(String, Encoder, Vec<String>)> {
     ENCODERS.get_or_init(|| {
         let mut jsons: Vec<(String, String)> = [DemoKind::ByteLevel, DemoKind::Metaspace]
             .into_iter()
-            .map(|k| (format!("demo-{k:?}"), demo::tokenizer_json(k).expect("demo tokenizer")))
+            .map(|k| {
+                (
+                    format!("demo-{k:?}"),
+                    demo::tokenizer_json(k).expect("demo tokenizer"),
+                )
+            })
             .collect();
         let shared = std::env::var("CHATMASK_SHARED").unwrap_or_else(|_| "../../shared".into());
         for name in ["qwen3", "llama3", "mistral-nemo", "mistral-7b-v0.3"] {
@@ -29,7 +34,12 @@ fn encoders() -> &'static Vec<(String, Encoder, Vec<String>)> {
             .into_iter()
             .map(|(name, json)| {
                 let enc = Encoder::from_json(&json, EncoderChoice::Fast).expect("fast engine");
-                let added = enc.tokenizer().get_added_tokens_decoder().into_values().map(|t| t.content).collect();
+                let added = enc
+                    .tokenizer()
+                    .get_added_tokens_decoder()
+                    .into_values()
+                    .map(|t| t.content)
+                    .collect();
                 (name, enc, added)
             })
             .collect()

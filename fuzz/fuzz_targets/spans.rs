@@ -28,8 +28,12 @@ fuzz_target!(|input: Input| {
     let tok = common::tokenizer();
     if let Some(conv) = common::conversation(&input.messages) {
         if !conv.is_empty() {
-            let args = tok.template_args(Some(TEMPLATE), vec![]).expect("template compiles");
-            let plain = tok.render(&conv, conv.len(), false, &args).expect("plain render");
+            let args = tok
+                .template_args(Some(TEMPLATE), vec![])
+                .expect("template compiles");
+            let plain = tok
+                .render(&conv, conv.len(), false, &args)
+                .expect("plain render");
             if let Ok((text, spans)) = tok.render_with_spans(&conv, conv.len(), false, &args) {
                 assert_eq!(text, plain, "markers changed the render");
                 let chars: Vec<char> = text.chars().collect();
@@ -39,7 +43,10 @@ fuzz_target!(|input: Input| {
                     .filter(|m| m.role() == "assistant")
                     .map(|m| format!("{}<|im_end|>", m.content()))
                     .collect();
-                let got: Vec<String> = spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect();
+                let got: Vec<String> = spans
+                    .iter()
+                    .map(|&(s, e)| chars[s..e].iter().collect())
+                    .collect();
                 assert_eq!(got, turns, "spans do not hold the assistant turns");
                 let (ids, mask) = tok.mask_from_spans(&text, &spans).expect("encode");
                 assert_eq!(ids.len(), mask.len());
@@ -52,9 +59,16 @@ fuzz_target!(|input: Input| {
         assert!(spans.iter().all(|&(s, e)| s <= e && e <= n));
     }
     // Token offsets from an encoder never run backwards; spans may (they are ignored).
-    let offsets: Vec<(usize, usize)> =
-        input.offsets.iter().map(|&(a, b)| (a.min(b) as usize, a.max(b) as usize)).collect();
-    let spans: Vec<(usize, usize)> = input.spans.iter().map(|&(a, b)| (a as usize, b as usize)).collect();
+    let offsets: Vec<(usize, usize)> = input
+        .offsets
+        .iter()
+        .map(|&(a, b)| (a.min(b) as usize, a.max(b) as usize))
+        .collect();
+    let spans: Vec<(usize, usize)> = input
+        .spans
+        .iter()
+        .map(|&(a, b)| (a as usize, b as usize))
+        .collect();
     let mask = token_mask(&offsets, &spans);
     assert_eq!(mask.len(), offsets.len());
     for (&(ts, te), &m) in offsets.iter().zip(&mask) {

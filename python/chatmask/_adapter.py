@@ -38,7 +38,9 @@ def resolve_tokenizer(tokenizer: Any, encoder: EncoderChoice | None = None) -> C
     carries its own, so giving one with it is refused rather than ignored."""
     if isinstance(tokenizer, ChatTokenizer):
         if encoder is not None:
-            raise ValueError("encoder= applies to a tokenizer path or a transformers tokenizer; build the ChatTokenizer with encoder= instead")
+            raise ValueError(
+                "encoder= applies to a tokenizer path or a transformers tokenizer; build the ChatTokenizer with encoder= instead"
+            )
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
         return ChatTokenizer.from_pretrained(tokenizer, encoder=encoder or "auto")

@@ -36,7 +36,9 @@ def tokenize_policy_batch(tok: ChatTokenizer, rows, policy, num_threads, on_erro
     if shaped:
         first = next((r for r in shaped if r["messages"]), None)
         if first is not None:
-            tok._require_native(first["messages"], chat_template, {**kwargs, **({"tools": first["tools"]} if "tools" in first else {})})
+            tok._require_native(
+                first["messages"], chat_template, {**kwargs, **({"tools": first["tools"]} if "tools" in first else {})}
+            )
     arrays = tok._core.tokenize_batch(
         shaped,
         num_threads=num_threads,
@@ -53,7 +55,9 @@ def tokenize_policy_batch(tok: ChatTokenizer, rows, policy, num_threads, on_erro
     return TokenizedBatch(**arrays)
 
 
-def tokenize_rows_in_python(tok: ChatTokenizer, rows, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs) -> TokenizedBatch:
+def tokenize_rows_in_python(
+    tok: ChatTokenizer, rows, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs
+) -> TokenizedBatch:
     """The batch, one row at a time, for templates on the Jinja2 path (rendering needs the GIL)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")

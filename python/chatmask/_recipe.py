@@ -61,7 +61,9 @@ def restore(
                 tok = cls(_core.ChatTokenizer.from_pretrained(tmp, encoder), verify, allow_jinja2)
         elif recipe[0] == "parts":
             _, tokenizer_json, template, specials, encoder = recipe
-            tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, template, dict(specials), encoder), verify, allow_jinja2)
+            tok = cls(
+                _core.ChatTokenizer.from_parts(tokenizer_json, template, dict(specials), encoder), verify, allow_jinja2
+            )
         else:  # pragma: no cover - only pickles of this module's own making reach here
             raise ValueError(f"unknown ChatTokenizer pickle recipe {recipe[0]!r}")
         tok._recipe = recipe

@@ -84,7 +84,14 @@ class ChatTokenizer:
                 "ChatTokenizer.from_pretrained, from_parts or from_transformers"
             )
         limits = tuple(self._core.render_limits())
-        state = (type(self), self._recipe, self._verify_initial, tuple(sorted(self._fallback)), limits, self._allow_jinja2)
+        state = (
+            type(self),
+            self._recipe,
+            self._verify_initial,
+            tuple(sorted(self._fallback)),
+            limits,
+            self._allow_jinja2,
+        )
         return (restore, state)
 
     @property
@@ -121,7 +128,9 @@ class ChatTokenizer:
                 self._remember(source, None)
                 return None
         try:
-            renderer = open_jinja2(source, self.special_tokens, self._core.render_limits, reason, self._allow_jinja2, error)
+            renderer = open_jinja2(
+                source, self.special_tokens, self._core.render_limits, reason, self._allow_jinja2, error
+            )
         except TemplateError as e:
             self._remember(source, e)
             raise
@@ -161,7 +170,9 @@ class ChatTokenizer:
                 theirs = None
             if ours != theirs:
                 self._routes.pop(source, None)
-                return self._renderer_for(source, "its minijinja render differed from Jinja2 on a verified conversation")
+                return self._renderer_for(
+                    source, "its minijinja render differed from Jinja2 on a verified conversation"
+                )
         return None
 
     def _route(self, chat: Conversation, chat_template: str | None, kwargs: dict[str, Any]) -> JinjaRenderer | None:
@@ -239,7 +250,9 @@ class ChatTokenizer:
     ) -> ChatTokenizer:
         """Build from a serialized `tokenizers` tokenizer, a template and the named special tokens."""
         specials = dict(special_tokens or {})
-        tok = cls(_core.ChatTokenizer.from_parts(tokenizer_json, chat_template, specials, encoder), verify, allow_jinja2)
+        tok = cls(
+            _core.ChatTokenizer.from_parts(tokenizer_json, chat_template, specials, encoder), verify, allow_jinja2
+        )
         template = dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
         tok._recipe = ("parts", tokenizer_json, template, specials, encoder)
         return tok
@@ -348,7 +361,9 @@ class ChatTokenizer:
         finish = "length" if finish_reason == "length" else ""
         renderer = self._route(chat, chat_template, kwargs)
         if renderer is None:
-            tokens, masks = self._core.label(chat, mode=mode, finish_reason=finish, chat_template=chat_template, **kwargs)
+            tokens, masks = self._core.label(
+                chat, mode=mode, finish_reason=finish, chat_template=chat_template, **kwargs
+            )
         elif mode == "generation":
             text, spans = renderer.render_with_spans(chat, False, **kwargs)
             tokens, mask = self._core.mask_from_spans(text, spans)
@@ -460,12 +475,18 @@ class ChatTokenizer:
         if flag_reference:
             from .truth import flagged_batch
 
-            return flagged_batch(self, conversations, mode, finish_reason, num_threads, on_error, ids_dtype, policy, template_kwargs)
+            return flagged_batch(
+                self, conversations, mode, finish_reason, num_threads, on_error, ids_dtype, policy, template_kwargs
+            )
         chat_template, kwargs = _split_template_kwargs(template_kwargs)
         if policy is not None:
-            return tokenize_policy_batch(self, conversations, policy, num_threads, on_error, ids_dtype, chat_template, kwargs)
+            return tokenize_policy_batch(
+                self, conversations, policy, num_threads, on_error, ids_dtype, chat_template, kwargs
+            )
         if self._needs_python_rendering(conversations, chat_template, kwargs):
-            return tokenize_rows_in_python(self, conversations, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs)
+            return tokenize_rows_in_python(
+                self, conversations, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs
+            )
         arrays = self._core.tokenize_batch(
             conversations,
             mode=mode,

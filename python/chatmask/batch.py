@@ -82,9 +82,7 @@ class TokenizedBatch:
         labels = self.labels.tolist()
         off = self.offsets.tolist()
         loff = self.label_offsets.tolist()
-        return [
-            {"tokens": ids[off[i] : off[i + 1]], "masks": labels[loff[i] : loff[i + 1]]} for i in range(len(self))
-        ]
+        return [{"tokens": ids[off[i] : off[i + 1]], "masks": labels[loff[i] : loff[i + 1]]} for i in range(len(self))]
 
     def to_arrow(self) -> Any:
         """A pyarrow Table (``row``, ``input_ids``, ``labels``) whose list columns share the flat buffers."""

@@ -37,7 +37,9 @@ class MapFn:
         # Part of the pickle, so a new chatmask version gets a new `datasets` fingerprint.
         self.chatmask_version = __version__
 
-    def __call__(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None) -> dict[str, list[Any]]:
+    def __call__(
+        self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None
+    ) -> dict[str, list[Any]]:
         if indices is not None and not isinstance(indices, Sequence):
             if isinstance(indices, int):
                 raise TypeError("chatmask.datasets.map_fn needs ds.map(..., batched=True)")
@@ -49,7 +51,9 @@ class MapFn:
         r = self.rows
         if r.policy is not None:
             return f"chatmask.datasets.map_fn(policy={r.policy!r}, on_error={r.on_error!r})"
-        return f"chatmask.datasets.map_fn(mode={r.mode!r}, messages_field={r.messages_field!r}, on_error={r.on_error!r})"
+        return (
+            f"chatmask.datasets.map_fn(mode={r.mode!r}, messages_field={r.messages_field!r}, on_error={r.on_error!r})"
+        )
 
 
 def _arrow_types(batch: Any) -> dict[str, Any] | None:

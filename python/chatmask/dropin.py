@@ -93,7 +93,9 @@ def tokenize_for_trainer(
     ``allow_jinja2`` lets a template minijinja cannot render exactly render with Jinja2.
     """
     mode = "all" if train_on_all_assistant_turns else "last"
-    out = core_for(tokenizer, allow_jinja2).tokenize_for_trainer(chat, mode=mode, finish_reason=finish_reason, **template_kwargs)
+    out = core_for(tokenizer, allow_jinja2).tokenize_for_trainer(
+        chat, mode=mode, finish_reason=finish_reason, **template_kwargs
+    )
     return _with_messages(out, chat, include_messages)
 
 

@@ -28,7 +28,11 @@ DEFAULT_ROLES: Mapping[str, Sequence[str]] = {
 }
 
 #: The (open, close) tags `split_thinking` recognises, as axolotl does.
-THINKING_PAIRS = (("<think>", "</think>"), ("<reasoning>", "</reasoning>"), ("<|begin_of_thought|>", "<|end_of_thought|>"))
+THINKING_PAIRS = (
+    ("<think>", "</think>"),
+    ("<reasoning>", "</reasoning>"),
+    ("<|begin_of_thought|>", "<|end_of_thought|>"),
+)
 _SOLUTION_PAIRS = (("<|begin_of_solution|>", "<|end_of_solution|>"),)
 
 

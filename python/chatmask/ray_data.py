@@ -115,7 +115,9 @@ class TokenizeBatch:
 
     def _wanted(self) -> list[str]:
         rows = self.rows
-        return [n for n in (rows.messages_field, rows.tools_field, rows.system_field, rows.finish_reason_field, "id") if n]
+        return [
+            n for n in (rows.messages_field, rows.tools_field, rows.system_field, rows.finish_reason_field, "id") if n
+        ]
 
     def __call__(self, batch: Any) -> Any:
         """A ``pyarrow.Table`` in, a ``pyarrow.Table`` out; a mapping of columns in, a dict out."""

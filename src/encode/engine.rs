@@ -49,7 +49,9 @@ pub enum FastEngine {
 impl FastEngine {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
-            FastEngine::Fastokens(t) => t.encode(text).map_err(|e| Error::Tokenizer(format!("fast encoder: {e}"))),
+            FastEngine::Fastokens(t) => t
+                .encode(text)
+                .map_err(|e| Error::Tokenizer(format!("fast encoder: {e}"))),
             FastEngine::SentencePiece(t) => Ok(t.encode(text)),
         }
     }
@@ -107,14 +109,20 @@ fn empty_or_null(v: &Value) -> bool {
 /// (isolated) followed by `ByteLevel` without its own regex, or `ByteLevel` alone.
 fn byte_level_pre_tokenizer(pre: &Value) -> std::result::Result<(), String> {
     let steps: Vec<&Value> = match type_of(pre) {
-        "Sequence" => pre["pretokenizers"].as_array().map(|a| a.iter().collect()).unwrap_or_default(),
+        "Sequence" => pre["pretokenizers"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default(),
         _ => vec![pre],
     };
     let Some((last, splits)) = steps.split_last() else {
         return Err("an empty pre_tokenizer Sequence".into());
     };
     if type_of(last) != "ByteLevel" || last["add_prefix_space"].as_bool() == Some(true) {
-        return Err(format!("pre_tokenizer {} (not ByteLevel without add_prefix_space)", type_of(last)));
+        return Err(format!(
+            "pre_tokenizer {} (not ByteLevel without add_prefix_space)",
+            type_of(last)
+        ));
     }
     if !splits.is_empty() && last["use_regex"].as_bool() != Some(false) {
         return Err("ByteLevel with use_regex after a Split".into());
@@ -125,7 +133,10 @@ fn byte_level_pre_tokenizer(pre: &Value) -> std::result::Result<(), String> {
             && split["behavior"].as_str() == Some("Isolated")
             && split["invert"].as_bool() != Some(true);
         if !ok {
-            return Err(format!("pre_tokenizer {} (only isolated regex Splits before ByteLevel)", type_of(split)));
+            return Err(format!(
+                "pre_tokenizer {} (only isolated regex Splits before ByteLevel)",
+                type_of(split)
+            ));
         }
     }
     Ok(())
@@ -159,7 +170,10 @@ fn fast_kind(json: &Value) -> std::result::Result<Kind, String> {
         }
         if token["normalized"].as_bool() == Some(true) {
             if !normalizer.is_null() {
-                return Err(format!("added token {} with normalized=true under a normalizer", token["content"]));
+                return Err(format!(
+                    "added token {} with normalized=true under a normalizer",
+                    token["content"]
+                ));
             }
             normalized += 1;
         } else {
@@ -169,12 +183,17 @@ fn fast_kind(json: &Value) -> std::result::Result<Kind, String> {
     // transformers matches the non-normalized tokens first and the normalized ones in what is
     // left; one pass over both (fastokens without a normalizer) differs where they overlap.
     if normalized > 0 && raw > 0 {
-        return Err(format!("added tokens mixing normalized=true ({normalized}) and normalized=false ({raw})"));
+        return Err(format!(
+            "added tokens mixing normalized=true ({normalized}) and normalized=false ({raw})"
+        ));
     }
     let pre = &json["pre_tokenizer"];
     if type_of(pre) == "Metaspace" {
         if !normalizer.is_null() {
-            return Err(format!("normalizer {} before Metaspace", type_of(normalizer)));
+            return Err(format!(
+                "normalizer {} before Metaspace",
+                type_of(normalizer)
+            ));
         }
         return Ok(Kind::SentencePiece);
     }
@@ -185,18 +204,26 @@ fn fast_kind(json: &Value) -> std::result::Result<Kind, String> {
     Ok(Kind::Fastokens)
 }
 
-fn build(kind: Kind, mut json: Value, tokenizer: &Tokenizer) -> std::result::Result<FastEngine, String> {
+fn build(
+    kind: Kind,
+    mut json: Value,
+    tokenizer: &Tokenizer,
+) -> std::result::Result<FastEngine, String> {
     match kind {
         Kind::Fastokens => {
             // Encoding never pads or truncates here (see `Encoder::new`).
             json["truncation"] = Value::Null;
             json["padding"] = Value::Null;
-            let engine = fastokens::Tokenizer::from_json(json).map_err(|e| format!("fastokens: {e}"))?;
+            let engine =
+                fastokens::Tokenizer::from_json(json).map_err(|e| format!("fastokens: {e}"))?;
             Ok(FastEngine::Fastokens(Box::new(engine)))
         }
         Kind::SentencePiece => {
-            let added: Vec<(String, u32)> =
-                tokenizer.get_added_tokens_decoder().into_iter().map(|(id, t)| (t.content, id)).collect();
+            let added: Vec<(String, u32)> = tokenizer
+                .get_added_tokens_decoder()
+                .into_iter()
+                .map(|(id, t)| (t.content, id))
+                .collect();
             let engine = SentencePieceBpe::new(&json["model"], &json["pre_tokenizer"], &added)?;
             Ok(FastEngine::SentencePiece(Box::new(engine)))
         }
@@ -223,26 +250,39 @@ fn gate_cache() -> &'static GateCache {
 /// Runs the gate for `tokenizer` (whose serialized form is `json`) under `choice`.
 pub fn select(tokenizer: &Tokenizer, json: &str, choice: EncoderChoice) -> Result<Arc<Gate>> {
     if choice == EncoderChoice::Tokenizers {
-        return Ok(Arc::new(Gate { fast: None, fallback: Some(Fallback::Chosen), timing: GateTiming::default() }));
+        return Ok(Arc::new(Gate {
+            fast: None,
+            fallback: Some(Fallback::Chosen),
+            timing: GateTiming::default(),
+        }));
     }
     let key = rustc_hash::FxBuildHasher.hash_one(json);
     let cached = {
         let mut cache = gate_cache().lock().expect("gate cache lock");
         let entries = cache.entry(key).or_default();
         entries.retain(|(_, gate)| gate.strong_count() > 0);
-        entries.iter().find(|(text, _)| &**text == json).and_then(|(_, gate)| gate.upgrade())
+        entries
+            .iter()
+            .find(|(text, _)| &**text == json)
+            .and_then(|(_, gate)| gate.upgrade())
     };
     let gate = match cached {
         Some(gate) => gate,
         None => {
             let gate = Arc::new(run_gate(tokenizer, json));
             let mut cache = gate_cache().lock().expect("gate cache lock");
-            cache.entry(key).or_default().push((Arc::from(json), Arc::downgrade(&gate)));
+            cache
+                .entry(key)
+                .or_default()
+                .push((Arc::from(json), Arc::downgrade(&gate)));
             gate
         }
     };
     match (&gate.fallback, choice) {
-        (Some(fallback), EncoderChoice::Fast) => Err(Error::Tokenizer(format!("encoder='fast': {}", fallback.describe()))),
+        (Some(fallback), EncoderChoice::Fast) => Err(Error::Tokenizer(format!(
+            "encoder='fast': {}",
+            fallback.describe()
+        ))),
         _ => Ok(gate),
     }
 }
@@ -259,16 +299,34 @@ fn run_gate(tokenizer: &Tokenizer, json: &str) -> Gate {
     let engine = match built {
         Ok(engine) => engine,
         Err(why) => {
-            let timing = GateTiming { build: build_seconds, probes: 0.0 };
-            return Gate { fast: None, fallback: Some(Fallback::Unsupported(why)), timing };
+            let timing = GateTiming {
+                build: build_seconds,
+                probes: 0.0,
+            };
+            return Gate {
+                fast: None,
+                fallback: Some(Fallback::Unsupported(why)),
+                timing,
+            };
         }
     };
     let probing = std::time::Instant::now();
     let difference = probe::first_difference(tokenizer, &engine);
-    let timing = GateTiming { build: build_seconds, probes: probing.elapsed().as_secs_f64() };
+    let timing = GateTiming {
+        build: build_seconds,
+        probes: probing.elapsed().as_secs_f64(),
+    };
     match difference {
-        Some(why) => Gate { fast: None, fallback: Some(Fallback::Differs(why)), timing },
-        None => Gate { fast: Some(engine), fallback: None, timing },
+        Some(why) => Gate {
+            fast: None,
+            fallback: Some(Fallback::Differs(why)),
+            timing,
+        },
+        None => Gate {
+            fast: Some(engine),
+            fallback: None,
+            timing,
+        },
     }
 }
 
@@ -281,7 +339,8 @@ mod tests {
     /// transformers takes the non-normalized ones first.
     #[test]
     fn fastokens_differs_on_mixed_normalized_added_tokens() {
-        let mut json: Value = serde_json::from_str(&demo::tokenizer_json(DemoKind::ByteLevel).unwrap()).unwrap();
+        let mut json: Value =
+            serde_json::from_str(&demo::tokenizer_json(DemoKind::ByteLevel).unwrap()).unwrap();
         let added = json["added_tokens"].as_array_mut().unwrap();
         for (id, content, normalized) in [(900, "ab", false), (901, "xa", true)] {
             added.push(serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
@@ -289,11 +348,21 @@ mod tests {
         }
         let reference: Tokenizer = json.to_string().parse().unwrap();
         let fast = fastokens::Tokenizer::from_json(json.clone()).unwrap();
-        let want = reference.encode_fast("xab", false).unwrap().get_ids().to_vec();
+        let want = reference
+            .encode_fast("xab", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         let ab = reference.token_to_id("ab").unwrap();
-        assert!(want.ends_with(&[ab]), "the reference splits at the non-normalized \"ab\" first: {want:?}");
+        assert!(
+            want.ends_with(&[ab]),
+            "the reference splits at the non-normalized \"ab\" first: {want:?}"
+        );
         assert_ne!(fast.encode("xab").unwrap(), want);
-        assert!(fast_kind(&json).err().unwrap().contains("mixing normalized"));
+        assert!(fast_kind(&json)
+            .err()
+            .unwrap()
+            .contains("mixing normalized"));
     }
 
     fn kind_of(json: &str) -> std::result::Result<&'static str, String> {
@@ -307,21 +376,59 @@ mod tests {
     fn components_outside_the_set_are_named() {
         let bpe = r#""model": {"type": "BPE", "dropout": null}"#;
         let bl = r#""pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true}"#;
-        assert_eq!(kind_of(&format!("{{{bpe}, {bl}, \"normalizer\": null}}")), Ok("fastokens"));
-        assert_eq!(kind_of(&format!("{{{bpe}, {bl}, \"normalizer\": {{\"type\": \"NFC\"}}}}")), Ok("fastokens"));
+        assert_eq!(
+            kind_of(&format!("{{{bpe}, {bl}, \"normalizer\": null}}")),
+            Ok("fastokens")
+        );
+        assert_eq!(
+            kind_of(&format!(
+                "{{{bpe}, {bl}, \"normalizer\": {{\"type\": \"NFC\"}}}}"
+            )),
+            Ok("fastokens")
+        );
         let meta = r#""pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false}"#;
-        assert_eq!(kind_of(&format!("{{{bpe}, {meta}, \"normalizer\": null}}")), Ok("sentencepiece"));
+        assert_eq!(
+            kind_of(&format!("{{{bpe}, {meta}, \"normalizer\": null}}")),
+            Ok("sentencepiece")
+        );
         let cases = [
-            (format!(r#"{{"model": {{"type": "WordPiece"}}, {bl}}}"#), "model WordPiece"),
-            (format!(r#"{{{bpe}, "pre_tokenizer": {{"type": "BertPreTokenizer"}}}}"#), "pre_tokenizer BertPreTokenizer"),
-            (format!(r#"{{{bpe}, {bl}, "normalizer": {{"type": "Lowercase"}}}}"#), "normalizer Lowercase"),
-            (format!(r#"{{{bpe}, {meta}, "normalizer": {{"type": "NFC"}}}}"#), "normalizer NFC before Metaspace"),
-            (format!(r#"{{"model": {{"type": "BPE", "dropout": 0.1}}, {bl}}}"#), "BPE dropout"),
-            (format!(r#"{{{bpe}, {bl}, "added_tokens": [{{"content": "<x>", "lstrip": true}}]}}"#), "lstrip"),
-            (format!(r#"{{{bpe}, {bl}, "added_tokens": [{{"content": "<x>", "single_word": true}}]}}"#), "single_word"),
+            (
+                format!(r#"{{"model": {{"type": "WordPiece"}}, {bl}}}"#),
+                "model WordPiece",
+            ),
+            (
+                format!(r#"{{{bpe}, "pre_tokenizer": {{"type": "BertPreTokenizer"}}}}"#),
+                "pre_tokenizer BertPreTokenizer",
+            ),
+            (
+                format!(r#"{{{bpe}, {bl}, "normalizer": {{"type": "Lowercase"}}}}"#),
+                "normalizer Lowercase",
+            ),
+            (
+                format!(r#"{{{bpe}, {meta}, "normalizer": {{"type": "NFC"}}}}"#),
+                "normalizer NFC before Metaspace",
+            ),
+            (
+                format!(r#"{{"model": {{"type": "BPE", "dropout": 0.1}}, {bl}}}"#),
+                "BPE dropout",
+            ),
+            (
+                format!(
+                    r#"{{{bpe}, {bl}, "added_tokens": [{{"content": "<x>", "lstrip": true}}]}}"#
+                ),
+                "lstrip",
+            ),
+            (
+                format!(
+                    r#"{{{bpe}, {bl}, "added_tokens": [{{"content": "<x>", "single_word": true}}]}}"#
+                ),
+                "single_word",
+            ),
         ];
         for (json, why) in cases {
-            let err = kind_of(&json).err().unwrap_or_else(|| panic!("{json} was admitted"));
+            let err = kind_of(&json)
+                .err()
+                .unwrap_or_else(|| panic!("{json} was admitted"));
             assert!(err.contains(why), "{err:?} does not name {why:?}");
         }
     }

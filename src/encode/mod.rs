@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
-pub use engine::{EncoderChoice, Fallback, GateTiming};
 use engine::Gate;
+pub use engine::{EncoderChoice, Fallback, GateTiming};
 
 use crate::error::{Error, Result};
 
@@ -86,7 +86,10 @@ impl PrefixTokens<'_> {
 
 /// GPT-2's byte-to-character table, inverted: which byte each byte-level character stands for.
 fn byte_level_chars() -> std::collections::HashMap<char, u8> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -96,18 +99,29 @@ fn byte_level_chars() -> std::collections::HashMap<char, u8> {
             n += 1;
         }
     }
-    printable.into_iter().zip(chars).map(|(b, c)| (char::from_u32(c).expect("table chars are valid"), b as u8)).collect()
+    printable
+        .into_iter()
+        .zip(chars)
+        .map(|(b, c)| (char::from_u32(c).expect("table chars are valid"), b as u8))
+        .collect()
 }
 
 /// The bytes of text every token id stands for, read from the vocabulary according to the
 /// decoder (byte-level, or SentencePiece's `▁` and `<0xAB>` byte fallback); added tokens stand
 /// for their content. Also whether Metaspace may have prepended a space the text lacks.
 fn token_pieces(tokenizer: &Tokenizer, added: &[Option<Box<str>>]) -> (Vec<Box<[u8]>>, bool) {
-    let decoder = tokenizer.get_decoder().and_then(|d| serde_json::to_string(d).ok()).unwrap_or_default();
+    let decoder = tokenizer
+        .get_decoder()
+        .and_then(|d| serde_json::to_string(d).ok())
+        .unwrap_or_default();
     let byte_level = decoder.contains("\"ByteLevel\"");
     let metaspace = !byte_level && (decoder.contains("\"Metaspace\"") || decoder.contains('▁'));
     let byte_fallback = decoder.contains("\"ByteFallback\"");
-    let table = if byte_level { byte_level_chars() } else { Default::default() };
+    let table = if byte_level {
+        byte_level_chars()
+    } else {
+        Default::default()
+    };
     let vocab = tokenizer.get_vocab(true);
     let size = vocab.values().copied().max().map_or(0, |m| m as usize + 1);
     let mut pieces: Vec<Box<[u8]>> = vec![Box::default(); size];
@@ -117,14 +131,21 @@ fn token_pieces(tokenizer: &Tokenizer, added: &[Option<Box<str>>]) -> (Vec<Box<[
             continue;
         }
         let bytes: Vec<u8> = if byte_level {
-            match token.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>() {
+            match token
+                .chars()
+                .map(|c| table.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+            {
                 Some(b) => b,
                 None => token.into_bytes(),
             }
         } else if metaspace {
-            let hex = (byte_fallback && token.len() == 6 && token.starts_with("<0x") && token.ends_with('>'))
-                .then(|| u8::from_str_radix(&token[3..5], 16).ok())
-                .flatten();
+            let hex = (byte_fallback
+                && token.len() == 6
+                && token.starts_with("<0x")
+                && token.ends_with('>'))
+            .then(|| u8::from_str_radix(&token[3..5], 16).ok())
+            .flatten();
             match hex {
                 Some(b) => vec![b],
                 None => token.replace('▁', " ").into_bytes(),
@@ -182,7 +203,9 @@ impl Encoder {
         }
         special_added.sort_unstable();
         let (pieces, virtual_space) = token_pieces(&tokenizer, &added_content);
-        let json = tokenizer.to_string(false).map_err(|e| Error::Tokenizer(format!("cannot serialize the tokenizer: {e}")))?;
+        let json = tokenizer
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(format!("cannot serialize the tokenizer: {e}")))?;
         let gate = engine::select(&tokenizer, &json, choice)?;
         Ok(Encoder {
             tokenizer,
@@ -197,9 +220,9 @@ impl Encoder {
     }
 
     pub fn from_json(json: &str, choice: EncoderChoice) -> Result<Encoder> {
-        let tokenizer: Tokenizer = json
-            .parse()
-            .map_err(|e: tokenizers::Error| Error::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
+        let tokenizer: Tokenizer = json.parse().map_err(|e: tokenizers::Error| {
+            Error::Tokenizer(format!("cannot load tokenizer.json: {e}"))
+        })?;
         Encoder::with_choice(tokenizer, choice)
     }
 
@@ -229,7 +252,10 @@ impl Encoder {
 
     /// Token ids from the `tokenizers` crate, whatever the engine (differential tests).
     pub fn reference_encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -253,7 +279,10 @@ impl Encoder {
     /// sees them. Always the `tokenizers` crate: these are the tokenizer's own offsets, which
     /// the generation masks must reproduce quirks included.
     pub fn encode_with_char_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc = self.tokenizer.encode_char_offsets(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode_char_offsets(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
@@ -267,7 +296,10 @@ impl Encoder {
     /// Returns `derived = false` when the pieces do not spell `text` (a normalizer changed it,
     /// an unknown token), and then uses the tokenizer's offsets, which have been reported wrong
     /// for some tokenizers (tokenizers #1553), so callers count such rows.
-    pub fn encode_with_positions(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>, bool)> {
+    pub fn encode_with_positions(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>, bool)> {
         let ids = self.encode(text)?;
         if let Some(positions) = self.positions(text, &ids) {
             return Ok((ids, positions, true));
@@ -278,15 +310,25 @@ impl Encoder {
 
     /// Lays the pieces of `ids` along `text`, calling `visit(token index, id, byte start, byte
     /// length)` for each; false unless they spell it exactly.
-    fn lay_pieces(&self, text: &str, ids: &[u32], mut visit: impl FnMut(usize, u32, usize, usize)) -> bool {
+    fn lay_pieces(
+        &self,
+        text: &str,
+        ids: &[u32],
+        mut visit: impl FnMut(usize, u32, usize, usize),
+    ) -> bool {
         let bytes = text.as_bytes();
         let mut at = 0usize;
         for (idx, &id) in ids.iter().enumerate() {
-            let Some(piece) = self.pieces.get(id as usize) else { return false };
+            let Some(piece) = self.pieces.get(id as usize) else {
+                return false;
+            };
             let rest = &bytes[at..];
             let len = if rest.starts_with(piece) {
                 piece.len()
-            } else if self.virtual_space && piece.first() == Some(&b' ') && rest.starts_with(&piece[1..]) {
+            } else if self.virtual_space
+                && piece.first() == Some(&b' ')
+                && rest.starts_with(&piece[1..])
+            {
                 piece.len() - 1
             } else {
                 return false;
@@ -309,10 +351,20 @@ impl Encoder {
             // code point from its start; one that ends inside it owns it to its end.
             let mid_start = at < bytes.len() && bytes[at] & 0xC0 == 0x80;
             let start = chars_before - usize::from(mid_start);
-            chars_before += bytes[at..at + len].iter().filter(|&&b| b & 0xC0 != 0x80).count();
+            chars_before += bytes[at..at + len]
+                .iter()
+                .filter(|&&b| b & 0xC0 != 0x80)
+                .count();
             let end = at + len;
             let mid_end = end < bytes.len() && bytes[end] & 0xC0 == 0x80;
-            out.push((start, if len == 0 { start.max(chars_before - usize::from(mid_end)) } else { chars_before }));
+            out.push((
+                start,
+                if len == 0 {
+                    start.max(chars_before - usize::from(mid_end))
+                } else {
+                    chars_before
+                },
+            ));
         });
         spelled.then_some(out)
     }
@@ -325,16 +377,25 @@ impl Encoder {
                 return Ok(Encoded { text, ids, anchors });
             }
         }
-        let enc = self.tokenizer.encode(text.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut anchors = Vec::new();
         for (idx, (&id, &(start, end))) in enc.get_ids().iter().zip(enc.get_offsets()).enumerate() {
-            let Some(Some(content)) = self.added_content.get(id as usize) else { continue };
+            let Some(Some(content)) = self.added_content.get(id as usize) else {
+                continue;
+            };
             // Only trust an added token whose offsets really cover its text.
             if text.get(start..end).is_some_and(|s| s.contains(&**content)) {
                 anchors.push((start, idx));
             }
         }
-        Ok(Encoded { ids: enc.get_ids().to_vec(), text, anchors })
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            text,
+            anchors,
+        })
     }
 
     /// The added tokens of `ids` and their byte offsets, found by laying the tokens' pieces
@@ -352,13 +413,21 @@ impl Encoder {
     /// The tokens of `other`, reusing `full`'s tokens up to an added token both texts share.
     pub fn prefix_tokens<'a>(&self, full: &'a Encoded, other: &str) -> Result<PrefixTokens<'a>> {
         if other == full.text {
-            return Ok(PrefixTokens { full, shared: full.ids.len(), tail: Vec::new() });
+            return Ok(PrefixTokens {
+                full,
+                shared: full.ids.len(),
+                tail: Vec::new(),
+            });
         }
         let common = common_prefix_len(&full.text, other);
         let safe_end = common.saturating_sub(self.max_added_len);
         // Last anchor starting at or before `safe_end`.
         let n_ok = full.anchors.partition_point(|&(byte, _)| byte <= safe_end);
-        let (byte, shared) = if n_ok == 0 || common < self.max_added_len { (0, 0) } else { full.anchors[n_ok - 1] };
+        let (byte, shared) = if n_ok == 0 || common < self.max_added_len {
+            (0, 0)
+        } else {
+            full.anchors[n_ok - 1]
+        };
         let tail = self.encode(&other[byte..])?;
         Ok(PrefixTokens { full, shared, tail })
     }
@@ -373,7 +442,9 @@ mod tests {
     /// cut at and around special tokens, and changed after a common prefix.
     fn variants(full: &str) -> Vec<String> {
         let mut out = Vec::new();
-        let cuts: Vec<usize> = (0..=full.len()).filter(|&i| full.is_char_boundary(i)).collect();
+        let cuts: Vec<usize> = (0..=full.len())
+            .filter(|&i| full.is_char_boundary(i))
+            .collect();
         for &c in cuts.iter().step_by(3) {
             out.push(full[..c].to_string());
             out.push(format!("{}<|im_end|>\n", &full[..c]));
@@ -393,7 +464,11 @@ mod tests {
         for kind in [DemoKind::ByteLevel, DemoKind::Metaspace] {
             let enc = &demo::chat_tokenizer(kind).unwrap().encoder;
             // The Metaspace demo has no byte fallback: CJK and emoji are <unk> there (see below).
-            let known = if kind == DemoKind::ByteLevel { &texts[..] } else { &texts[1..2] };
+            let known = if kind == DemoKind::ByteLevel {
+                &texts[..]
+            } else {
+                &texts[1..2]
+            };
             for &text in known {
                 let (ids, positions, derived) = enc.encode_with_positions(text).unwrap();
                 let (want_ids, offsets) = enc.encode_with_char_offsets(text).unwrap();
@@ -424,7 +499,14 @@ mod tests {
         {
             let tok = demo::chat_tokenizer(kind).unwrap();
             let enc = &Encoder::with_choice(tok.encoder.tokenizer().clone(), choice).unwrap();
-            assert_eq!(enc.backend(), if choice == EncoderChoice::Fast { "fast" } else { "tokenizers" });
+            assert_eq!(
+                enc.backend(),
+                if choice == EncoderChoice::Fast {
+                    "fast"
+                } else {
+                    "tokenizers"
+                }
+            );
             let full = enc.encode_full(chat.to_string()).unwrap();
             assert_eq!(full.ids, enc.reference_encode(chat).unwrap());
             let mut compared = 0;
@@ -437,7 +519,10 @@ mod tests {
                 compared += 1;
                 reused += usize::from(got.tail_len() < want.len());
             }
-            assert!(compared > 100 && reused > compared / 2, "{kind:?} {choice:?}: {reused} of {compared} reused a prefix");
+            assert!(
+                compared > 100 && reused > compared / 2,
+                "{kind:?} {choice:?}: {reused} of {compared} reused a prefix"
+            );
         }
     }
 }

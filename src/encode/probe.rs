@@ -18,7 +18,10 @@ const GROUP_BYTES: usize = 4096;
 
 fn generated_probes() -> Vec<String> {
     let mut out = Vec::new();
-    for ws in [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", "\r\n\r\n", " \n ", "\u{a0}", "\u{3000}", "\u{2028}", "\u{feff}"] {
+    for ws in [
+        " ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", "\r\n\r\n", " \n ", "\u{a0}", "\u{3000}",
+        "\u{2028}", "\u{feff}",
+    ] {
         for n in [1, 2, 3, 7, 16] {
             let run = ws.repeat(n);
             out.push(run.clone());
@@ -29,18 +32,33 @@ fn generated_probes() -> Vec<String> {
         }
     }
     // Control characters, alone and inside words.
-    for c in (0u32..0x20).chain(0x7f..0xa0).chain([0x200b, 0x200c, 0x200d, 0x2060, 0xfffd]) {
+    for c in (0u32..0x20)
+        .chain(0x7f..0xa0)
+        .chain([0x200b, 0x200c, 0x200d, 0x2060, 0xfffd])
+    {
         let c = char::from_u32(c).expect("valid control character");
         out.push(c.to_string());
         out.push(format!("ab{c}cd {c} e"));
     }
     // NFC / NFD pairs and combining marks.
-    for s in ["é", "e\u{301}", "Å", "A\u{30a}", "ﬁ", "한국어", "\u{1100}\u{1161}\u{11a8}", "ṩ", "s\u{323}\u{307}", "x\u{300}\u{301}\u{302}\u{303}"] {
+    for s in [
+        "é",
+        "e\u{301}",
+        "Å",
+        "A\u{30a}",
+        "ﬁ",
+        "한국어",
+        "\u{1100}\u{1161}\u{11a8}",
+        "ṩ",
+        "s\u{323}\u{307}",
+        "x\u{300}\u{301}\u{302}\u{303}",
+    ] {
         out.push(s.to_string());
         out.push(format!("Caf{s} {s}{s} résumé{s}"));
     }
     // Emoji sequences: modifiers, ZWJ families, flags, keycaps.
-    for s in ["👍", "👍🏽", "👩‍👩‍👧‍👦", "🏳️‍🌈", "🇯🇵🇫🇷", "1️⃣", "🤖🤖🤖", "❤️‍🔥", "🫠"] {
+    for s in ["👍", "👍🏽", "👩‍👩‍👧‍👦", "🏳️‍🌈", "🇯🇵🇫🇷", "1️⃣", "🤖🤖🤖", "❤️‍🔥", "🫠"]
+    {
         out.push(s.to_string());
         out.push(format!("ok {s}!{s} x{s}y"));
     }
@@ -58,7 +76,11 @@ fn generated_probes() -> Vec<String> {
 
 /// Every added token alone, doubled, glued to text on either side, and cut short.
 fn added_token_probes(tokenizer: &Tokenizer) -> Vec<String> {
-    let mut contents: Vec<String> = tokenizer.get_added_tokens_decoder().into_values().map(|t| t.content).collect();
+    let mut contents: Vec<String> = tokenizer
+        .get_added_tokens_decoder()
+        .into_values()
+        .map(|t| t.content)
+        .collect();
     contents.sort();
     let mut out = Vec::new();
     for c in &contents {
@@ -77,19 +99,30 @@ fn added_token_probes(tokenizer: &Tokenizer) -> Vec<String> {
 
 /// All probes for `tokenizer`.
 pub fn probes(tokenizer: &Tokenizer) -> Vec<String> {
-    let mut out: Vec<String> = TEXT_PROBES.lines().filter(|l| !l.is_empty()).map(|l| l.replace('⏎', "\n")).collect();
+    let mut out: Vec<String> = TEXT_PROBES
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.replace('⏎', "\n"))
+        .collect();
     out.extend(generated_probes());
     out.extend(added_token_probes(tokenizer));
     out
 }
 
 fn reference(tokenizer: &Tokenizer, text: &str) -> Option<Vec<u32>> {
-    tokenizer.encode_fast(text, false).ok().map(|e| e.get_ids().to_vec())
+    tokenizer
+        .encode_fast(text, false)
+        .ok()
+        .map(|e| e.get_ids().to_vec())
 }
 
 fn describe(probe: &str) -> String {
     let shown: String = probe.chars().take(60).collect();
-    let more = if probe.chars().count() > 60 { "…" } else { "" };
+    let more = if probe.chars().count() > 60 {
+        "…"
+    } else {
+        ""
+    };
     format!("{shown:?}{more}")
 }
 
@@ -108,10 +141,18 @@ pub fn first_difference(tokenizer: &Tokenizer, fast: &FastEngine) -> Option<Stri
             let want = reference(tokenizer, probe);
             let got = fast.encode(probe).ok();
             if want != got {
-                return Some(format!("probe {} gives {:?}, tokenizers gives {:?}", describe(probe), got, want));
+                return Some(format!(
+                    "probe {} gives {:?}, tokenizers gives {:?}",
+                    describe(probe),
+                    got,
+                    want
+                ));
             }
         }
-        Some(format!("a group of {} probes differs only when joined by newlines", group.len()))
+        Some(format!(
+            "a group of {} probes differs only when joined by newlines",
+            group.len()
+        ))
     };
     for probe in &all {
         group.push(probe);

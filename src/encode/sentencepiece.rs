@@ -102,7 +102,10 @@ struct Merge {
 
 impl Ord for Merge {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.rank.cmp(&self.rank).then_with(|| other.pos.cmp(&self.pos))
+        other
+            .rank
+            .cmp(&self.rank)
+            .then_with(|| other.pos.cmp(&self.pos))
     }
 }
 
@@ -124,7 +127,12 @@ impl SentencePieceBpe {
             .as_object()
             .ok_or("model.vocab is not a map")?
             .iter()
-            .map(|(k, v)| Ok((k.as_str(), v.as_u64().ok_or("vocab id is not a number")? as u32)))
+            .map(|(k, v)| {
+                Ok((
+                    k.as_str(),
+                    v.as_u64().ok_or("vocab id is not a number")? as u32,
+                ))
+            })
             .collect::<Result<_, &str>>()?;
         let char_ids = CharIds::new(vocab.iter().filter_map(|(k, &id)| {
             let mut chars = k.chars();
@@ -134,7 +142,9 @@ impl SentencePieceBpe {
             }
         }));
         let byte_ids = if model["byte_fallback"].as_bool() == Some(true) {
-            let ids: Option<Vec<u32>> = (0..=255u8).map(|b| vocab.get(format!("<{b:#04X}>").as_str()).copied()).collect();
+            let ids: Option<Vec<u32>> = (0..=255u8)
+                .map(|b| vocab.get(format!("<{b:#04X}>").as_str()).copied())
+                .collect();
             // With some byte tokens missing the reference falls back per character; not modelled.
             let ids = ids.ok_or("byte_fallback without all 256 <0xXX> tokens")?;
             Some(ids.try_into().expect("256 byte ids"))
@@ -143,7 +153,9 @@ impl SentencePieceBpe {
         };
         let unk = match model["unk_token"].as_str() {
             Some(name) => {
-                let id = *vocab.get(name).ok_or_else(|| format!("unk_token {name:?} is not in the vocabulary"))?;
+                let id = *vocab
+                    .get(name)
+                    .ok_or_else(|| format!("unk_token {name:?} is not in the vocabulary"))?;
                 let (first, last) = first_last(name).ok_or("empty unk_token")?;
                 Some((id, first, last))
             }
@@ -151,15 +163,28 @@ impl SentencePieceBpe {
         };
         let mut merges = FxHashMap::default();
         let mut bridges = FxHashSet::default();
-        for (rank, merge) in model["merges"].as_array().ok_or("model.merges is not a list")?.iter().enumerate() {
+        for (rank, merge) in model["merges"]
+            .as_array()
+            .ok_or("model.merges is not a list")?
+            .iter()
+            .enumerate()
+        {
             let (a, b) = match merge {
-                Value::String(s) => s.split_once(' ').ok_or_else(|| format!("merge {s:?} has no space"))?,
-                Value::Array(pair) if pair.len() == 2 => {
-                    (pair[0].as_str().ok_or("merge part is not a string")?, pair[1].as_str().ok_or("merge part is not a string")?)
-                }
+                Value::String(s) => s
+                    .split_once(' ')
+                    .ok_or_else(|| format!("merge {s:?} has no space"))?,
+                Value::Array(pair) if pair.len() == 2 => (
+                    pair[0].as_str().ok_or("merge part is not a string")?,
+                    pair[1].as_str().ok_or("merge part is not a string")?,
+                ),
                 other => return Err(format!("bad merge {other}")),
             };
-            let id = |s: &str| vocab.get(s).copied().ok_or_else(|| format!("merge token {s:?} is not in the vocabulary"));
+            let id = |s: &str| {
+                vocab
+                    .get(s)
+                    .copied()
+                    .ok_or_else(|| format!("merge token {s:?} is not in the vocabulary"))
+            };
             let new_id = id(&format!("{a}{b}"))?;
             // A later duplicate overwrites an earlier one, as the reference's map build does.
             merges.insert((id(a)?, id(b)?), (rank as u32, new_id));
@@ -263,9 +288,20 @@ impl SentencePieceBpe {
         let mut ends = Vec::with_capacity(word.len());
         // A pending unknown run: (id, start byte, length).
         let mut unk: Option<(u32, usize, usize)> = None;
-        let push = |symbols: &mut Vec<Symbol>, ends: &mut Vec<(char, char)>, id: u32, start: usize, len: usize, end: (char, char)| {
+        let push = |symbols: &mut Vec<Symbol>,
+                    ends: &mut Vec<(char, char)>,
+                    id: u32,
+                    start: usize,
+                    len: usize,
+                    end: (char, char)| {
             let i = symbols.len() as isize;
-            symbols.push(Symbol { id, prev: i - 1, next: i + 1, len, start });
+            symbols.push(Symbol {
+                id,
+                prev: i - 1,
+                next: i + 1,
+                len,
+                start,
+            });
             ends.push(end);
         };
         for (at, c) in word.char_indices() {
@@ -280,7 +316,14 @@ impl SentencePieceBpe {
             if let Some(bytes) = &self.byte_ids {
                 let mut buf = [0u8; 4];
                 for (k, &b) in c.encode_utf8(&mut buf).as_bytes().iter().enumerate() {
-                    push(&mut symbols, &mut ends, bytes[b as usize], at + k, 1, ('<', '>'));
+                    push(
+                        &mut symbols,
+                        &mut ends,
+                        bytes[b as usize],
+                        at + k,
+                        1,
+                        ('<', '>'),
+                    );
                 }
                 continue;
             }
@@ -321,9 +364,11 @@ impl SentencePieceBpe {
         // Cut at every boundary no merge can cross; each piece then merges on its own.
         let mut start = 0;
         for i in 0..symbols.len() {
-            let cut = i + 1 == symbols.len() || !self.bridges.0.contains(&(ends[i].1, ends[i + 1].0));
+            let cut =
+                i + 1 == symbols.len() || !self.bridges.0.contains(&(ends[i].1, ends[i + 1].0));
             if cut {
-                let text = &word.as_bytes()[symbols[start].start..symbols[i].start + symbols[i].len];
+                let text =
+                    &word.as_bytes()[symbols[start].start..symbols[i].start + symbols[i].len];
                 self.merge_piece(text, &symbols[start..=i], ids);
                 start = i + 1;
             }
@@ -359,12 +404,20 @@ impl SentencePieceBpe {
         let mut symbols: Vec<Symbol> = piece
             .iter()
             .enumerate()
-            .map(|(i, s)| Symbol { prev: i as isize - 1, next: if i + 1 == n { -1 } else { i as isize + 1 }, ..*s })
+            .map(|(i, s)| Symbol {
+                prev: i as isize - 1,
+                next: if i + 1 == n { -1 } else { i as isize + 1 },
+                ..*s
+            })
             .collect();
         let mut queue: BinaryHeap<Merge> = symbols
             .windows(2)
             .enumerate()
-            .filter_map(|(pos, w)| self.merges.get(&(w[0].id, w[1].id)).map(|&(rank, new_id)| Merge { rank, pos, new_id }))
+            .filter_map(|(pos, w)| {
+                self.merges
+                    .get(&(w[0].id, w[1].id))
+                    .map(|&(rank, new_id)| Merge { rank, pos, new_id })
+            })
             .collect();
         while let Some(top) = queue.pop() {
             let current = symbols[top.pos];
@@ -373,10 +426,19 @@ impl SentencePieceBpe {
             }
             let next_pos = current.next as usize;
             let right = symbols[next_pos];
-            if self.merges.get(&(current.id, right.id)).is_none_or(|&(_, id)| id != top.new_id) {
+            if self
+                .merges
+                .get(&(current.id, right.id))
+                .is_none_or(|&(_, id)| id != top.new_id)
+            {
                 continue;
             }
-            symbols[top.pos] = Symbol { id: top.new_id, next: right.next, len: current.len + right.len, ..current };
+            symbols[top.pos] = Symbol {
+                id: top.new_id,
+                next: right.next,
+                len: current.len + right.len,
+                ..current
+            };
             symbols[next_pos].len = 0;
             if right.next >= 0 {
                 symbols[right.next as usize].prev = top.pos as isize;
@@ -385,13 +447,21 @@ impl SentencePieceBpe {
             if merged.prev >= 0 {
                 let prev = symbols[merged.prev as usize];
                 if let Some(&(rank, new_id)) = self.merges.get(&(prev.id, merged.id)) {
-                    queue.push(Merge { rank, pos: merged.prev as usize, new_id });
+                    queue.push(Merge {
+                        rank,
+                        pos: merged.prev as usize,
+                        new_id,
+                    });
                 }
             }
             if merged.next >= 0 {
                 let next = symbols[merged.next as usize];
                 if let Some(&(rank, new_id)) = self.merges.get(&(merged.id, next.id)) {
-                    queue.push(Merge { rank, pos: top.pos, new_id });
+                    queue.push(Merge {
+                        rank,
+                        pos: top.pos,
+                        new_id,
+                    });
                 }
             }
         }

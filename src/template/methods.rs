@@ -31,7 +31,10 @@ pub fn py_strip<'a>(s: &'a str, chars: Option<&str>, left: bool, right: bool) ->
 }
 
 fn bad_args(method: &str, detail: &str) -> Error {
-    Error::new(ErrorKind::InvalidOperation, format!("str.{method}(): {detail}"))
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("str.{method}(): {detail}"),
+    )
 }
 
 /// An optional string argument; `None` (Python's None) counts as absent.
@@ -39,7 +42,10 @@ fn opt_str<'a>(args: &'a [Value], idx: usize, method: &str) -> Result<Option<&'a
     match args.get(idx) {
         None => Ok(None),
         Some(v) if v.is_none() || v.is_undefined() => Ok(None),
-        Some(v) => v.as_str().map(Some).ok_or_else(|| bad_args(method, "argument must be str or None")),
+        Some(v) => v
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| bad_args(method, "argument must be str or None")),
     }
 }
 
@@ -49,7 +55,11 @@ fn opt_int(args: &[Value], idx: usize, default: i64) -> i64 {
 
 /// Python's `s.split(sep, maxsplit)`.
 pub fn py_split(s: &str, sep: Option<&str>, maxsplit: i64) -> Result<Vec<String>, Error> {
-    let limit = if maxsplit < 0 { usize::MAX } else { maxsplit as usize };
+    let limit = if maxsplit < 0 {
+        usize::MAX
+    } else {
+        maxsplit as usize
+    };
     match sep {
         Some("") => Err(bad_args("split", "empty separator")),
         Some(sep) => {
@@ -86,7 +96,11 @@ pub fn py_split(s: &str, sep: Option<&str>, maxsplit: i64) -> Result<Vec<String>
 
 /// Python's `s.rsplit(sep, maxsplit)`.
 pub fn py_rsplit(s: &str, sep: Option<&str>, maxsplit: i64) -> Result<Vec<String>, Error> {
-    let limit = if maxsplit < 0 { usize::MAX } else { maxsplit as usize };
+    let limit = if maxsplit < 0 {
+        usize::MAX
+    } else {
+        maxsplit as usize
+    };
     let mut parts = Vec::new();
     match sep {
         Some("") => return Err(bad_args("rsplit", "empty separator")),
@@ -110,7 +124,10 @@ pub fn py_rsplit(s: &str, sep: Option<&str>, maxsplit: i64) -> Result<Vec<String
                     parts.push(rest.to_string());
                     break;
                 }
-                let start = rest.rfind(is_py_space).map(|i| i + rest[i..].chars().next().map_or(1, char::len_utf8)).unwrap_or(0);
+                let start = rest
+                    .rfind(is_py_space)
+                    .map(|i| i + rest[i..].chars().next().map_or(1, char::len_utf8))
+                    .unwrap_or(0);
                 parts.push(rest[start..].to_string());
                 rest = py_strip(&rest[..start], None, false, true);
             }
@@ -127,12 +144,22 @@ fn strings(v: Vec<String>) -> Value {
 /// Converts a Python-style char index (may be negative) into a byte offset of `s`.
 fn char_to_byte(s: &str, idx: i64) -> usize {
     let n = s.chars().count() as i64;
-    let idx = if idx < 0 { (n + idx).max(0) } else { idx.min(n) } as usize;
+    let idx = if idx < 0 {
+        (n + idx).max(0)
+    } else {
+        idx.min(n)
+    } as usize;
     s.char_indices().nth(idx).map_or(s.len(), |(b, _)| b)
 }
 
 fn prefix_test(s: &str, arg: &Value, method: &str, at_start: bool) -> Result<bool, Error> {
-    let check = |p: &str| if at_start { s.starts_with(p) } else { s.ends_with(p) };
+    let check = |p: &str| {
+        if at_start {
+            s.starts_with(p)
+        } else {
+            s.ends_with(p)
+        }
+    };
     if let Some(p) = arg.as_str() {
         return Ok(check(p));
     }
@@ -141,7 +168,12 @@ fn prefix_test(s: &str, arg: &Value, method: &str, at_start: bool) -> Result<boo
             match item.as_str() {
                 Some(p) if check(p) => return Ok(true),
                 Some(_) => {}
-                None => return Err(bad_args(method, "tuple for startswith/endswith must only contain str")),
+                None => {
+                    return Err(bad_args(
+                        method,
+                        "tuple for startswith/endswith must only contain str",
+                    ))
+                }
             }
         }
         return Ok(false);
@@ -161,7 +193,11 @@ fn is_titlecase(c: char) -> bool {
 fn is_py_alpha(c: char) -> bool {
     matches!(
         get_general_category(c),
-        Gc::UppercaseLetter | Gc::LowercaseLetter | Gc::TitlecaseLetter | Gc::ModifierLetter | Gc::OtherLetter
+        Gc::UppercaseLetter
+            | Gc::LowercaseLetter
+            | Gc::TitlecaseLetter
+            | Gc::ModifierLetter
+            | Gc::OtherLetter
     )
 }
 
@@ -170,7 +206,11 @@ fn is_py_alpha(c: char) -> bool {
 fn py_is_case(s: &str, lower: bool) -> bool {
     let mut cased = false;
     for c in s.chars() {
-        let (same, other) = if lower { (c.is_lowercase(), c.is_uppercase()) } else { (c.is_uppercase(), c.is_lowercase()) };
+        let (same, other) = if lower {
+            (c.is_lowercase(), c.is_uppercase())
+        } else {
+            (c.is_uppercase(), c.is_lowercase())
+        };
         if other || is_titlecase(c) {
             return false;
         }
@@ -182,7 +222,11 @@ fn py_is_case(s: &str, lower: bool) -> bool {
 /// Python's `str.swapcase()`: uppercase characters lowered, lowercase ones uppered (full
 /// mappings), others kept; a capital sigma lowers as `str.lower()` would lower it in place.
 fn py_swapcase(s: &str) -> String {
-    let lowered = if s.contains('\u{3a3}') { s.to_lowercase() } else { String::new() };
+    let lowered = if s.contains('\u{3a3}') {
+        s.to_lowercase()
+    } else {
+        String::new()
+    };
     let mut out = String::with_capacity(s.len());
     let mut offset = 0; // of this character in `lowered` (lowering keeps a sigma's length)
     for c in s.chars() {
@@ -213,21 +257,44 @@ pub fn string_method(
             "strip" => Value::from(py_strip(s, opt_str(args, 0, method)?, true, true)),
             "lstrip" => Value::from(py_strip(s, opt_str(args, 0, method)?, true, false)),
             "rstrip" => Value::from(py_strip(s, opt_str(args, 0, method)?, false, true)),
-            "split" => strings(py_split(s, opt_str(args, 0, method)?, opt_int(args, 1, -1))?),
-            "rsplit" => strings(py_rsplit(s, opt_str(args, 0, method)?, opt_int(args, 1, -1))?),
+            "split" => strings(py_split(
+                s,
+                opt_str(args, 0, method)?,
+                opt_int(args, 1, -1),
+            )?),
+            "rsplit" => strings(py_rsplit(
+                s,
+                opt_str(args, 0, method)?,
+                opt_int(args, 1, -1),
+            )?),
             "startswith" | "endswith" => {
-                let arg = args.first().ok_or_else(|| bad_args(method, "missing argument"))?;
+                let arg = args
+                    .first()
+                    .ok_or_else(|| bad_args(method, "missing argument"))?;
                 let start = char_to_byte(s, opt_int(args, 1, 0));
-                let end = args.get(2).and_then(|v| v.as_i64()).map_or(s.len(), |e| char_to_byte(s, e));
+                let end = args
+                    .get(2)
+                    .and_then(|v| v.as_i64())
+                    .map_or(s.len(), |e| char_to_byte(s, e));
                 let window = if start <= end { &s[start..end] } else { "" };
                 Value::from(prefix_test(window, arg, method, method == "startswith")?)
             }
             "replace" => {
-                let old = opt_str(args, 0, method)?.ok_or_else(|| bad_args(method, "missing old"))?;
-                let new = opt_str(args, 1, method)?.ok_or_else(|| bad_args(method, "missing new"))?;
+                let old =
+                    opt_str(args, 0, method)?.ok_or_else(|| bad_args(method, "missing old"))?;
+                let new =
+                    opt_str(args, 1, method)?.ok_or_else(|| bad_args(method, "missing new"))?;
                 let count = opt_int(args, 2, -1);
-                let hits = if old.is_empty() { chars_count(s) as usize + 1 } else { s.matches(old).count() };
-                let hits = if count < 0 { hits } else { hits.min(count as usize) };
+                let hits = if old.is_empty() {
+                    chars_count(s) as usize + 1
+                } else {
+                    s.matches(old).count()
+                };
+                let hits = if count < 0 {
+                    hits
+                } else {
+                    hits.min(count as usize)
+                };
                 check(s.len() + hits * new.len().saturating_sub(old.len()))?;
                 if count < 0 {
                     Value::from(s.replace(old, new))
@@ -244,32 +311,53 @@ pub fn string_method(
                 Value::from(s.strip_suffix(p).unwrap_or(s))
             }
             "partition" | "rpartition" => {
-                let sep = opt_str(args, 0, method)?.ok_or_else(|| bad_args(method, "missing separator"))?;
+                let sep = opt_str(args, 0, method)?
+                    .ok_or_else(|| bad_args(method, "missing separator"))?;
                 if sep.is_empty() {
                     return Err(bad_args(method, "empty separator"));
                 }
-                let found = if method == "partition" { s.find(sep) } else { s.rfind(sep) };
+                let found = if method == "partition" {
+                    s.find(sep)
+                } else {
+                    s.rfind(sep)
+                };
                 let parts = match found {
                     Some(i) => [&s[..i], sep, &s[i + sep.len()..]],
                     None if method == "partition" => [s, "", ""],
                     None => ["", "", s],
                 };
-                Value::from(minijinja::value::Tuple::from(parts.iter().map(|p| Value::from(*p)).collect::<Vec<_>>()))
+                Value::from(minijinja::value::Tuple::from(
+                    parts.iter().map(|p| Value::from(*p)).collect::<Vec<_>>(),
+                ))
             }
             "find" | "rfind" | "index" | "rindex" => {
-                let sub = opt_str(args, 0, method)?.ok_or_else(|| bad_args(method, "missing substring"))?;
+                let sub = opt_str(args, 0, method)?
+                    .ok_or_else(|| bad_args(method, "missing substring"))?;
                 let start = char_to_byte(s, opt_int(args, 1, 0));
-                let end = args.get(2).and_then(|v| v.as_i64()).map_or(s.len(), |e| char_to_byte(s, e));
+                let end = args
+                    .get(2)
+                    .and_then(|v| v.as_i64())
+                    .map_or(s.len(), |e| char_to_byte(s, e));
                 let window = if start <= end { &s[start..end] } else { "" };
-                let hit = if method.starts_with('r') { window.rfind(sub) } else { window.find(sub) };
+                let hit = if method.starts_with('r') {
+                    window.rfind(sub)
+                } else {
+                    window.find(sub)
+                };
                 match hit {
                     Some(b) => Value::from(chars_count(&s[..start + b])),
                     None if method.ends_with("find") => Value::from(-1),
-                    None => return Err(Error::new(ErrorKind::InvalidOperation, "substring not found")),
+                    None => {
+                        return Err(Error::new(
+                            ErrorKind::InvalidOperation,
+                            "substring not found",
+                        ))
+                    }
                 }
             }
             "count" => {
-                let sub = opt_str(args, 0, method)?.ok_or_else(|| bad_args(method, "missing substring"))?;
+                let sub = opt_str(args, 0, method)?
+                    .ok_or_else(|| bad_args(method, "missing substring"))?;
                 if sub.is_empty() {
                     Value::from(chars_count(s) + 1)
                 } else {
@@ -293,7 +381,10 @@ pub fn string_method(
             "capitalize" => {
                 let mut chars = s.chars();
                 Value::from(match chars.next() {
-                    Some(first) => first.to_uppercase().chain(chars.flat_map(char::to_lowercase)).collect::<String>(),
+                    Some(first) => first
+                        .to_uppercase()
+                        .chain(chars.flat_map(char::to_lowercase))
+                        .collect::<String>(),
                     None => String::new(),
                 })
             }
@@ -324,7 +415,12 @@ pub fn string_method(
 }
 
 /// The environment's unknown-method callback: our exact str methods first, then pycompat.
-pub fn unknown_method(state: &mut State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
+pub fn unknown_method(
+    state: &mut State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
     if let Some(s) = value.as_str() {
         let check = |size: usize| super::check_value_size(state, size);
         if let Some(result) = string_method(s, method, args, &check) {
@@ -342,7 +438,10 @@ pub fn unknown_method(state: &mut State, value: &Value, method: &str, args: &[Va
                 check(size.saturating_add(s.len().saturating_mul(n.saturating_sub(1))))?;
             }
         } else if method == "format" {
-            for digits in s.split(|c: char| !c.is_ascii_digit()).filter(|d| d.len() > 6) {
+            for digits in s
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|d| d.len() > 6)
+            {
                 check(digits.parse::<usize>().unwrap_or(usize::MAX))?;
             }
         }
@@ -359,7 +458,11 @@ pub fn title_filter(value: &Value) -> String {
     let mut rest = s.as_str();
     while !rest.is_empty() {
         let sep_len = rest.find(|c: char| !is_sep(c)).unwrap_or(rest.len());
-        let (piece, tail) = if sep_len > 0 { rest.split_at(sep_len) } else { rest.split_at(rest.find(is_sep).unwrap_or(rest.len())) };
+        let (piece, tail) = if sep_len > 0 {
+            rest.split_at(sep_len)
+        } else {
+            rest.split_at(rest.find(is_sep).unwrap_or(rest.len()))
+        };
         let mut chars = piece.chars();
         if let Some(first) = chars.next() {
             out.extend(first.to_uppercase());
@@ -406,7 +509,10 @@ mod tests {
     #[test]
     fn split_and_strip_follow_python() {
         assert_eq!(py_split("  a \x1c b  ", None, -1).unwrap(), vec!["a", "b"]);
-        assert_eq!(py_split("a,b,,c", Some(","), 2).unwrap(), vec!["a", "b", ",c"]);
+        assert_eq!(
+            py_split("a,b,,c", Some(","), 2).unwrap(),
+            vec!["a", "b", ",c"]
+        );
         assert_eq!(py_rsplit("a b c", None, 1).unwrap(), vec!["a b", "c"]);
         assert_eq!(py_strip("\u{1f} x \u{a0}", None, true, true), "x");
         assert_eq!(py_strip("\n\nx\n", Some("\n"), true, false), "x\n");

@@ -49,7 +49,11 @@ impl Default for RenderLimits {
     /// `real_templates_fit_the_default_limits`) while a runaway template stops within about a
     /// second.
     fn default() -> Self {
-        RenderLimits { fuel: Some(10_000_000), max_recursion: 500, max_output_bytes: Some(64 << 20) }
+        RenderLimits {
+            fuel: Some(10_000_000),
+            max_recursion: 500,
+            max_output_bytes: Some(64 << 20),
+        }
     }
 }
 
@@ -75,8 +79,11 @@ pub(crate) fn check_value_size(state: &State, size: usize) -> Result<(), JinjaEr
         return Ok(());
     };
     if size > limit {
-        return Err(JinjaError::new(ErrorKind::InvalidOperation, format!("a value of {size} bytes exceeds the output limit"))
-            .with_source(OutputLimitExceeded(limit)));
+        return Err(JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("a value of {size} bytes exceeds the output limit"),
+        )
+        .with_source(OutputLimitExceeded(limit)));
     }
     Ok(())
 }
@@ -114,10 +121,14 @@ fn rewrite_generation_tags(source: &str) -> String {
     use std::sync::OnceLock;
     static OPEN: OnceLock<regex::Regex> = OnceLock::new();
     static CLOSE: OnceLock<regex::Regex> = OnceLock::new();
-    let open = OPEN.get_or_init(|| regex::Regex::new(r"\{%([-+]?)\s*generation\s*([-+]?)%\}").unwrap());
-    let close = CLOSE.get_or_init(|| regex::Regex::new(r"\{%([-+]?)\s*endgeneration\s*([-+]?)%\}").unwrap());
+    let open =
+        OPEN.get_or_init(|| regex::Regex::new(r"\{%([-+]?)\s*generation\s*([-+]?)%\}").unwrap());
+    let close = CLOSE
+        .get_or_init(|| regex::Regex::new(r"\{%([-+]?)\s*endgeneration\s*([-+]?)%\}").unwrap());
     let s = open.replace_all(source, "{%${1} filter _chatmask_generation ${2}%}");
-    close.replace_all(&s, "{%${1} endfilter ${2}%}").into_owned()
+    close
+        .replace_all(&s, "{%${1} endfilter ${2}%}")
+        .into_owned()
 }
 
 /// Jinja2 reads template source with universal newlines.
@@ -145,7 +156,9 @@ fn syntax_config() -> minijinja::syntax::SyntaxConfig {
 /// The identity, except that None is not iterable (Jinja2's TypeError).
 fn iterable_or_raise(value: Value) -> Result<Value, JinjaError> {
     if value.is_none() {
-        return Err(pyfmt::type_error("'NoneType' object is not iterable".into()));
+        return Err(pyfmt::type_error(
+            "'NoneType' object is not iterable".into(),
+        ));
     }
     Ok(value)
 }
@@ -177,8 +190,14 @@ pub fn unsupported_construct(source: &str) -> Option<&'static str> {
         )
         .unwrap()
     });
-    let namespace = NAMESPACE.get_or_init(|| regex::Regex::new(r"set\s+([A-Za-z_][A-Za-z0-9_]*)\s*=\s*namespace\s*\(").unwrap());
-    let namespaces: Vec<&str> = namespace.captures_iter(source).filter_map(|c| c.get(1)).map(|m| m.as_str()).collect();
+    let namespace = NAMESPACE.get_or_init(|| {
+        regex::Regex::new(r"set\s+([A-Za-z_][A-Za-z0-9_]*)\s*=\s*namespace\s*\(").unwrap()
+    });
+    let namespaces: Vec<&str> = namespace
+        .captures_iter(source)
+        .filter_map(|c| c.get(1))
+        .map(|m| m.as_str())
+        .collect();
     method_attr
         .captures_iter(source)
         .any(|c| c.get(2).is_none() && !namespaces.contains(&&c[1]))
@@ -191,7 +210,18 @@ fn py_splitlines(s: &str) -> Vec<&str> {
     let mut start = 0;
     let mut chars = s.char_indices().peekable();
     while let Some((i, c)) = chars.next() {
-        let is_break = matches!(c, '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}' | '\u{2028}' | '\u{2029}');
+        let is_break = matches!(
+            c,
+            '\n' | '\r'
+                | '\u{b}'
+                | '\u{c}'
+                | '\u{1c}'
+                | '\u{1d}'
+                | '\u{1e}'
+                | '\u{85}'
+                | '\u{2028}'
+                | '\u{2029}'
+        );
         if is_break {
             lines.push(&s[start..i]);
             let mut next = i + c.len_utf8();
@@ -237,8 +267,15 @@ fn indent(
     } else {
         let mut iter = lines.into_iter();
         let mut rv = iter.next().unwrap_or_default().to_string();
-        let rest: Vec<String> =
-            iter.map(|l| if l.is_empty() { String::new() } else { format!("{indention}{l}") }).collect();
+        let rest: Vec<String> = iter
+            .map(|l| {
+                if l.is_empty() {
+                    String::new()
+                } else {
+                    format!("{indention}{l}")
+                }
+            })
+            .collect();
         if !rest.is_empty() {
             rv.push('\n');
             rv.push_str(&rest.join("\n"));
@@ -264,7 +301,10 @@ fn generator(items: Vec<Value>) -> Value {
 /// Jinja2's `sequence` test: anything with a length and item access (strings and dicts too).
 fn is_sequence(value: &Value) -> bool {
     value.is_undefined()
-        || matches!(value.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String | ValueKind::Bytes)
+        || matches!(
+            value.kind(),
+            ValueKind::Seq | ValueKind::Map | ValueKind::String | ValueKind::Bytes
+        )
 }
 
 fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
@@ -275,7 +315,12 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
         Some(v) => match (v.as_i64(), v.as_str()) {
             (Some(n), _) => Some(" ".repeat(n.max(0) as usize)),
             (None, Some(s)) => Some(s.to_string()),
-            _ => return Err(JinjaError::new(ErrorKind::InvalidOperation, "tojson: indent must be int or str")),
+            _ => {
+                return Err(JinjaError::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be int or str",
+                ))
+            }
         },
     };
     let separators: Option<Value> = kwargs.get("separators")?;
@@ -284,7 +329,12 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
             let parts: Vec<Value> = v.try_iter()?.collect();
             match parts.as_slice() {
                 [a, b] => Some((pyfmt::py_str(a), pyfmt::py_str(b))),
-                _ => return Err(JinjaError::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
+                _ => {
+                    return Err(JinjaError::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be a pair",
+                    ))
+                }
             }
         }
         _ => None,
@@ -292,7 +342,12 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
-    let style = JsonStyle::new(indent, separators, sort_keys.unwrap_or(false), ensure_ascii.unwrap_or(false));
+    let style = JsonStyle::new(
+        indent,
+        separators,
+        sort_keys.unwrap_or(false),
+        ensure_ascii.unwrap_or(false),
+    );
     pyfmt::json_dumps(value, &style).map(Value::from)
 }
 
@@ -305,7 +360,12 @@ fn trim(value: &Value, chars: Option<String>) -> String {
     methods::py_strip(&s, chars.as_deref(), true, true).to_string()
 }
 
-fn join(state: &State, value: &Value, sep: Option<String>, attribute: Option<String>) -> Result<String, JinjaError> {
+fn join(
+    state: &State,
+    value: &Value,
+    sep: Option<String>,
+    attribute: Option<String>,
+) -> Result<String, JinjaError> {
     let _ = state;
     let sep = sep.unwrap_or_default();
     let mut parts = Vec::new();
@@ -326,14 +386,19 @@ fn is_iterable(value: &Value) -> bool {
 
 fn raise_exception(message: Value) -> Result<Value, JinjaError> {
     let text = pyfmt::py_str(&message);
-    Err(JinjaError::new(ErrorKind::InvalidOperation, text.clone()).with_source(TemplateRaised(text)))
+    Err(JinjaError::new(ErrorKind::InvalidOperation, text.clone())
+        .with_source(TemplateRaised(text)))
 }
 
 fn strftime_now(format: String) -> Result<String, JinjaError> {
     use std::fmt::Write;
     let mut out = String::new();
-    write!(out, "{}", chrono::Local::now().format(&format))
-        .map_err(|_| JinjaError::new(ErrorKind::InvalidOperation, format!("strftime_now: bad format {format:?}")))?;
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+        JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: bad format {format:?}"),
+        )
+    })?;
     Ok(out)
 }
 
@@ -343,7 +408,12 @@ pub const MARKERS_VAR: &str = "__chatmask_generation_markers";
 /// `{% generation %}` blocks render their body, wrapped in the span markers when tracking.
 fn generation_block(state: &State, value: Value) -> Value {
     let markers = state.lookup(MARKERS_VAR);
-    let mut chars = markers.as_ref().and_then(|m| m.as_str()).map(|m| m.chars()).into_iter().flatten();
+    let mut chars = markers
+        .as_ref()
+        .and_then(|m| m.as_str())
+        .map(|m| m.chars())
+        .into_iter()
+        .flatten();
     match (chars.next(), chars.next()) {
         (Some(start), Some(end)) => Value::from(format!("{start}{}{end}", pyfmt::py_str(&value))),
         _ => value,
@@ -357,7 +427,8 @@ fn build_environment() -> Environment<'static> {
     env.set_unknown_method_callback(methods::unknown_method);
     env.set_formatter(|out, _state, value| {
         if !value.is_undefined() {
-            out.write_str(&pyfmt::py_str(value)).map_err(JinjaError::from)?;
+            out.write_str(&pyfmt::py_str(value))
+                .map_err(JinjaError::from)?;
         }
         Ok(())
     });
@@ -366,24 +437,41 @@ fn build_environment() -> Environment<'static> {
     env.add_filter("trim", trim);
     env.add_filter("join", join);
     env.add_filter("indent", indent);
-    env.add_filter("map", |state: &mut State, value: Value, args: Rest<ValueOrKwargs>| {
-        minijinja::filters::map(state, value, args).map(generator)
-    });
-    env.add_filter("select", |state: &mut State, value: Value, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
-        minijinja::filters::select(state, value, test, args).map(generator)
-    });
-    env.add_filter("reject", |state: &mut State, value: Value, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
-        minijinja::filters::reject(state, value, test, args).map(generator)
-    });
+    env.add_filter(
+        "map",
+        |state: &mut State, value: Value, args: Rest<ValueOrKwargs>| {
+            minijinja::filters::map(state, value, args).map(generator)
+        },
+    );
+    env.add_filter(
+        "select",
+        |state: &mut State, value: Value, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
+            minijinja::filters::select(state, value, test, args).map(generator)
+        },
+    );
+    env.add_filter(
+        "reject",
+        |state: &mut State, value: Value, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
+            minijinja::filters::reject(state, value, test, args).map(generator)
+        },
+    );
     env.add_filter(
         "selectattr",
-        |state: &mut State, value: Value, attr: Cow<'_, str>, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
+        |state: &mut State,
+         value: Value,
+         attr: Cow<'_, str>,
+         test: Option<Cow<'_, str>>,
+         args: Rest<ValueOrKwargs>| {
             minijinja::filters::selectattr(state, value, attr, test, args).map(generator)
         },
     );
     env.add_filter(
         "rejectattr",
-        |state: &mut State, value: Value, attr: Cow<'_, str>, test: Option<Cow<'_, str>>, args: Rest<ValueOrKwargs>| {
+        |state: &mut State,
+         value: Value,
+         attr: Cow<'_, str>,
+         test: Option<Cow<'_, str>>,
+         args: Rest<ValueOrKwargs>| {
             minijinja::filters::rejectattr(state, value, attr, test, args).map(generator)
         },
     );
@@ -392,16 +480,22 @@ fn build_environment() -> Environment<'static> {
     env.add_filter("wordcount", |v: Value| methods::wordcount(&v));
     env.add_filter("_chatmask_generation", generation_block);
     env.add_filter("_chatmask_iterable", iterable_or_raise);
-    env.add_function("_chatmask_percent", |state: &State, a: Value, b: Value, kind: i64| {
-        printf::percent(state, &a, &b, printf::RhsKind::from_code(kind))
-    });
+    env.add_function(
+        "_chatmask_percent",
+        |state: &State, a: Value, b: Value, kind: i64| {
+            printf::percent(state, &a, &b, printf::RhsKind::from_code(kind))
+        },
+    );
     env.add_test("iterable", is_iterable);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     // Lets the test suite check that a panic anywhere in a render reaches Python as a
     // ChatMaskError, from the calling thread and from batch workers. Harmless to a template:
     // the panic is caught like any other.
-    env.add_function("_chatmask_panic_for_tests", |message: String| -> Result<Value, JinjaError> { panic!("{message}") });
+    env.add_function(
+        "_chatmask_panic_for_tests",
+        |message: String| -> Result<Value, JinjaError> { panic!("{message}") },
+    );
     env
 }
 
@@ -414,11 +508,20 @@ pub fn render_error(err: &JinjaError) -> Error {
         }
         source = e.source();
     }
-    let detail = err.detail().map(str::to_string).unwrap_or_else(|| err.kind().to_string());
+    let detail = err
+        .detail()
+        .map(str::to_string)
+        .unwrap_or_else(|| err.kind().to_string());
     if let Some(limit) = exceeded_limit(err, &detail) {
-        return Error::TemplateLimit { limit, line: err.line() };
+        return Error::TemplateLimit {
+            limit,
+            line: err.line(),
+        };
     }
-    Error::TemplateRender { detail, line: err.line() }
+    Error::TemplateRender {
+        detail,
+        line: err.line(),
+    }
 }
 
 /// The limit a render error reports having hit, if any.
@@ -432,7 +535,10 @@ fn exceeded_limit(err: &JinjaError, detail: &str) -> Option<String> {
     // The io::Error minijinja keeps as the source hides our payload behind `get_ref`.
     let mut source = std::error::Error::source(err);
     while let Some(e) = source {
-        let payload = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|p| p as &(dyn std::error::Error + 'static));
+        let payload = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|p| p as &(dyn std::error::Error + 'static));
         if let Some(out) = payload.unwrap_or(e).downcast_ref::<OutputLimitExceeded>() {
             return Some(format!("its {out}"));
         }
@@ -463,32 +569,52 @@ impl ChatTemplate {
         if let Some(limit) = limits.max_output_bytes {
             env.add_global(VALUE_LIMIT_VAR, Value::from(limit));
         }
-        let prepared = keep_newline_after_raw(&rewrite_generation_tags(&normalize_newlines(source)));
-        let prepared = rewrite::guard_none_iteration(&rewrite::python_percent(&prepared, syntax_config()));
-        env.add_template_owned(TEMPLATE_NAME, prepared).map_err(|e| Error::TemplateSyntax {
-            detail: e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string()),
-            line: e.line(),
-        })?;
-        Ok(ChatTemplate { env, limits, source: Arc::from(source) })
+        let prepared =
+            keep_newline_after_raw(&rewrite_generation_tags(&normalize_newlines(source)));
+        let prepared =
+            rewrite::guard_none_iteration(&rewrite::python_percent(&prepared, syntax_config()));
+        env.add_template_owned(TEMPLATE_NAME, prepared)
+            .map_err(|e| Error::TemplateSyntax {
+                detail: e
+                    .detail()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| e.kind().to_string()),
+                line: e.line(),
+            })?;
+        Ok(ChatTemplate {
+            env,
+            limits,
+            source: Arc::from(source),
+        })
     }
 
     /// Whether the template has `{% generation %}` blocks.
     pub fn has_generation_blocks(&self) -> bool {
-        regex::Regex::new(r"\{%-?\s*generation\s*-?%\}").map_or(false, |re| re.is_match(&self.source))
+        regex::Regex::new(r"\{%-?\s*generation\s*-?%\}")
+            .map_or(false, |re| re.is_match(&self.source))
     }
 
     /// Renders with a full context (messages, tools, add_generation_prompt, special tokens, ...).
     pub fn render(&self, ctx: &Value) -> Result<String, Error> {
-        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| render_error(&e))?;
+        let tmpl = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| render_error(&e))?;
         let limit = self.limits.max_output_bytes.unwrap_or(usize::MAX);
-        let mut out = BoundedBuffer { buf: Vec::new(), limit };
-        let done = tmpl.render_captured_to(ctx, &mut out).map_err(|e| render_error(&e))?;
+        let mut out = BoundedBuffer {
+            buf: Vec::new(),
+            limit,
+        };
+        let done = tmpl
+            .render_captured_to(ctx, &mut out)
+            .map_err(|e| render_error(&e))?;
         if let Some((used, _)) = done.state().fuel_levels() {
             PEAK_FUEL_USED.fetch_max(used, std::sync::atomic::Ordering::Relaxed);
         }
         drop(done);
         // minijinja writes only `str` slices, so the bytes are UTF-8.
-        String::from_utf8(out.buf).map_err(|e| Error::Internal(format!("render produced invalid UTF-8: {e}")))
+        String::from_utf8(out.buf)
+            .map_err(|e| Error::Internal(format!("render produced invalid UTF-8: {e}")))
     }
 }
 
@@ -501,7 +627,10 @@ pub fn render_context(
 ) -> Value {
     let mut pairs: Vec<(Value, Value)> = Vec::with_capacity(base.len() + 4);
     pairs.push((Value::from("messages"), messages));
-    pairs.push((Value::from("add_generation_prompt"), Value::from(add_generation_prompt)));
+    pairs.push((
+        Value::from("add_generation_prompt"),
+        Value::from(add_generation_prompt),
+    ));
     for (k, v) in base {
         if k != "messages" && k != "add_generation_prompt" {
             pairs.push((Value::from(k.as_str()), v.clone()));
@@ -520,14 +649,20 @@ mod tests {
     use super::*;
 
     fn render(src: &str, messages: Value, base: &[(String, Value)]) -> Result<String, Error> {
-        ChatTemplate::compile(src, RenderLimits::default())?.render(&render_context(messages, false, base))
+        ChatTemplate::compile(src, RenderLimits::default())?
+            .render(&render_context(messages, false, base))
     }
 
     fn msgs(pairs: &[(&str, &str)]) -> Value {
         Value::from(
             pairs
                 .iter()
-                .map(|(r, c)| Value::from_pairs(vec![("role", Value::from(*r)), ("content", Value::from(*c))]))
+                .map(|(r, c)| {
+                    Value::from_pairs(vec![
+                        ("role", Value::from(*r)),
+                        ("content", Value::from(*c)),
+                    ])
+                })
                 .collect::<Vec<_>>(),
         )
     }
@@ -541,8 +676,16 @@ mod tests {
 
     #[test]
     fn raise_exception_message_passes_through() {
-        let err = render("{{ raise_exception('roles must alternate') }}", msgs(&[]), &[]).unwrap_err();
-        assert!(matches!(err, Error::TemplateRaised(ref m) if m == "roles must alternate"), "{err:?}");
+        let err = render(
+            "{{ raise_exception('roles must alternate') }}",
+            msgs(&[]),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::TemplateRaised(ref m) if m == "roles must alternate"),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -556,21 +699,38 @@ mod tests {
         let out = render("A{% raw %}\nB{% endraw %}C|{{ 'x\n'|indent(4, first=true) }}|{{ 'a\nb\n'|indent(2) }}|{{ 'abc' is sequence }}", msgs(&[]), &[]).unwrap();
         assert_eq!(out, "A\nBC|    x\n|a\n  b\n|True");
         assert!(unsupported_construct("{{ 'x'|safe + y }}").is_some());
-        assert!(unsupported_construct("{{ (v | tojson | safe if v is mapping else v) + 'z' }}").is_some());
+        assert!(
+            unsupported_construct("{{ (v | tojson | safe if v is mapping else v) + 'z' }}")
+                .is_some()
+        );
         assert!(unsupported_construct("{{ x | safe }}{{ a + b }}").is_none());
         assert!(unsupported_construct("{{ f(spec.items) }}").is_some());
         assert!(unsupported_construct("{{ '%s: %d' % (a, 1) }}").is_none()); // rendered natively now
-        assert!(unsupported_construct("{% if loop.index0 % 2 == 0 %}{{ strftime_now('%Y') }}{% endif %}").is_none());
-        assert!(unsupported_construct("{{ \"date: \" + strftime_now(\"%Y-%m-%d\") + \".\" }}").is_none());
-        assert!(unsupported_construct("{% for k, v in spec.items() %}{{ d.get('a') }}{% endfor %}").is_none());
-        assert!(unsupported_construct("{% set ns = namespace(items=[]) %}{{ ns.items }}").is_none());
+        assert!(unsupported_construct(
+            "{% if loop.index0 % 2 == 0 %}{{ strftime_now('%Y') }}{% endif %}"
+        )
+        .is_none());
+        assert!(
+            unsupported_construct("{{ \"date: \" + strftime_now(\"%Y-%m-%d\") + \".\" }}")
+                .is_none()
+        );
+        assert!(unsupported_construct(
+            "{% for k, v in spec.items() %}{{ d.get('a') }}{% endfor %}"
+        )
+        .is_none());
+        assert!(
+            unsupported_construct("{% set ns = namespace(items=[]) %}{{ ns.items }}").is_none()
+        );
     }
 
     #[test]
     fn iterating_none_raises_like_jinja2() {
         let tools = [("tools".to_string(), Value::from(()))];
         let err = render("{% for t in tools %}{{ t }}{% endfor %}", msgs(&[]), &tools).unwrap_err();
-        assert!(format!("{err}").contains("'NoneType' object is not iterable"), "{err}");
+        assert!(
+            format!("{err}").contains("'NoneType' object is not iterable"),
+            "{err}"
+        );
         // Undefined still iterates as empty; filters, slices and `if` clauses keep working.
         let out = render(
             "{% for m in nothing %}x{% endfor %}{% for m in messages[1:]|reverse if m.role %}{{ m.role }}{% endfor %}\
@@ -603,21 +763,62 @@ mod tests {
 
     #[test]
     fn limits_are_configurable() {
-        let deep = "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}done";
-        assert_eq!(render_limited(deep, RenderLimits::default()).unwrap(), "done");
-        let shallow = RenderLimits { max_recursion: 20, ..RenderLimits::default() };
-        assert!(matches!(render_limited(deep, shallow), Err(Error::TemplateLimit { .. })));
-        let tiny_output = RenderLimits { max_output_bytes: Some(3), ..RenderLimits::default() };
+        let deep =
+            "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}done";
+        assert_eq!(
+            render_limited(deep, RenderLimits::default()).unwrap(),
+            "done"
+        );
+        let shallow = RenderLimits {
+            max_recursion: 20,
+            ..RenderLimits::default()
+        };
+        assert!(matches!(
+            render_limited(deep, shallow),
+            Err(Error::TemplateLimit { .. })
+        ));
+        let tiny_output = RenderLimits {
+            max_output_bytes: Some(3),
+            ..RenderLimits::default()
+        };
         assert_eq!(render_limited("abc", tiny_output).unwrap(), "abc");
-        assert!(matches!(render_limited("abcd", tiny_output), Err(Error::TemplateLimit { .. })));
-        let loop_1m = "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}ok";
-        assert!(matches!(render_limited(loop_1m, RenderLimits { fuel: Some(10_000), ..RenderLimits::default() }), Err(Error::TemplateLimit { .. })));
-        assert_eq!(render_limited(loop_1m, RenderLimits { fuel: None, ..RenderLimits::default() }).unwrap(), "ok");
+        assert!(matches!(
+            render_limited("abcd", tiny_output),
+            Err(Error::TemplateLimit { .. })
+        ));
+        let loop_1m =
+            "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}ok";
+        assert!(matches!(
+            render_limited(
+                loop_1m,
+                RenderLimits {
+                    fuel: Some(10_000),
+                    ..RenderLimits::default()
+                }
+            ),
+            Err(Error::TemplateLimit { .. })
+        ));
+        assert_eq!(
+            render_limited(
+                loop_1m,
+                RenderLimits {
+                    fuel: None,
+                    ..RenderLimits::default()
+                }
+            )
+            .unwrap(),
+            "ok"
+        );
     }
 
     #[test]
     fn syntax_error_has_line() {
-        let err = ChatTemplate::compile("ok\n{% if %}", RenderLimits::default()).err().expect("must fail");
-        assert!(matches!(err, Error::TemplateSyntax { line: Some(2), .. }), "{err:?}");
+        let err = ChatTemplate::compile("ok\n{% if %}", RenderLimits::default())
+            .err()
+            .expect("must fail");
+        assert!(
+            matches!(err, Error::TemplateSyntax { line: Some(2), .. }),
+            "{err:?}"
+        );
     }
 }

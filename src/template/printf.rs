@@ -31,11 +31,17 @@ impl RhsKind {
 }
 
 fn type_err(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::InvalidOperation, format!("TypeError: {}", msg.into()))
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("TypeError: {}", msg.into()),
+    )
 }
 
 fn value_err(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::InvalidOperation, format!("ValueError: {}", msg.into()))
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("ValueError: {}", msg.into()),
+    )
 }
 
 /// `a % b` with Python's semantics.
@@ -48,7 +54,8 @@ pub fn percent(state: &State, lhs: &Value, rhs: &Value, kind: RhsKind) -> Result
                 "chatmask does not render `%` on a |safe string natively (Jinja2's Markup escapes the arguments)",
             ));
         }
-        return format(fmt, rhs, kind, &|size| super::check_value_size(state, size)).map(Value::from);
+        return format(fmt, rhs, kind, &|size| super::check_value_size(state, size))
+            .map(Value::from);
     }
     numeric_mod(lhs, rhs)
 }
@@ -76,10 +83,17 @@ fn numeric_mod(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
         )));
     };
     match (a, b) {
-        (Num::Int(_), Num::Int(0)) => Err(Error::new(ErrorKind::InvalidOperation, "ZeroDivisionError: integer modulo by zero")),
+        (Num::Int(_), Num::Int(0)) => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "ZeroDivisionError: integer modulo by zero",
+        )),
         (Num::Int(a), Num::Int(b)) => {
             let r = a.checked_rem(b).unwrap_or(0);
-            let r = if r != 0 && ((r < 0) != (b < 0)) { r + b } else { r };
+            let r = if r != 0 && ((r < 0) != (b < 0)) {
+                r + b
+            } else {
+                r
+            };
             Ok(Value::from(r))
         }
         (a, b) => {
@@ -89,7 +103,10 @@ fn numeric_mod(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
             };
             let (x, w) = (to_f(a), to_f(b));
             if w == 0.0 {
-                return Err(Error::new(ErrorKind::InvalidOperation, "ZeroDivisionError: float modulo"));
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "ZeroDivisionError: float modulo",
+                ));
             }
             let mut m = x % w;
             if m != 0.0 {
@@ -121,7 +138,11 @@ impl Args<'_> {
             if self.len < 0 {
                 return Ok(self.current.clone().unwrap_or_else(|| self.single.clone()));
             }
-            return Ok(self.tuple.as_ref().map(|t| t[i as usize].clone()).unwrap_or_default());
+            return Ok(self
+                .tuple
+                .as_ref()
+                .map(|t| t[i as usize].clone())
+                .unwrap_or_default());
         }
         Err(type_err("not enough arguments for format string"))
     }
@@ -133,7 +154,12 @@ const F_BLANK: u8 = 4;
 const F_ALT: u8 = 8;
 const F_ZERO: u8 = 16;
 
-fn format(fmt: &str, rhs: &Value, kind: RhsKind, check: &dyn Fn(usize) -> Result<(), Error>) -> Result<String, Error> {
+fn format(
+    fmt: &str,
+    rhs: &Value,
+    kind: RhsKind,
+    check: &dyn Fn(usize) -> Result<(), Error>,
+) -> Result<String, Error> {
     let kind = if rhs.is_tuple() { RhsKind::Tuple } else { kind };
     let is_mapping = match kind {
         RhsKind::Tuple => false,
@@ -150,7 +176,13 @@ fn format(fmt: &str, rhs: &Value, kind: RhsKind, check: &dyn Fn(usize) -> Result
             _ => false,
         },
     };
-    let mut args = Args { tuple: None, single: rhs, idx: -2, len: -1, current: None };
+    let mut args = Args {
+        tuple: None,
+        single: rhs,
+        idx: -2,
+        len: -1,
+        current: None,
+    };
     if kind == RhsKind::Tuple {
         let items: Vec<Value> = rhs.try_iter()?.collect();
         args.len = items.len() as isize;
@@ -221,7 +253,11 @@ fn format(fmt: &str, rhs: &Value, kind: RhsKind, check: &dyn Fn(usize) -> Result
             pos += 1;
         } else {
             while pos < chars.len() && chars[pos].is_ascii_digit() {
-                width = width.max(0).checked_mul(10).and_then(|w| w.checked_add(chars[pos] as i64 - '0' as i64)).ok_or_else(|| value_err("width too big"))?;
+                width = width
+                    .max(0)
+                    .checked_mul(10)
+                    .and_then(|w| w.checked_add(chars[pos] as i64 - '0' as i64))
+                    .ok_or_else(|| value_err("width too big"))?;
                 pos += 1;
             }
         }
@@ -235,7 +271,10 @@ fn format(fmt: &str, rhs: &Value, kind: RhsKind, check: &dyn Fn(usize) -> Result
                 pos += 1;
             } else {
                 while pos < chars.len() && chars[pos].is_ascii_digit() {
-                    prec = prec.checked_mul(10).and_then(|w| w.checked_add(chars[pos] as i64 - '0' as i64)).ok_or_else(|| value_err("precision too big"))?;
+                    prec = prec
+                        .checked_mul(10)
+                        .and_then(|w| w.checked_add(chars[pos] as i64 - '0' as i64))
+                        .ok_or_else(|| value_err("precision too big"))?;
                     pos += 1;
                 }
             }
@@ -254,18 +293,26 @@ fn format(fmt: &str, rhs: &Value, kind: RhsKind, check: &dyn Fn(usize) -> Result
         pad(&mut out, &body, numeric, flags, width);
     }
     if args.idx < args.len && !is_mapping {
-        return Err(type_err("not all arguments converted during string formatting"));
+        return Err(type_err(
+            "not all arguments converted during string formatting",
+        ));
     }
     Ok(out)
 }
 
 fn lookup(rhs: &Value, kind: RhsKind, key: &str) -> Result<Value, Error> {
     if kind == RhsKind::List || rhs.kind() != ValueKind::Map {
-        return Err(type_err(format!("{} indices must be integers or slices, not str", py_type_name(rhs))));
+        return Err(type_err(format!(
+            "{} indices must be integers or slices, not str",
+            py_type_name(rhs)
+        )));
     }
     match rhs.get_item(&Value::from(key)) {
         Ok(v) if !v.is_undefined() => Ok(v),
-        _ => Err(Error::new(ErrorKind::InvalidOperation, format!("KeyError: {}", super::pyfmt::py_str_repr(key)))),
+        _ => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("KeyError: {}", super::pyfmt::py_str_repr(key)),
+        )),
     }
 }
 
@@ -278,7 +325,13 @@ fn star_int(v: &Value) -> Result<i64, Error> {
 }
 
 /// The converted text and whether it is a number (zero padding applies to numbers only).
-fn convert(conv: char, index: usize, arg: &Value, flags: u8, prec: i64) -> Result<(String, bool), Error> {
+fn convert(
+    conv: char,
+    index: usize,
+    arg: &Value,
+    flags: u8,
+    prec: i64,
+) -> Result<(String, bool), Error> {
     Ok(match conv {
         's' | 'r' | 'a' => {
             let mut s = match conv {
@@ -298,22 +351,47 @@ fn convert(conv: char, index: usize, arg: &Value, flags: u8, prec: i64) -> Resul
                     if !f.is_finite() {
                         return Err(Error::new(
                             ErrorKind::InvalidOperation,
-                            if f.is_nan() { "ValueError: cannot convert float NaN to integer" } else { "OverflowError: cannot convert float infinity to integer" },
+                            if f.is_nan() {
+                                "ValueError: cannot convert float NaN to integer"
+                            } else {
+                                "OverflowError: cannot convert float infinity to integer"
+                            },
                         ));
                     }
                     let t = f.trunc();
-                    let digits = if t == 0.0 { "0".to_string() } else { format!("{t:.0}") };
+                    let digits = if t == 0.0 {
+                        "0".to_string()
+                    } else {
+                        format!("{t:.0}")
+                    };
                     return Ok((sign_and_digits(&digits, flags, prec, ""), true));
                 }
                 _ if conv == 'd' || conv == 'i' || conv == 'u' => {
-                    return Err(type_err(format!("%{conv} format: a real number is required, not {}", py_type_name(arg))))
+                    return Err(type_err(format!(
+                        "%{conv} format: a real number is required, not {}",
+                        py_type_name(arg)
+                    )))
                 }
-                _ => return Err(type_err(format!("%{conv} format: an integer is required, not {}", py_type_name(arg)))),
+                _ => {
+                    return Err(type_err(format!(
+                        "%{conv} format: an integer is required, not {}",
+                        py_type_name(arg)
+                    )))
+                }
             };
             let (digits, prefix) = match conv {
-                'o' => (format!("{:o}", n.unsigned_abs()), if flags & F_ALT != 0 { "0o" } else { "" }),
-                'x' => (format!("{:x}", n.unsigned_abs()), if flags & F_ALT != 0 { "0x" } else { "" }),
-                'X' => (format!("{:X}", n.unsigned_abs()), if flags & F_ALT != 0 { "0X" } else { "" }),
+                'o' => (
+                    format!("{:o}", n.unsigned_abs()),
+                    if flags & F_ALT != 0 { "0o" } else { "" },
+                ),
+                'x' => (
+                    format!("{:x}", n.unsigned_abs()),
+                    if flags & F_ALT != 0 { "0x" } else { "" },
+                ),
+                'X' => (
+                    format!("{:X}", n.unsigned_abs()),
+                    if flags & F_ALT != 0 { "0X" } else { "" },
+                ),
                 _ => (n.unsigned_abs().to_string(), ""),
             };
             let digits = if n < 0 { format!("-{digits}") } else { digits };
@@ -323,7 +401,12 @@ fn convert(conv: char, index: usize, arg: &Value, flags: u8, prec: i64) -> Resul
             let f = match as_num(arg) {
                 Some(Num::Int(i)) => i as f64,
                 Some(Num::Float(f)) => f,
-                None => return Err(type_err(format!("must be real number, not {}", py_type_name(arg)))),
+                None => {
+                    return Err(type_err(format!(
+                        "must be real number, not {}",
+                        py_type_name(arg)
+                    )))
+                }
             };
             let plus = if flags & F_SIGN != 0 {
                 "+"
@@ -332,7 +415,16 @@ fn convert(conv: char, index: usize, arg: &Value, flags: u8, prec: i64) -> Resul
             } else {
                 ""
             };
-            (float_format(f, conv, plus, flags & F_ALT != 0, if prec < 0 { 6 } else { prec as usize }), true)
+            (
+                float_format(
+                    f,
+                    conv,
+                    plus,
+                    flags & F_ALT != 0,
+                    if prec < 0 { 6 } else { prec as usize },
+                ),
+                true,
+            )
         }
         'c' => {
             let c = match arg.kind() {
@@ -344,16 +436,24 @@ fn convert(conv: char, index: usize, arg: &Value, flags: u8, prec: i64) -> Resul
                         _ => return Err(type_err("%c requires int or char")),
                     }
                 }
-                ValueKind::Bool | ValueKind::Number if arg.is_integer() || arg.kind() == ValueKind::Bool => {
+                ValueKind::Bool | ValueKind::Number
+                    if arg.is_integer() || arg.kind() == ValueKind::Bool =>
+                {
                     let n = match as_num(arg) {
                         Some(Num::Int(i)) => i,
                         _ => return Err(type_err("%c requires int or char")),
                     };
                     if !(0..0x110000).contains(&n) {
-                        return Err(Error::new(ErrorKind::InvalidOperation, "OverflowError: %c arg not in range(0x110000)"));
+                        return Err(Error::new(
+                            ErrorKind::InvalidOperation,
+                            "OverflowError: %c arg not in range(0x110000)",
+                        ));
                     }
                     char::from_u32(n as u32).ok_or_else(|| {
-                        Error::new(ErrorKind::InvalidOperation, "chatmask cannot represent a lone surrogate from %c")
+                        Error::new(
+                            ErrorKind::InvalidOperation,
+                            "chatmask cannot represent a lone surrogate from %c",
+                        )
                     })?
                 }
                 _ => return Err(type_err("%c requires int or char")),
@@ -453,15 +553,74 @@ mod tests {
 
     #[test]
     fn formats_like_python() {
-        assert_eq!(fmt("%05.3d|%-5s|%+.2f|%#x|%g|%e", vec![5.into(), "ab".into(), 2.255.into(), 255.into(), 1e-5.into(), 0.0.into()]), "00005|ab   |+2.25|0xff|1e-05|0.000000e+00");
-        assert_eq!(fmt("%*s|%.*s|%c%c|%%", vec![(-4).into(), "a".into(), (-2).into(), "abc".into(), 65.into(), "b".into()]), "a   ||Ab|%");
-        assert_eq!(fmt("%#.0e %#g %.3g %05f %r", vec![1.0.into(), 1.0.into(), 1234567.into(), f64::INFINITY.into(), "é".into()]), "1.e+00 1.00000 1.23e+06 00inf 'é'");
+        assert_eq!(
+            fmt(
+                "%05.3d|%-5s|%+.2f|%#x|%g|%e",
+                vec![
+                    5.into(),
+                    "ab".into(),
+                    2.255.into(),
+                    255.into(),
+                    1e-5.into(),
+                    0.0.into()
+                ]
+            ),
+            "00005|ab   |+2.25|0xff|1e-05|0.000000e+00"
+        );
+        assert_eq!(
+            fmt(
+                "%*s|%.*s|%c%c|%%",
+                vec![
+                    (-4).into(),
+                    "a".into(),
+                    (-2).into(),
+                    "abc".into(),
+                    65.into(),
+                    "b".into()
+                ]
+            ),
+            "a   ||Ab|%"
+        );
+        assert_eq!(
+            fmt(
+                "%#.0e %#g %.3g %05f %r",
+                vec![
+                    1.0.into(),
+                    1.0.into(),
+                    1234567.into(),
+                    f64::INFINITY.into(),
+                    "é".into()
+                ]
+            ),
+            "1.e+00 1.00000 1.23e+06 00inf 'é'"
+        );
         let map = Value::from_pairs(vec![("a", Value::from(1))]);
-        assert_eq!(format("%s %(a)s", &map, RhsKind::Other, &|_| Ok(())).unwrap(), "{'a': 1} 1");
-        assert!(format("%s", &Value::from(vec![Value::from(1)]), RhsKind::Other, &|_| Ok(())).is_err());
-        assert_eq!(format("abc", &Value::from(Vec::<Value>::new()), RhsKind::List, &|_| Ok(())).unwrap(), "abc");
+        assert_eq!(
+            format("%s %(a)s", &map, RhsKind::Other, &|_| Ok(())).unwrap(),
+            "{'a': 1} 1"
+        );
+        assert!(format(
+            "%s",
+            &Value::from(vec![Value::from(1)]),
+            RhsKind::Other,
+            &|_| Ok(())
+        )
+        .is_err());
+        assert_eq!(
+            format(
+                "abc",
+                &Value::from(Vec::<Value>::new()),
+                RhsKind::List,
+                &|_| Ok(())
+            )
+            .unwrap(),
+            "abc"
+        );
         assert!(format("abc", &Value::from(5), RhsKind::Other, &|_| Ok(())).is_err());
-        assert!(format("%z", &Value::from(5), RhsKind::Other, &|_| Ok(())).unwrap_err().to_string().contains("at index 1"));
+        assert!(format("%z", &Value::from(5), RhsKind::Other, &|_| Ok(()))
+            .unwrap_err()
+            .to_string()
+            .contains("at index 1"));
     }
 
     #[test]

@@ -19,12 +19,23 @@ pub struct JsonStyle {
 
 impl JsonStyle {
     /// Python's defaults: separators depend on whether an indent is set.
-    pub fn new(indent: Option<String>, separators: Option<(String, String)>, sort_keys: bool, ensure_ascii: bool) -> Self {
+    pub fn new(
+        indent: Option<String>,
+        separators: Option<(String, String)>,
+        sort_keys: bool,
+        ensure_ascii: bool,
+    ) -> Self {
         let (item_sep, key_sep) = separators.unwrap_or_else(|| {
             let item = if indent.is_some() { "," } else { ", " };
             (item.to_string(), ": ".to_string())
         });
-        JsonStyle { indent, item_sep, key_sep, sort_keys, ensure_ascii }
+        JsonStyle {
+            indent,
+            item_sep,
+            key_sep,
+            sort_keys,
+            ensure_ascii,
+        }
     }
 }
 
@@ -55,7 +66,9 @@ pub fn py_type_name(v: &Value) -> &'static str {
 /// that many digits exactly gives the nearest, so it wins whenever it round-trips.
 fn shortest_round_trip(f: f64) -> String {
     let shortest = format!("{:e}", f);
-    let digits = shortest.split_once('e').map_or(0, |(m, _)| m.chars().filter(char::is_ascii_digit).count());
+    let digits = shortest
+        .split_once('e')
+        .map_or(0, |(m, _)| m.chars().filter(char::is_ascii_digit).count());
     let nearest = format!("{:.*e}", digits.saturating_sub(1), f);
     if nearest != shortest && nearest.parse::<f64>() == Ok(f) {
         nearest
@@ -73,10 +86,16 @@ pub fn py_float_repr(f: f64) -> String {
         return if f > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     let sci = shortest_round_trip(f);
-    let (mantissa, exp) = sci.split_once('e').expect("LowerExp always has an exponent");
+    let (mantissa, exp) = sci
+        .split_once('e')
+        .expect("LowerExp always has an exponent");
     let exp: i32 = exp.parse().expect("exponent is an integer");
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
         Some(m) => ("-", m),
@@ -90,11 +109,19 @@ pub fn py_float_repr(f: f64) -> String {
         } else if (point as usize) >= digits.len() {
             format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
         } else {
-            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+            format!(
+                "{}.{}",
+                &digits[..point as usize],
+                &digits[point as usize..]
+            )
         };
         format!("{sign}{body}")
     } else {
-        let mant = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
+        let mant = if digits.len() > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits
+        };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{mant}e{esign}{:02}", exp.abs())
     }
@@ -146,7 +173,11 @@ fn json_float(f: f64) -> String {
     if f.is_nan() {
         "NaN".into()
     } else if f.is_infinite() {
-        if f > 0.0 { "Infinity".into() } else { "-Infinity".into() }
+        if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        }
     } else {
         py_float_repr(f)
     }
@@ -155,7 +186,13 @@ fn json_float(f: f64) -> String {
 fn json_key(k: &Value) -> Result<String, Error> {
     Ok(match k.kind() {
         ValueKind::String => k.as_str().unwrap_or_default().to_string(),
-        ValueKind::Bool => if k.is_true() { "true".into() } else { "false".into() },
+        ValueKind::Bool => {
+            if k.is_true() {
+                "true".into()
+            } else {
+                "false".into()
+            }
+        }
         ValueKind::None => "null".into(),
         ValueKind::Number if k.is_integer() => k.to_string(),
         ValueKind::Number => json_float(f64::try_from(k.clone()).unwrap_or(f64::NAN)),
@@ -196,10 +233,14 @@ fn write_json(out: &mut String, v: &Value, style: &JsonStyle, level: usize) -> R
                 out.push_str(&json_float(f64::try_from(v.clone()).unwrap_or(f64::NAN)))
             }
         }
-        ValueKind::String => write_json_str(out, v.as_str().unwrap_or_default(), style.ensure_ascii),
+        ValueKind::String => {
+            write_json_str(out, v.as_str().unwrap_or_default(), style.ensure_ascii)
+        }
         // Jinja2's map/select/reject and dict views are generators and views, which json.dumps refuses.
         ValueKind::Iterable => {
-            return Err(type_error("Object of type generator is not JSON serializable".into()));
+            return Err(type_error(
+                "Object of type generator is not JSON serializable".into(),
+            ));
         }
         ValueKind::Seq => {
             let items: Vec<Value> = v.try_iter()?.collect();
@@ -230,7 +271,9 @@ fn write_json(out: &mut String, v: &Value, style: &JsonStyle, level: usize) -> R
             }
             if style.sort_keys {
                 if pairs.iter().any(|(_, k, _)| k.kind() != ValueKind::String) {
-                    return Err(type_error("'<' not supported between keys of different types".into()));
+                    return Err(type_error(
+                        "'<' not supported between keys of different types".into(),
+                    ));
                 }
                 pairs.sort_by(|a, b| a.0.cmp(&b.0));
             }
@@ -278,7 +321,11 @@ fn is_printable(c: char) -> bool {
 
 /// Python's `repr(str)`.
 pub fn py_str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);
     for c in s.chars() {
@@ -290,7 +337,9 @@ pub fn py_str_repr(s: &str) -> String {
             '\t' => out.push_str("\\t"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
             c if (c as u32) < 0x7f => out.push(c),
             c if is_printable(c) => out.push(c),
             c if (c as u32) <= 0xff => out.push_str(&format!("\\x{:02x}", c as u32)),
@@ -307,11 +356,20 @@ pub fn py_repr(v: &Value) -> String {
     match v.kind() {
         ValueKind::Undefined => String::new(),
         ValueKind::None => "None".into(),
-        ValueKind::Bool => if v.is_true() { "True".into() } else { "False".into() },
+        ValueKind::Bool => {
+            if v.is_true() {
+                "True".into()
+            } else {
+                "False".into()
+            }
+        }
         ValueKind::Number => number_repr(v),
         ValueKind::String => py_str_repr(v.as_str().unwrap_or_default()),
         ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<String> = v.try_iter().map(|it| it.map(|x| py_repr(&x)).collect()).unwrap_or_default();
+            let items: Vec<String> = v
+                .try_iter()
+                .map(|it| it.map(|x| py_repr(&x)).collect())
+                .unwrap_or_default();
             match (v.is_tuple(), items.len()) {
                 (true, 1) => format!("({},)", items[0]),
                 (true, _) => format!("({})", items.join(", ")),
@@ -319,8 +377,10 @@ pub fn py_repr(v: &Value) -> String {
             }
         }
         ValueKind::Map if v.as_object().map(|o| o.repr()) == Some(ObjectRepr::Map) => {
-            let items: Vec<String> =
-                map_pairs(v).iter().map(|(k, x)| format!("{}: {}", py_repr(k), py_repr(x))).collect();
+            let items: Vec<String> = map_pairs(v)
+                .iter()
+                .map(|(k, x)| format!("{}: {}", py_repr(k), py_repr(x)))
+                .collect();
             format!("{{{}}}", items.join(", "))
         }
         _ => v.to_string(),
@@ -340,24 +400,43 @@ fn exp_form(f: f64, prec: usize, upper: bool) -> String {
     let (mant, exp) = s.split_once('e').unwrap_or((&s, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
     let e = if upper { 'E' } else { 'e' };
-    format!("{mant}{e}{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    format!(
+        "{mant}{e}{}{:02}",
+        if exp < 0 { '-' } else { '+' },
+        exp.abs()
+    )
 }
 
 /// Python's `%e %f %g` (and upper-case forms) of a float: `sign` is "", "+" or " " for a
 /// positive value, `alt` the `#` flag.
 pub fn float_format(f: f64, conv: char, plus: &str, alt: bool, prec: usize) -> String {
     let upper = conv.is_ascii_uppercase();
-    let sign = if f.is_sign_negative() && !f.is_nan() { "-" } else { plus };
+    let sign = if f.is_sign_negative() && !f.is_nan() {
+        "-"
+    } else {
+        plus
+    };
     let a = f.abs();
     if !a.is_finite() {
         let s = if a.is_nan() { "nan" } else { "inf" };
-        return format!("{sign}{}", if upper { s.to_uppercase() } else { s.to_string() });
+        return format!(
+            "{sign}{}",
+            if upper {
+                s.to_uppercase()
+            } else {
+                s.to_string()
+            }
+        );
     }
     let body = match conv.to_ascii_lowercase() {
         'e' => {
             let s = exp_form(a, prec, upper);
             if alt && prec == 0 {
-                s.replacen(if upper { 'E' } else { 'e' }, if upper { ".E" } else { ".e" }, 1)
+                s.replacen(
+                    if upper { 'E' } else { 'e' },
+                    if upper { ".E" } else { ".e" },
+                    1,
+                )
             } else {
                 s
             }
@@ -373,7 +452,10 @@ pub fn float_format(f: f64, conv: char, plus: &str, alt: bool, prec: usize) -> S
         _ => {
             let p = prec.max(1);
             let probe = format!("{:.*e}", p - 1, a);
-            let x: i64 = probe.split_once('e').and_then(|(_, e)| e.parse().ok()).unwrap_or(0);
+            let x: i64 = probe
+                .split_once('e')
+                .and_then(|(_, e)| e.parse().ok())
+                .unwrap_or(0);
             let mut s = if -4 <= x && x < p as i64 {
                 format!("{:.*}", (p as i64 - 1 - x) as usize, a)
             } else {
@@ -384,7 +466,11 @@ pub fn float_format(f: f64, conv: char, plus: &str, alt: bool, prec: usize) -> S
                     Some(i) => (s[..i].to_string(), s[i..].to_string()),
                     None => (s.clone(), String::new()),
                 };
-                let mant = if mant.contains('.') { mant.trim_end_matches('0').trim_end_matches('.').to_string() } else { mant };
+                let mant = if mant.contains('.') {
+                    mant.trim_end_matches('0').trim_end_matches('.').to_string()
+                } else {
+                    mant
+                };
                 s = format!("{mant}{exp}");
             } else if !s.contains('.') {
                 let i = s.find(['e', 'E']).unwrap_or(s.len());
@@ -433,7 +519,10 @@ mod tests {
             ("c", Value::from(())),
         ]);
         let plain = JsonStyle::new(None, None, false, false);
-        assert_eq!(json_dumps(&v, &plain).unwrap(), r#"{"b": [1, 2.5], "a": "é\"\n", "c": null}"#);
+        assert_eq!(
+            json_dumps(&v, &plain).unwrap(),
+            r#"{"b": [1, 2.5], "a": "é\"\n", "c": null}"#
+        );
         let sorted = JsonStyle::new(Some("  ".into()), None, true, true);
         assert_eq!(
             json_dumps(&v, &sorted).unwrap(),

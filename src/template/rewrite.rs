@@ -52,7 +52,10 @@ impl Percent {
 fn visit_args(args: &[CallArg<'_>], out: &mut Vec<Percent>) {
     for arg in args {
         match arg {
-            CallArg::Pos(e) | CallArg::Kwarg(_, e) | CallArg::PosSplat(e) | CallArg::KwargSplat(e) => visit_expr(e, out),
+            CallArg::Pos(e)
+            | CallArg::Kwarg(_, e)
+            | CallArg::PosSplat(e)
+            | CallArg::KwargSplat(e) => visit_expr(e, out),
         }
     }
 }
@@ -76,7 +79,10 @@ fn visit_expr(e: &Expr<'_>, out: &mut Vec<Percent>) {
                 };
                 let (l, r) = (start(&b.left) as usize, end(&b.right) as usize);
                 out.push(Percent {
-                    whole: (l.min(e.span().start_offset as usize), r.max(e.span().end_offset as usize)),
+                    whole: (
+                        l.min(e.span().start_offset as usize),
+                        r.max(e.span().end_offset as usize),
+                    ),
                     left: (start(&b.left) as usize, end(&b.left) as usize),
                     right: (start(&b.right) as usize, end(&b.right) as usize),
                     kind,
@@ -119,7 +125,11 @@ fn visit_expr(e: &Expr<'_>, out: &mut Vec<Percent>) {
         }
         Expr::List(l) => l.items.iter().for_each(|x| visit_expr(x, out)),
         Expr::Tuple(t) => t.items.iter().for_each(|x| visit_expr(x, out)),
-        Expr::Map(m) => m.keys.iter().chain(m.values.iter()).for_each(|x| visit_expr(x, out)),
+        Expr::Map(m) => m
+            .keys
+            .iter()
+            .chain(m.values.iter())
+            .for_each(|x| visit_expr(x, out)),
     }
 }
 
@@ -170,7 +180,10 @@ fn visit_stmts(stmts: &[Stmt<'_>], out: &mut Vec<Percent>) {
             Stmt::CallBlock(c) => {
                 visit_expr(&c.call.expr, out);
                 visit_args(&c.call.args, out);
-                c.macro_decl.defaults.iter().for_each(|x| visit_expr(x, out));
+                c.macro_decl
+                    .defaults
+                    .iter()
+                    .for_each(|x| visit_expr(x, out));
                 visit_stmts(&c.macro_decl.body, out);
             }
             Stmt::Do(d) => {
@@ -217,7 +230,12 @@ pub fn python_percent(source: &str, syntax: minijinja::syntax::SyntaxConfig) -> 
         return source.to_string();
     }
     // Outermost first: by start, then the longest.
-    found.sort_by(|a, b| a.range().0.cmp(&b.range().0).then(b.range().1.cmp(&a.range().1)));
+    found.sort_by(|a, b| {
+        a.range()
+            .0
+            .cmp(&b.range().0)
+            .then(b.range().1.cmp(&a.range().1))
+    });
     let mut out = String::with_capacity(source.len() + found.len() * 24);
     if emit(source, (0, source.len()), &found, &mut out).is_none()
         || minijinja::machinery::parse(&out, super::TEMPLATE_NAME, syntax).is_err()
@@ -259,7 +277,8 @@ pub fn guard_none_iteration(source: &str) -> String {
             }
         }
     }
-    let Ok(ast) = minijinja::machinery::parse(source, super::TEMPLATE_NAME, super::syntax_config()) else {
+    let Ok(ast) = minijinja::machinery::parse(source, super::TEMPLATE_NAME, super::syntax_config())
+    else {
         return source.to_string();
     };
     let mut iterables = Vec::new();
