@@ -10,6 +10,7 @@ pub mod error;
 pub mod label;
 pub mod policy;
 mod python;
+pub mod rows;
 pub mod sanitize;
 pub mod spans;
 pub mod template;

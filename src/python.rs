@@ -12,7 +12,7 @@ use numpy::IntoPyArray;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::batch::{self, OnError};
 use crate::chat::Conversation;
@@ -22,6 +22,7 @@ use crate::encode::EncoderChoice;
 use crate::error::{catch_panic, Error};
 use crate::label::Mode;
 use crate::policy::{EndTokens, Overflow, Policy, SpanSource};
+use crate::rows::{self, JsonRow, RowFields, Shape};
 use crate::spans::FieldKind;
 use crate::template::RenderLimits;
 
@@ -203,9 +204,118 @@ fn to_conversation(chat: &Bound<'_, PyAny>) -> Result<Conversation, Error> {
     Conversation::new(values)
 }
 
+/// A JSONL row the core read (`parse_jsonl`): nothing to convert. Under a policy it is shaped
+/// here, as `MaskPolicy.shape` shapes a Python row.
+#[pyclass(name = "JsonRow", module = "chatmask._core", frozen)]
+pub struct PyJsonRow {
+    row: JsonRow,
+}
+
+#[pymethods]
+impl PyJsonRow {
+    #[getter]
+    fn id(&self) -> Option<&str> {
+        self.row.id.as_deref()
+    }
+    #[getter]
+    fn finish_reason(&self) -> Option<&str> {
+        self.row.finish_reason.as_deref()
+    }
+    /// Per message: whether its role is one the reference trains.
+    fn assistant_messages(&self) -> Vec<bool> {
+        self.row.assistant_messages()
+    }
+    /// The row's values as JSON text `[messages, tools, system]` (the messages shaped by
+    /// `shape`, a `MaskPolicy.shape_spec()`, when given), for differential tests.
+    #[pyo3(signature = (shape=None))]
+    fn values_json(&self, shape: Option<&Bound<'_, PyDict>>) -> PyResult<Option<String>> {
+        let row = &self.row;
+        let messages = match shape.map(to_shape).transpose()? {
+            None => Some(row.messages.clone()),
+            Some(shape) => shape.apply(row),
+        };
+        messages
+            .map(|m| serde_json::to_string(&(&m, &row.tools, &row.system)))
+            .transpose()
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+}
+
+impl PyJsonRow {
+    fn to_row(&self, shape: Option<&Shape>) -> batch::Row {
+        let messages = match shape {
+            None => self.row.messages.clone(),
+            Some(shape) => shape
+                .apply(&self.row)
+                .ok_or_else(|| Error::InvalidInput("a message is not a dict".into()))?,
+        };
+        let overrides = self
+            .row
+            .tools
+            .iter()
+            .map(|t| ("tools".to_string(), t.clone()));
+        Ok(batch::RowInput {
+            conversation: Conversation::new(messages)?,
+            overrides: overrides.collect(),
+            finish_length: false,
+        })
+    }
+}
+
+/// JSONL lines read by the core, in parallel with the GIL released: per line a `JsonRow`, or
+/// None where `chatmask.rows` must read the line (it then gives the exact value or reason).
+#[pyfunction]
+#[pyo3(signature = (lines, messages_field, tools_field, finish_reason_field=None, system_field=None, policy=false))]
+fn parse_jsonl<'py>(
+    py: Python<'py>,
+    lines: Vec<Bound<'py, PyBytes>>,
+    messages_field: String,
+    tools_field: String,
+    finish_reason_field: Option<String>,
+    system_field: Option<String>,
+    policy: bool,
+) -> PyResult<Vec<Option<Py<PyJsonRow>>>> {
+    use rayon::prelude::*;
+    let fields = RowFields {
+        messages: messages_field,
+        tools: tools_field,
+        finish_reason: finish_reason_field,
+        system: system_field,
+        policy,
+    };
+    let slices: Vec<&[u8]> = lines.iter().map(|b| b.as_bytes()).collect();
+    let parsed: Vec<Option<JsonRow>> = py.detach(|| {
+        slices
+            .par_iter()
+            .with_min_len(64)
+            .map(|line| rows::parse_line(line, &fields))
+            .collect()
+    });
+    parsed
+        .into_iter()
+        .map(|row| row.map(|row| Py::new(py, PyJsonRow { row })).transpose())
+        .collect()
+}
+
+/// `MaskPolicy.shape_spec()`: role lookup, property mappings, drop_system_message.
+fn to_shape(d: &Bound<'_, PyDict>) -> PyResult<Shape> {
+    let item = |key: &str| -> PyResult<Bound<'_, PyAny>> {
+        d.get_item(key)?
+            .ok_or_else(|| PyValueError::new_err(format!("shape has no {key:?}")))
+    };
+    Ok(Shape {
+        role_lookup: item("role_lookup")?.extract()?,
+        mappings: item("mappings")?.extract()?,
+        drop_system_message: item("drop_system_message")?.extract()?,
+    })
+}
+
 /// A batch row: a list of messages, or a mapping with "messages" and optionally the row's own
-/// "tools" and "documents".
-fn to_row(row: &Bound<'_, PyAny>) -> batch::Row {
+/// "tools" and "documents", or a `JsonRow`.
+fn to_row(row: &Bound<'_, PyAny>, shape: Option<&Shape>) -> batch::Row {
+    if let Ok(json_row) = row.cast::<PyJsonRow>() {
+        return json_row.get().to_row(shape);
+    }
     let Ok(d) = row.cast::<PyDict>() else {
         return to_conversation(row).map(|conversation| batch::RowInput {
             conversation,
@@ -795,7 +905,7 @@ impl PyChatTokenizer {
 
     /// Labels many conversations in parallel with the GIL released. Returns a dict of flat
     /// numpy arrays and the list of `(row, message)` errors.
-    #[pyo3(signature = (conversations, mode="last", finish_reason=None, num_threads=None, on_error="raise", ids_dtype="int32", chat_template=None, policy=None, **kwargs))]
+    #[pyo3(signature = (conversations, mode="last", finish_reason=None, num_threads=None, on_error="raise", ids_dtype="int32", chat_template=None, policy=None, shape=None, **kwargs))]
     #[allow(clippy::too_many_arguments)]
     fn tokenize_batch<'py>(
         &self,
@@ -808,8 +918,10 @@ impl PyChatTokenizer {
         ids_dtype: &str,
         chat_template: Option<&str>,
         policy: Option<&Bound<'py, PyDict>>,
+        shape: Option<&Bound<'py, PyDict>>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let shape = shape.map(to_shape).transpose()?;
         let task = match policy {
             Some(p) => batch::Task::Policy(Arc::new(self.policy(p)?)),
             None => batch::Task::Reference(
@@ -880,7 +992,7 @@ impl PyChatTokenizer {
                 n_rows += 1;
                 chunk.push(
                     item.map_err(|e| Error::InvalidInput(e.to_string()))
-                        .and_then(|c| to_row(&c))
+                        .and_then(|c| to_row(&c, shape.as_ref()))
                         .map(|mut r| {
                             r.finish_length = finish_length;
                             r
@@ -985,6 +1097,8 @@ fn demo_tokenizer_json(py: Python<'_>, kind: &str) -> PyResult<String> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatTokenizer>()?;
+    m.add_class::<PyJsonRow>()?;
+    m.add_function(wrap_pyfunction!(parse_jsonl, m)?)?;
     batch::install_fork_handler();
     m.add_function(wrap_pyfunction!(demo_tokenizer_json, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;

@@ -4,12 +4,13 @@ since rendering needs the GIL)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from .batch import TokenizedBatch
 from .errors import ChatMaskError, ConversationTypeError
+from .rows import CoreRow, core_rows, python_row  # noqa: F401 - core_rows: for _tokenizer, with the paths
 
 if TYPE_CHECKING:
     from ._tokenizer import ChatTokenizer
@@ -18,7 +19,14 @@ if TYPE_CHECKING:
 def tokenize_policy_batch(tok: ChatTokenizer, rows, policy, num_threads, on_error, ids_dtype, chat_template, kwargs):
     shaped: list[Any] = []
     shape_errors: list[tuple[int, str]] = []
+    spec = policy.shape_spec()  # None: the policy shapes in Python only (split_thinking)
+    checked = False  # whether a row with messages is shaped in Python (the template check below)
     for i, row in enumerate(rows):
+        if isinstance(row, CoreRow):
+            if spec is not None and checked:  # the core shapes it
+                shaped.append(row.core)
+                continue
+            row = row.python()
         try:
             messages, tools = policy.shape(row)
         except (KeyError, TypeError, ValueError) as e:
@@ -29,12 +37,13 @@ def tokenize_policy_batch(tok: ChatTokenizer, rows, policy, num_threads, on_erro
                 raise error from None
             shape_errors.append((i, reason))
             messages, tools = None, None
+        checked = checked or bool(messages)
         row_out = {"messages": messages}
         if tools is not None:
             row_out["tools"] = tools
         shaped.append(row_out)
     if shaped:
-        first = next((r for r in shaped if r["messages"]), None)
+        first = next((r for r in shaped if isinstance(r, dict) and r["messages"]), None)
         if first is not None:
             tok._require_native(
                 first["messages"], chat_template, {**kwargs, **({"tools": first["tools"]} if "tools" in first else {})}
@@ -46,6 +55,7 @@ def tokenize_policy_batch(tok: ChatTokenizer, rows, policy, num_threads, on_erro
         ids_dtype=ids_dtype,
         chat_template=chat_template,
         policy=policy.to_core(),
+        shape=spec,
         **kwargs,
     )
     if shape_errors:
@@ -65,7 +75,7 @@ def tokenize_rows_in_python(
     for i, row in enumerate(rows):
         finish = finish_reason if isinstance(finish_reason, str) else finish_reason[i]
         try:
-            chat, row_kwargs = row_parts(row, kwargs)
+            chat, row_kwargs = row_parts(python_row(row), kwargs)
             out = tok.tokenize_for_trainer(chat, mode, finish or "", chat_template=chat_template, **row_kwargs)
         except ChatMaskError as e:
             if on_error == "raise":
@@ -100,3 +110,14 @@ def row_parts(row: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         extra = {k: row[k] for k in ("tools", "documents") if row.get(k) is not None}
         return row.get("messages"), {**kwargs, **extra}
     return row, kwargs
+
+
+def needs_python_rendering(
+    tok: ChatTokenizer, rows: Sequence[Any], chat_template: str | None, kwargs: dict[str, Any]
+) -> bool:
+    """Whether any template the batch uses takes the Jinja2 path (verifying the first rows)."""
+    for row in rows[: max(tok._verify_left, 1)]:
+        chat, row_kwargs = row_parts(python_row(row), kwargs)
+        if isinstance(chat, (list, tuple)) and tok._route(chat, chat_template, row_kwargs) is not None:
+            return True
+    return bool(tok._fallback)

@@ -19,6 +19,25 @@ Conversation = Sequence[Mapping[str, Any]]
 def demo_tokenizer_json(kind: str = "bytelevel") -> str: ...
 def default_threads() -> int: ...
 
+class JsonRow:
+    """A JSONL row the core read (`parse_jsonl`); `tokenize_batch` takes it as it is."""
+
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    def assistant_messages(self) -> list[bool]: ...
+    def values_json(self, shape: Mapping[str, Any] | None = None) -> str | None: ...
+
+def parse_jsonl(
+    lines: Sequence[bytes],
+    messages_field: str,
+    tools_field: str,
+    finish_reason_field: str | None = None,
+    system_field: str | None = None,
+    policy: bool = False,
+) -> list[JsonRow | None]: ...
+
 class ChatTokenizer:
     @staticmethod
     def from_pretrained(path: str | PathLike[str], encoder: str = "auto") -> ChatTokenizer: ...
@@ -98,6 +117,7 @@ class ChatTokenizer:
         ids_dtype: str = "int32",
         chat_template: str | None = None,
         policy: Mapping[str, Any] | None = None,
+        shape: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]: ...
     def tokenize(

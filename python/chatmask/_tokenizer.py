@@ -11,7 +11,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from . import _core
-from ._batch_paths import row_parts, tokenize_policy_batch, tokenize_rows_in_python
+from ._batch_paths import core_rows, needs_python_rendering, tokenize_policy_batch, tokenize_rows_in_python
 from ._fallback import JinjaRenderer, open_jinja2, why_not_native
 from ._recipe import read_tokenizer_files, restore
 from .batch import TokenizedBatch
@@ -483,12 +483,12 @@ class ChatTokenizer:
             return tokenize_policy_batch(
                 self, conversations, policy, num_threads, on_error, ids_dtype, chat_template, kwargs
             )
-        if self._needs_python_rendering(conversations, chat_template, kwargs):
+        if needs_python_rendering(self, conversations, chat_template, kwargs):
             return tokenize_rows_in_python(
                 self, conversations, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs
             )
         arrays = self._core.tokenize_batch(
-            conversations,
+            core_rows(conversations),
             mode=mode,
             finish_reason=finish_reason,
             num_threads=num_threads,
@@ -498,11 +498,3 @@ class ChatTokenizer:
             **kwargs,
         )
         return TokenizedBatch(**arrays)
-
-    def _needs_python_rendering(self, rows: Sequence[Any], chat_template: str | None, kwargs: dict[str, Any]) -> bool:
-        """Whether any template the batch uses takes the Jinja2 path (verifying the first rows)."""
-        for row in rows[: max(self._verify_left, 1)]:
-            chat, row_kwargs = row_parts(row, kwargs)
-            if isinstance(chat, (list, tuple)) and self._route(chat, chat_template, row_kwargs) is not None:
-                return True
-        return bool(self._fallback)

@@ -173,6 +173,18 @@ class MaskPolicy:
 
     # --- dataset shaping -------------------------------------------------------------------
 
+    def shape_spec(self) -> dict[str, Any] | None:
+        """:meth:`shape` as the core applies it to rows it read itself (``chatmask.rows.CoreRow``);
+        None when only Python shapes (``split_thinking``)."""
+        if self.split_thinking:
+            return None
+        mappings = self.message_property_mappings
+        return {
+            "role_lookup": list(self._role_lookup().items()),
+            "mappings": None if mappings is None else list(mappings.items()),
+            "drop_system_message": self.drop_system_message,
+        }
+
     def _role_lookup(self) -> dict[str, str]:
         lookup: dict[str, str] = {}
         for role, names in (self.roles or DEFAULT_ROLES).items():

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .policy import MaskPolicy
 
 __all__ = [
+    "CoreRow",
     "ParsedRow",
     "Fields",
     "parse_row",
@@ -46,7 +47,7 @@ __all__ = [
 class ParsedRow:
     """A row ready for `tokenize_batch`, or the reason it cannot be tokenized."""
 
-    conversation: dict[str, Any] | None
+    conversation: Any  # a dict ({"messages", "tools"?}), a CoreRow (parse_lines), or None: see `error`
     finish_reason: str | None = None
     id: str | None = None
     error: str | None = None
@@ -271,3 +272,47 @@ def parse(payload: Any, fields: Fields, policy: MaskPolicy | None, *, strip_null
     if policy is not None:
         return parse_policy_row(payload, policy, strip_nulls=strip_nulls)
     return parse_row(payload, fields.messages, fields.tools, fields.finish_reason, strip_nulls=strip_nulls)
+
+
+class CoreRow:
+    """A JSONL row the core read (:func:`parse_lines`): `core` is the row as template values, which
+    `tokenize_batch` takes without converting anything; :meth:`python` reads the same line the
+    Python way, for the few places that need Python objects (routing a template, the Jinja2 path,
+    a policy with ``split_thinking``)."""
+
+    __slots__ = ("core", "payload", "fields", "policy")
+
+    def __init__(self, core: Any, payload: bytes, fields: Fields, policy: MaskPolicy | None) -> None:
+        self.core, self.payload, self.fields, self.policy = core, payload, fields, policy
+
+    def python(self) -> Any:
+        return parse(self.payload, self.fields, self.policy).conversation
+
+
+def python_row(row: Any) -> Any:
+    """`row` as Python objects (a :class:`CoreRow` read the Python way)."""
+    return row.python() if isinstance(row, CoreRow) else row
+
+
+def core_rows(rows: Sequence[Any]) -> list[Any]:
+    """`rows` as the core takes them (a :class:`CoreRow` as its core row)."""
+    return [row.core if isinstance(row, CoreRow) else row for row in rows]
+
+
+def parse_lines(payloads: Sequence[bytes], fields: Fields, policy: MaskPolicy | None) -> list[ParsedRow]:
+    """JSONL lines (rule 1) as :func:`parse` reads them, read by the core where it can be exact
+    (serde_json, in parallel, no Python objects) and by :func:`parse` where it cannot: invalid
+    lines, rows with an error to word, numbers serde_json reads otherwise."""
+    from . import _core
+
+    if policy is not None:
+        core_rows = _core.parse_jsonl(list(payloads), fields.messages, fields.tools, None, fields.system, policy=True)
+    else:
+        core_rows = _core.parse_jsonl(list(payloads), fields.messages, fields.tools, fields.finish_reason)
+    out = []
+    for payload, core in zip(payloads, core_rows):
+        if core is None:
+            out.append(parse(payload, fields, policy))
+        else:
+            out.append(ParsedRow(CoreRow(core, payload, fields, policy), core.finish_reason, core.id))
+    return out

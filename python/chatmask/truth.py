@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .policy import MaskPolicy
+from .rows import CoreRow
 
 REFERENCE_MODES = ("last", "all", "multistep")  # the modes with a prefix-count mask to judge
 CAUSES = ("raises", "length", "untrained_target_field", "trains_non_target", "label_not_token")
@@ -68,10 +69,15 @@ class ReferenceTruth:
         return out
 
 
-def _messages(row: Any) -> Sequence[Any]:
+def _assistant_messages(row: Any) -> list[bool]:
+    """Per message of `row`: whether its role is one the reference trains."""
+    if isinstance(row, CoreRow):
+        return row.core.assistant_messages()
     if isinstance(row, Mapping):
-        return row.get("messages") or []
-    return row if isinstance(row, (list, tuple)) else []
+        msgs = row.get("messages") or []
+    else:
+        msgs = row if isinstance(row, (list, tuple)) else []
+    return [isinstance(m, Mapping) and m.get("role") in ASSISTANT_ROLES for m in msgs]
 
 
 def _gather(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,8 +141,7 @@ def flag_reference(
     flags: list[bool] = []
     msg_off = np.zeros(len(ok) + 1, dtype=np.int64)
     for k, i in enumerate(ok.tolist()):
-        msgs = _messages(rows[int(ref_rows[i])])
-        roles = [isinstance(m, Mapping) and m.get("role") in ASSISTANT_ROLES for m in msgs]
+        roles = _assistant_messages(rows[int(ref_rows[i])])
         if mode != "all":
             last = max((j for j, r in enumerate(roles) if r), default=-1)
             roles = [j == last for j in range(len(roles))]

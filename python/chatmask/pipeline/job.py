@@ -371,23 +371,22 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
     rows_in = 0
     done_rows = done_tokens = 0
     read_error: InputReadError | None = None
-    # Batch k is tokenized on this worker (the core releases the GIL) while batch k+1 is parsed
-    # here; batches are still placed one after another in row order, so commits are unchanged.
+    # Batch k+1 is tokenized on this worker (the core releases the GIL) while batch k is written
+    # and batch k+2 parsed here; batches are still placed one after another in row order, so
+    # commits are unchanged.
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatmask-tokenize")
     in_flight: Future[Batch] | None = None
 
     def hand_over(batch: Batch | None) -> None:
         nonlocal in_flight, done_rows, done_tokens
-        if in_flight is not None:
-            done = in_flight.result()
-            in_flight = None
+        done = None if in_flight is None else in_flight.result()
+        in_flight = None if batch is None else worker.submit(job.work, batch)
+        if done is not None:
             tokens_before = state.tokens + job.part_tokens
             job.place(done)
             done_rows += len(done.rows)
             done_tokens += state.tokens + job.part_tokens - tokens_before
             progress.update(done_rows, done_tokens)
-        if batch is not None:
-            in_flight = worker.submit(job.work, batch)
 
     try:
         pending: list[RawRow] = []

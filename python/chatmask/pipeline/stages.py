@@ -19,7 +19,7 @@ import numpy as np
 from .._tokenizer import ChatTokenizer
 from ..io.readers import InputFile, RawRow
 from ..policy import MaskPolicy
-from ..rows import Fields, ParsedRow, parse
+from ..rows import Fields, ParsedRow, parse, parse_lines
 
 DROP_REASON = "longer than max_length"
 _BATCH_ROW_PREFIX = re.compile(r"^(?:row \d+: )+")
@@ -72,9 +72,14 @@ class ParseStage(Stage):
         self.row_fields, self.policy = fields, policy
 
     def run(self, batch: Batch) -> None:
+        # JSONL lines go through the core's reader in one call (rows.parse_lines: exact, or Python).
+        lines = {i: raw.payload for i, raw in enumerate(batch.rows) if isinstance(raw.payload, bytes)}
+        from_core = dict(zip(lines, parse_lines(list(lines.values()), self.row_fields, self.policy)))
         for i, raw in enumerate(batch.rows):
             # Parquet rows were read by their Arrow types (rows rule 2): no further null stripping.
-            parsed = parse(raw.payload, self.row_fields, self.policy, strip_nulls=False if raw.typed else None)
+            parsed = from_core.get(i) or parse(
+                raw.payload, self.row_fields, self.policy, strip_nulls=False if raw.typed else None
+            )
             batch.parsed.append(parsed)
             if parsed.error is not None:
                 batch.fail(i, parsed.error)
