@@ -313,7 +313,7 @@ def axolotl_labels(tok: ChatTokenizer, messages, chat_template=None) -> list[int
 
 
 def decoded_trained(tok, ids, labels) -> str:
-    return tok._core.decode([t for t, l in zip(ids, labels) if l != -100], False)
+    return tok._core.decode([t for t, label in zip(ids, labels) if label != -100], False)
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,6 @@
 from os import PathLike
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 __version__: str
 DEMO_CONVERSATIONS_JSON: str
 DEMO_CHAT_TEMPLATE: str
