@@ -98,6 +98,7 @@ class ChatTokenizer:
         policy: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]: ...
+    def policy_view(self, policy: Mapping[str, Any]) -> dict[str, Any]: ...
     def tokenize(
         self,
         conversation: Conversation,
