@@ -665,6 +665,7 @@ pub fn fit_length(out: &mut Tokenized, policy: &Policy) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encode::CharSpans;
 
     fn span(message: usize, kind: FieldKind, start: usize, end: usize) -> FieldSpan {
         FieldSpan {
@@ -689,12 +690,7 @@ mod tests {
     }
 
     /// "U: hi<E>A: ok<E>" with one token per character, `<E>` a special token at 5 and 11.
-    fn row_fixture() -> (
-        Vec<u32>,
-        Vec<(usize, usize)>,
-        Vec<FieldSpan>,
-        Vec<MessageInfo>,
-    ) {
+    fn row_fixture() -> (Vec<u32>, CharSpans, Vec<FieldSpan>, Vec<MessageInfo>) {
         let text = "U: hi#A: ok#";
         let ids: Vec<u32> = text
             .chars()

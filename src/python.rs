@@ -18,12 +18,15 @@ use crate::batch::{self, OnError};
 use crate::chat::Conversation;
 use crate::core::{ChatTokenizer, TemplateArgs, TemplateSources};
 use crate::demo;
-use crate::encode::EncoderChoice;
+use crate::encode::{CharSpans, EncoderChoice};
 use crate::error::{catch_panic, Error};
 use crate::label::Mode;
 use crate::policy::{EndTokens, Overflow, Policy, SpanSource};
 use crate::spans::FieldKind;
 use crate::template::RenderLimits;
+
+/// One field's place in a render, as `message_spans` returns it: `(message, kind, start, end)`.
+type SpanRow = (usize, &'static str, usize, usize);
 
 /// Deeper nesting than this is refused rather than risking the stack.
 const MAX_DEPTH: usize = 256;
@@ -785,11 +788,7 @@ impl PyChatTokenizer {
         add_generation_prompt: bool,
         chat_template: Option<&str>,
         kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<(
-        String,
-        Vec<(usize, &'static str, usize, usize)>,
-        &'static str,
-    )> {
+    ) -> PyResult<(String, Vec<SpanRow>, &'static str)> {
         let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
         let located = run(py, || {
@@ -816,7 +815,7 @@ impl PyChatTokenizer {
         &self,
         py: Python<'py>,
         text: &str,
-    ) -> PyResult<(Vec<u32>, Vec<(usize, usize)>, bool, Vec<(usize, usize)>)> {
+    ) -> PyResult<(Vec<u32>, CharSpans, bool, CharSpans)> {
         let inner = &self.inner;
         run(py, || {
             let (ids, positions, derived) = inner.encoder.encode_with_positions(text)?;
