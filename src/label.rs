@@ -132,8 +132,8 @@ pub fn label(
                 let start = prefix(i, true)?.len();
                 let end = prefix(i + 1, false)?.len();
                 if start < end && end <= total {
-                    for k in start..end {
-                        masks[k] = full.ids[k] as i64;
+                    for (mask, &id) in masks[start..end].iter_mut().zip(&full.ids[start..end]) {
+                        *mask = id as i64;
                     }
                 }
             }

@@ -26,6 +26,15 @@ pub enum EndTokens {
 }
 
 impl EndTokens {
+    pub fn name(self) -> &'static str {
+        match self {
+            EndTokens::None => "none",
+            EndTokens::Turn => "turn",
+            EndTokens::All => "all",
+            EndTokens::Last => "last",
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "none" => Ok(EndTokens::None),
@@ -50,6 +59,15 @@ pub enum Overflow {
 }
 
 impl Overflow {
+    pub fn name(self) -> &'static str {
+        match self {
+            Overflow::Error => "error",
+            Overflow::Drop => "drop",
+            Overflow::TruncateLeft => "truncate_left",
+            Overflow::TruncateRight => "truncate_right",
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "error" => Ok(Overflow::Error),
@@ -70,6 +88,25 @@ pub enum SpanSource {
     Messages,
     /// The template's `{% generation %}` blocks.
     Generation,
+}
+
+impl SpanSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            SpanSource::Messages => "messages",
+            SpanSource::Generation => "generation",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "messages" => Ok(SpanSource::Messages),
+            "generation" => Ok(SpanSource::Generation),
+            other => Err(Error::InvalidInput(format!(
+                "source must be 'messages' or 'generation', not {other:?}"
+            ))),
+        }
+    }
 }
 
 /// A labelling policy (the Python `MaskPolicy`, minus dataset shaping, which happens before).
@@ -95,6 +132,9 @@ pub struct Policy {
     pub sanitize_control_tokens: bool,
 }
 
+/// Rust tests' starting point only. The defaults users get are `MaskPolicy()`'s, which Python
+/// always passes in full; test_policy checks the core reads them unchanged.
+#[cfg(test)]
 impl Default for Policy {
     fn default() -> Self {
         Policy {
@@ -625,6 +665,7 @@ pub fn fit_length(out: &mut Tokenized, policy: &Policy) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encode::CharSpans;
 
     fn span(message: usize, kind: FieldKind, start: usize, end: usize) -> FieldSpan {
         FieldSpan {
@@ -649,12 +690,7 @@ mod tests {
     }
 
     /// "U: hi<E>A: ok<E>" with one token per character, `<E>` a special token at 5 and 11.
-    fn row_fixture() -> (
-        Vec<u32>,
-        Vec<(usize, usize)>,
-        Vec<FieldSpan>,
-        Vec<MessageInfo>,
-    ) {
+    fn row_fixture() -> (Vec<u32>, CharSpans, Vec<FieldSpan>, Vec<MessageInfo>) {
         let text = "U: hi#A: ok#";
         let ids: Vec<u32> = text
             .chars()

@@ -18,13 +18,16 @@ use crate::batch::{self, OnError};
 use crate::chat::Conversation;
 use crate::core::{ChatTokenizer, TemplateArgs, TemplateSources};
 use crate::demo;
-use crate::encode::EncoderChoice;
+use crate::encode::{CharSpans, EncoderChoice};
 use crate::error::{catch_panic, Error};
 use crate::label::Mode;
 use crate::policy::{EndTokens, Overflow, Policy, SpanSource};
 use crate::rows::{self, JsonRow, RowFields, Shape};
 use crate::spans::FieldKind;
 use crate::template::RenderLimits;
+
+/// One field's place in a render, as `message_spans` returns it: `(message, kind, start, end)`.
+type SpanRow = (usize, &'static str, usize, usize);
 
 /// Deeper nesting than this is refused rather than risking the stack.
 const MAX_DEPTH: usize = 256;
@@ -394,52 +397,59 @@ impl PyChatTokenizer {
 }
 
 impl PyChatTokenizer {
-    /// A `Policy` from the dict `MaskPolicy.to_core()` builds.
-    fn policy(&self, d: &Bound<'_, PyDict>) -> PyResult<Policy> {
-        let mut p = Policy::default();
+    /// A `Policy` from the dict `MaskPolicy.to_core()` builds. `MaskPolicy` declares the keys,
+    /// their defaults and their checks; this only converts types, so every key must be there (a
+    /// missing or unknown one is a bug in `to_core()`, never filled in with a default here).
+    fn policy<'py>(&self, d: &Bound<'py, PyDict>) -> PyResult<Policy> {
         let bad = |e: Error| PyValueError::new_err(e.to_string());
-        for (k, v) in d.iter() {
+        let read = std::cell::RefCell::new(Vec::new());
+        let get = |key: &'static str| -> PyResult<Bound<'py, PyAny>> {
+            read.borrow_mut().push(key);
+            d.get_item(key)?.ok_or_else(|| {
+                PyValueError::new_err(format!("internal error: the policy dict has no {key:?} (MaskPolicy.to_core() gives every key)"))
+            })
+        };
+        let end_tokens = |key| EndTokens::parse(&get(key)?.extract::<String>()?).map_err(bad);
+        // A struct literal, not `..Default`: a new `Policy` field does not compile until it is read.
+        let p = Policy {
+            roles_to_train: get("roles_to_train")?.extract()?,
+            train_on_inputs: get("train_on_inputs")?.extract()?,
+            train_on_eot: end_tokens("train_on_eot")?,
+            train_on_eos: end_tokens("train_on_eos")?,
+            eot_tokens: match get("eot_tokens")?.extract::<Option<Vec<String>>>()? {
+                None => None,
+                Some(tokens) => Some(
+                    tokens
+                        .iter()
+                        .map(|t| {
+                            let ids = self.inner.encoder.encode(t).map_err(bad)?;
+                            match ids.as_slice() {
+                                [id] => Ok(*id),
+                                _ => Err(PyValueError::new_err(format!(
+                                    "eot token {t:?} is {} tokens, not one; add it to the tokenizer",
+                                    ids.len()
+                                ))),
+                            }
+                        })
+                        .collect::<PyResult<Vec<u32>>>()?,
+                ),
+            },
+            train_reasoning: get("train_reasoning")?.extract()?,
+            train_turn_prefix: get("train_turn_prefix")?.extract()?,
+            sanitize_control_tokens: get("sanitize_control_tokens")?.extract()?,
+            field_training: get("field_training")?.extract()?,
+            field_training_detail: get("field_training_detail")?.extract()?,
+            max_length: get("max_length")?.extract()?,
+            overflow: Overflow::parse(&get("overflow")?.extract::<String>()?).map_err(bad)?,
+            source: SpanSource::parse(&get("source")?.extract::<String>()?).map_err(bad)?,
+        };
+        let read = read.into_inner();
+        for k in d.keys() {
             let key: String = k.extract()?;
-            match key.as_str() {
-                "roles_to_train" => p.roles_to_train = v.extract()?,
-                "train_on_inputs" => p.train_on_inputs = v.extract()?,
-                "train_on_eot" => p.train_on_eot = EndTokens::parse(&v.extract::<String>()?).map_err(bad)?,
-                "train_on_eos" => p.train_on_eos = EndTokens::parse(&v.extract::<String>()?).map_err(bad)?,
-                "eot_tokens" => {
-                    p.eot_tokens = match v.extract::<Option<Vec<String>>>()? {
-                        None => None,
-                        Some(tokens) => Some(
-                            tokens
-                                .iter()
-                                .map(|t| {
-                                    let ids = self.inner.encoder.encode(t).map_err(bad)?;
-                                    match ids.as_slice() {
-                                        [id] => Ok(*id),
-                                        _ => Err(PyValueError::new_err(format!(
-                                            "eot token {t:?} is {} tokens, not one; add it to the tokenizer",
-                                            ids.len()
-                                        ))),
-                                    }
-                                })
-                                .collect::<PyResult<Vec<u32>>>()?,
-                        ),
-                    }
-                }
-                "train_reasoning" => p.train_reasoning = v.extract()?,
-                "train_turn_prefix" => p.train_turn_prefix = v.extract()?,
-                "sanitize_control_tokens" => p.sanitize_control_tokens = v.extract()?,
-                "field_training" => p.field_training = v.extract()?,
-                "field_training_detail" => p.field_training_detail = v.extract()?,
-                "max_length" => p.max_length = v.extract()?,
-                "overflow" => p.overflow = Overflow::parse(&v.extract::<String>()?).map_err(bad)?,
-                "source" => {
-                    p.source = match v.extract::<String>()?.as_str() {
-                        "messages" => SpanSource::Messages,
-                        "generation" => SpanSource::Generation,
-                        other => return Err(PyValueError::new_err(format!("source must be 'messages' or 'generation', not {other:?}"))),
-                    }
-                }
-                other => return Err(PyValueError::new_err(format!("unknown policy field {other:?}"))),
+            if !read.contains(&key.as_str()) {
+                return Err(PyValueError::new_err(format!(
+                    "unknown policy field {key:?}"
+                )));
             }
         }
         Ok(p)
@@ -773,6 +783,31 @@ impl PyChatTokenizer {
         Ok((ids_list(py, &out.tokens)?, PyList::new(py, &out.masks)?))
     }
 
+    /// The policy as the core reads a `MaskPolicy.to_core()` dict, in the same shape (eot
+    /// tokens as ids): lets a test check that every option arrives unchanged.
+    fn policy_view<'py>(
+        &self,
+        py: Python<'py>,
+        policy: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let p = self.policy(policy)?;
+        let d = PyDict::new(py);
+        d.set_item("roles_to_train", &p.roles_to_train)?;
+        d.set_item("train_on_inputs", p.train_on_inputs)?;
+        d.set_item("train_on_eot", p.train_on_eot.name())?;
+        d.set_item("train_on_eos", p.train_on_eos.name())?;
+        d.set_item("eot_tokens", &p.eot_tokens)?;
+        d.set_item("train_reasoning", p.train_reasoning)?;
+        d.set_item("train_turn_prefix", p.train_turn_prefix)?;
+        d.set_item("field_training", &p.field_training)?;
+        d.set_item("field_training_detail", &p.field_training_detail)?;
+        d.set_item("max_length", p.max_length)?;
+        d.set_item("overflow", p.overflow.name())?;
+        d.set_item("source", p.source.name())?;
+        d.set_item("sanitize_control_tokens", p.sanitize_control_tokens)?;
+        Ok(d)
+    }
+
     /// One conversation under a policy (a dict of `MaskPolicy` fields): a dict of numpy
     /// arrays `input_ids`, `labels`, `message_index`, plus `span_method`, `straddling`,
     /// `positions_derived`, `truncated`; `None` when `overflow="drop"` drops it.
@@ -863,11 +898,7 @@ impl PyChatTokenizer {
         add_generation_prompt: bool,
         chat_template: Option<&str>,
         kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<(
-        String,
-        Vec<(usize, &'static str, usize, usize)>,
-        &'static str,
-    )> {
+    ) -> PyResult<(String, Vec<SpanRow>, &'static str)> {
         let (conv, args) = self.prepare(py, conversation, chat_template, kwargs)?;
         let inner = &self.inner;
         let located = run(py, || {
@@ -894,7 +925,7 @@ impl PyChatTokenizer {
         &self,
         py: Python<'py>,
         text: &str,
-    ) -> PyResult<(Vec<u32>, Vec<(usize, usize)>, bool, Vec<(usize, usize)>)> {
+    ) -> PyResult<(Vec<u32>, CharSpans, bool, CharSpans)> {
         let inner = &self.inner;
         run(py, || {
             let (ids, positions, derived) = inner.encoder.encode_with_positions(text)?;

@@ -28,8 +28,9 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-import chatmask
 from _parity import oracle
+
+import chatmask
 
 MODES = ("last", "all", "multistep")
 FINISH_REASONS = ("", "length")

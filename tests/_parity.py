@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import io
 import itertools
-import json
 import os
 import sys
 from dataclasses import dataclass, field

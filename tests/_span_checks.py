@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _parity import TOKENIZERS_DIR, conversation_files, fixture_tokenizers, template_kwargs  # noqa: E402
 
 import chatmask  # noqa: E402
-from chatmask import ChatTokenizer, ChatMaskError, MaskPolicy  # noqa: E402
+from chatmask import ChatTokenizer  # noqa: E402
 
 
 @dataclass

@@ -139,8 +139,9 @@ def _on_alarm(signum, frame):
 
 
 def survey_template(name, source, extra_vars, cases):
-    import chatmask
     from transformers.utils.chat_template_utils import render_jinja_template
+
+    import chatmask
 
     rec = {"name": name, "counts": collections.Counter(), "failures": [], "categories": {}}
 
@@ -252,8 +253,9 @@ def survey_template(name, source, extra_vars, cases):
 
 def worker_main(conn, extra_vars, cases):
     warnings.simplefilter("ignore")
-    import chatmask  # noqa: F401  (warm imports before the first timed template)
     import transformers.utils.chat_template_utils  # noqa: F401
+
+    import chatmask  # noqa: F401  (warm imports before the first timed template)
 
     while True:
         msg = conn.recv()

@@ -22,10 +22,10 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from chatmask.io import sinks  # noqa: E402
-from chatmask.pipeline import job as pipeline_job  # noqa: E402
 from chatmask.cli import main  # noqa: E402
 from chatmask.demo import demo_conversations, demo_tokenizer  # noqa: E402
+from chatmask.io import sinks  # noqa: E402
+from chatmask.pipeline import job as pipeline_job  # noqa: E402
 
 TOK = demo_tokenizer()
 ROWS = demo_conversations()

@@ -27,12 +27,13 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from test_cli import check_output, conv, expected_convs, read_parts, write_jsonl, write_parquet  # noqa: E402
+
 import chatmask  # noqa: E402
 from chatmask.cli import main  # noqa: E402
 from chatmask.demo import demo_chat_template, demo_conversations, demo_tokenizer, demo_tokenizer_json  # noqa: E402
 from chatmask.io import readers  # noqa: E402
 from chatmask.pipeline import job as pipeline_job  # noqa: E402
-from test_cli import check_output, conv, expected_convs, read_parts, write_jsonl, write_parquet  # noqa: E402
 
 TOK = demo_tokenizer()
 ROWS = demo_conversations()

@@ -187,6 +187,55 @@ def test_policy_validation():
     assert MaskPolicy.from_dict(policy.to_dict()) == policy
 
 
+def test_policy_types_are_checked_in_python():
+    # Types read off the dataclass annotations: one bool, one str, one optional str, and lists.
+    with pytest.raises(TypeError, match="train_on_inputs must be True or False"):
+        MaskPolicy(train_on_inputs="yes")
+    with pytest.raises(TypeError, match="split_thinking must be True or False"):
+        MaskPolicy(split_thinking=1)
+    with pytest.raises(TypeError, match="message_field_training must be a str"):
+        MaskPolicy(message_field_training=None)
+    with pytest.raises(TypeError, match="field_system must be a str"):
+        MaskPolicy(field_system=3)
+    with pytest.raises(TypeError, match="roles_to_train must hold str"):
+        MaskPolicy(roles_to_train=["assistant", 1])
+    with pytest.raises(TypeError, match="eot_tokens must hold str"):
+        MaskPolicy(eot_tokens=[7])
+    assert MaskPolicy(train_on_inputs=np.bool_(True)).train_on_inputs is True
+    assert MaskPolicy(field_system=None).field_system is None
+
+
+def test_the_core_reads_every_policy_option_unchanged(tok):
+    """MaskPolicy declares the options and their defaults once: the core has none of its own, so
+    `policy_view` (the core's reading) must give back exactly what `to_core()` sent, for the
+    defaults and for a policy where every option differs from them."""
+    default = MaskPolicy().to_core()
+    assert tok._core.policy_view(default) == default
+    changed = MaskPolicy(
+        roles_to_train=["user", "tool"],
+        train_on_inputs=True,
+        train_on_eot="all",
+        train_on_eos="last",
+        eot_tokens=["<|im_end|>"],
+        train_reasoning=False,
+        train_turn_prefix=False,
+        message_field_training="t",
+        message_field_training_detail="td",
+        source="generation",
+        sanitize_control_tokens=True,
+        max_length=7,
+        overflow="truncate_left",
+    ).to_core()
+    assert [k for k in default if changed[k] == default[k]] == []
+    (im_end,) = tok._core.encode("<|im_end|>")
+    assert tok._core.policy_view(changed) == dict(changed, eot_tokens=[im_end])
+    for key in default:  # a key to_core() forgot is an internal error, not a silent default
+        with pytest.raises(ValueError, match=f'internal error: the policy dict has no "{key}"'):
+            tok._core.policy_view({k: v for k, v in default.items() if k != key})
+    with pytest.raises(ValueError, match='unknown policy field "train_on_everything"'):
+        tok._core.policy_view(dict(default, train_on_everything=True))
+
+
 def test_marker_characters_in_input_are_refused(tok):
     with pytest.raises(SpanError, match="U\\+100000"):
         tok.tokenize([{"role": "user", "content": "a\U00100005b"}, {"role": "assistant", "content": "c"}])
@@ -313,7 +362,7 @@ def axolotl_labels(tok: ChatTokenizer, messages, chat_template=None) -> list[int
 
 
 def decoded_trained(tok, ids, labels) -> str:
-    return tok._core.decode([t for t, l in zip(ids, labels) if l != -100], False)
+    return tok._core.decode([t for t, label in zip(ids, labels) if label != -100], False)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-
 from _parity import TOKENIZERS_DIR, conversation_files, template_kwargs
 from _span_checks import SpanTally, check_corpus
 from conftest import fixture_names, require_shared

@@ -19,10 +19,9 @@ from __future__ import annotations
 import collections
 import os
 
+import _reference_vs_spans as rvs
 import pytest
 from conftest import conversation_file_names, require_shared
-
-import _reference_vs_spans as rvs
 
 ROWS = int(os.environ.get("CHATMASK_SPANS_ROWS", "15"))
 NAMES = rvs.base_tokenizer_names()

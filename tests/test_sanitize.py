@@ -5,7 +5,6 @@ tools and keyword arguments: token ids equal element by element, errors raised a
 from __future__ import annotations
 
 import pytest
-
 from _parity import TOKENIZERS_DIR, conversation_files, oracle
 from _sanitize_expect import END, START, injected_row, probes, synthetic_tokenizers
 from conftest import fixture_names, require_shared

@@ -17,9 +17,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import IN_CI
+
 from chatmask.cli import main
 from chatmask.demo import demo_conversations, demo_tokenizer
-from conftest import IN_CI
 
 TOK = demo_tokenizer()
 ROWS = demo_conversations()

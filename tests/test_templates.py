@@ -15,7 +15,6 @@ import os
 import warnings
 
 import pytest
-
 from conftest import require_shared
 
 import chatmask

@@ -15,13 +15,14 @@ import json
 import os
 from pathlib import Path
 
-import chatmask
 import numpy as np
 import pytest
+from conftest import conversation_file_names, require_shared
+
+import chatmask
 from chatmask.cli import main
 from chatmask.demo import demo_conversations, demo_tokenizer
 from chatmask.truth import CAUSES, reference_wrong
-from conftest import conversation_file_names, require_shared
 
 TOK = demo_tokenizer()
 ROWS = demo_conversations()

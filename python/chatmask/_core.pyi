@@ -4,8 +4,6 @@
 from os import PathLike
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 __version__: str
 DEMO_CONVERSATIONS_JSON: str
 DEMO_CHAT_TEMPLATE: str
@@ -120,6 +118,7 @@ class ChatTokenizer:
         shape: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]: ...
+    def policy_view(self, policy: Mapping[str, Any]) -> dict[str, Any]: ...
     def tokenize(
         self,
         conversation: Conversation,

@@ -58,7 +58,9 @@ def _transformers_render() -> Callable[..., Any]:
             for name in ("cache_clear", "cache_info"):
                 if hasattr(original, name):
                     setattr(dispatch, name, getattr(original, name))
-            ctu._compile_jinja_template = dispatch
+            # A plain function where transformers has an lru_cache wrapper: deliberate, and the
+            # wrapper's cache_clear/cache_info are carried over above for callers that use them.
+            ctu._compile_jinja_template = dispatch  # type: ignore[assignment]
     return ctu.render_jinja_template
 
 

@@ -426,6 +426,8 @@ class ChatTokenizer:
         context = self._core.tokenize(
             messages, context_only, add_generation_prompt=True, chat_template=chat_template, **kwargs
         )
+        # The core returns None only for rows `overflow="drop"` drops; context_only has no limit.
+        assert context is not None
         target = np.asarray(self._core.encode(continuation), dtype=np.int64)
         if max_length is not None and len(target) > max_length:
             raise SequenceTooLongError(f"the continuation alone is {len(target)} tokens, max_length is {max_length}")

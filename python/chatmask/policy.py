@@ -13,6 +13,8 @@ import dataclasses
 import operator
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
+
 EndTokens = Literal["none", "turn", "all", "last"]
 Overflow = Literal["error", "drop", "truncate_left", "truncate_right"]
 
@@ -115,8 +117,19 @@ class MaskPolicy:
     split_thinking: bool = False
 
     def __post_init__(self) -> None:
+        # This dataclass is the one place the options, their types and their defaults are
+        # declared and checked: the core takes `to_core()` as given, with no defaults of its own.
         if isinstance(self.roles_to_train, str):
             raise TypeError("roles_to_train must be a list of role names, not a str")
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+            object.__setattr__(self, name, bool(value))
+        for name, optional in _STR_FIELDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (value is None and optional):
+                raise TypeError(f"{name} must be a str, not {type(value).__name__}")
         if self.train_on_eot is None:
             object.__setattr__(self, "train_on_eot", self.train_on_eos)  # axolotl's fallback
         for name in ("train_on_eot", "train_on_eos"):
@@ -134,11 +147,11 @@ class MaskPolicy:
             if isinstance(self.max_length, bool) or length < 1:
                 raise ValueError(f"max_length must be a positive int or None, not {self.max_length!r}")
             object.__setattr__(self, "max_length", length)
-        object.__setattr__(self, "roles_to_train", tuple(self.roles_to_train))
+        object.__setattr__(self, "roles_to_train", _strings("roles_to_train", self.roles_to_train))
         if self.eot_tokens is not None:
             if isinstance(self.eot_tokens, str):
                 raise TypeError("eot_tokens must be a list of token strings, not a str")
-            object.__setattr__(self, "eot_tokens", tuple(self.eot_tokens))
+            object.__setattr__(self, "eot_tokens", _strings("eot_tokens", self.eot_tokens))
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> MaskPolicy:
@@ -153,7 +166,8 @@ class MaskPolicy:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_core(self) -> dict[str, Any]:
-        """The labelling half, as the Rust core takes it."""
+        """The labelling half, as the Rust core takes it: every key, validated and normalised
+        (the core reads each one and refuses a missing or an unknown key)."""
         return {
             # Dataset role names map to template roles, as messages' roles do (axolotl too).
             "roles_to_train": [self._role_lookup().get(r, r) for r in self.roles_to_train],
@@ -251,6 +265,22 @@ def _split_thinking(message: dict[str, Any]) -> None:
                     break
             message["content"] = remainder
             return
+
+
+# The plain-typed fields, read off the annotations above (strings, under `from __future__ import
+# annotations`) so a new field's type is declared once; test_policy checks each kind is refused.
+_BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(MaskPolicy) if f.type == "bool")
+_STR_FIELDS = {
+    f.name: f.type == "str | None" for f in dataclasses.fields(MaskPolicy) if f.type in ("str", "str | None")
+}
+
+
+def _strings(name: str, values: Sequence[str]) -> tuple[str, ...]:
+    out = tuple(values)
+    for value in out:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must hold str values, not {type(value).__name__}")
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -24,6 +24,9 @@ pub use engine::{EncoderChoice, Fallback, GateTiming};
 
 use crate::error::{Error, Result};
 
+/// Each token's `(start, end)` in code points of the encoded text.
+pub type CharSpans = Vec<(usize, usize)>;
+
 const WORD_CACHE_CAPACITY: usize = 200_000;
 
 /// A tokenizer, with what the prefix arithmetic needs to know about its added tokens.
@@ -278,7 +281,7 @@ impl Encoder {
     /// Token ids and each token's `(start, end)` in code points, as transformers' `char_to_token`
     /// sees them. Always the `tokenizers` crate: these are the tokenizer's own offsets, which
     /// the generation masks must reproduce quirks included.
-    pub fn encode_with_char_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_char_offsets(&self, text: &str) -> Result<(Vec<u32>, CharSpans)> {
         let enc = self
             .tokenizer
             .encode_char_offsets(text, false)
@@ -296,10 +299,7 @@ impl Encoder {
     /// Returns `derived = false` when the pieces do not spell `text` (a normalizer changed it,
     /// an unknown token), and then uses the tokenizer's offsets, which have been reported wrong
     /// for some tokenizers (tokenizers #1553), so callers count such rows.
-    pub fn encode_with_positions(
-        &self,
-        text: &str,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>, bool)> {
+    pub fn encode_with_positions(&self, text: &str) -> Result<(Vec<u32>, CharSpans, bool)> {
         let ids = self.encode(text)?;
         if let Some(positions) = self.positions(text, &ids) {
             return Ok((ids, positions, true));

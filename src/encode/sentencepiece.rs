@@ -32,6 +32,9 @@ pub enum PrependScheme {
 /// so a boundary whose pair is not here is never crossed by any token.
 struct Bridges(FxHashSet<(char, char)>);
 
+/// Word bytes -> their token ids, filled as words are first encoded.
+type PieceCache = FxHashMap<Box<[u8]>, Box<[u32]>>;
+
 pub struct SentencePieceBpe {
     added: Option<DoubleArrayAhoCorasick<u32>>,
     replacement: char,
@@ -45,7 +48,7 @@ pub struct SentencePieceBpe {
     words: Option<FxHashMap<Box<str>, u32>>,
     merges: FxHashMap<(u32, u32), (u32, u32)>,
     bridges: Bridges,
-    cache: RwLock<FxHashMap<Box<[u8]>, Box<[u32]>>>,
+    cache: RwLock<PieceCache>,
 }
 
 /// Vocabulary ids of single characters: a table for the Basic Multilingual Plane (looked up

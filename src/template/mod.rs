@@ -590,8 +590,7 @@ impl ChatTemplate {
 
     /// Whether the template has `{% generation %}` blocks.
     pub fn has_generation_blocks(&self) -> bool {
-        regex::Regex::new(r"\{%-?\s*generation\s*-?%\}")
-            .map_or(false, |re| re.is_match(&self.source))
+        regex::Regex::new(r"\{%-?\s*generation\s*-?%\}").is_ok_and(|re| re.is_match(&self.source))
     }
 
     /// Renders with a full context (messages, tools, add_generation_prompt, special tokens, ...).
