@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import chatmask
 import numpy as np
 import pytest
-from chatmask.rows import CoreRow, Fields, parse, parse_lines
 from conftest import conversation_file_names, require_shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import chatmask
+from chatmask.rows import CoreRow, Fields, parse, parse_lines
 
 POLICY = chatmask.MaskPolicy()
 SHAREGPT = chatmask.MaskPolicy(field_messages="conversations", field_system="system", drop_system_message=True)

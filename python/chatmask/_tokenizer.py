@@ -15,7 +15,7 @@ from ._batch_paths import core_rows, needs_python_rendering, tokenize_policy_bat
 from ._fallback import JinjaRenderer, open_jinja2, why_not_native
 from ._recipe import read_tokenizer_files, restore
 from .batch import TokenizedBatch
-from .errors import ChatMaskError, TemplateError, TemplateLimitError, TokenizerError
+from .errors import ChatMaskError, SequenceTooLongError, TemplateError, TemplateLimitError, TokenizerError
 from .limits import RenderLimits
 from .policy import MaskPolicy
 
@@ -413,8 +413,6 @@ class ChatTokenizer:
         longer than `max_length` on its own raises :class:`SequenceTooLongError`.
         ``message_index`` gives the continuation ``len(context_messages)``.
         """
-        from .errors import SequenceTooLongError
-
         chat_template, kwargs = _split_template_kwargs(template_kwargs)
         if not isinstance(continuation, str):
             raise TypeError(f"continuation must be a str, not {type(continuation).__name__}")
@@ -426,8 +424,7 @@ class ChatTokenizer:
         context = self._core.tokenize(
             messages, context_only, add_generation_prompt=True, chat_template=chat_template, **kwargs
         )
-        # The core returns None only for rows `overflow="drop"` drops; context_only has no limit.
-        assert context is not None
+        assert context is not None  # None is only a row `overflow="drop"` drops; context_only has no limit
         target = np.asarray(self._core.encode(continuation), dtype=np.int64)
         if max_length is not None and len(target) > max_length:
             raise SequenceTooLongError(f"the continuation alone is {len(target)} tokens, max_length is {max_length}")
