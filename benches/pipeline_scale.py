@@ -67,8 +67,8 @@ def write_corpus(path: Path, n: int) -> list[int]:
     return broken
 
 
-def run_cli(corpus: Path, out: Path, tokenizer: Path, mode: str, threads: int) -> tuple[float, int]:
-    """Wall seconds and peak RSS in bytes of the CLI child."""
+def run_cli(corpus: Path, out: Path, tokenizer: Path, mode: str, threads: int) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS in bytes and CPU seconds (user + system) of the CLI child."""
     labels = [] if mode == "policy" else ["--mode", mode]
     cmd = [
         sys.executable,
@@ -91,24 +91,26 @@ def run_cli(corpus: Path, out: Path, tokenizer: Path, mode: str, threads: int) -
     seconds = time.perf_counter() - t0
     if status != 0:
         raise SystemExit(f"chatmask tokenize failed with status {status}")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
-def time_batch_api(corpus: Path, tokenizer: Path, mode: str, threads: int) -> tuple[float, int, int, int]:
+def time_batch_api(corpus: Path, tokenizer: Path, mode: str, threads: int) -> tuple[float, int, int, int, float]:
+    """Tokenizing wall seconds, rows, tokens, failed rows, tokenizing CPU seconds (all threads)."""
     tok = chatmask.ChatTokenizer.from_pretrained(tokenizer)
-    seconds = 0.0
+    seconds = cpu = 0.0
     rows = tokens = failed = 0
     chunk: list[dict] = []
 
     def flush():
-        nonlocal seconds, rows, tokens, failed
-        t0 = time.perf_counter()
+        nonlocal seconds, cpu, rows, tokens, failed
+        t0, c0 = time.perf_counter(), time.process_time()
         # The same labels as the CLI: its default MaskPolicy, or a reference mode flagged as it flags.
         if mode == "policy":
             batch = tok.tokenize_batch(chunk, policy=chatmask.MaskPolicy(), num_threads=threads, on_error="skip")
         else:
             batch = tok.tokenize_batch(chunk, mode=mode, num_threads=threads, on_error="skip", flag_reference=True)
         seconds += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         rows += len(batch)
         tokens += len(batch.input_ids)
         failed += len(batch.errors)
@@ -126,7 +128,7 @@ def time_batch_api(corpus: Path, tokenizer: Path, mode: str, threads: int) -> tu
                 flush()
     if chunk:
         flush()
-    return seconds, rows, tokens, failed
+    return seconds, rows, tokens, failed, cpu
 
 
 def main() -> int:
@@ -155,12 +157,15 @@ def main() -> int:
         flush=True,
     )
 
-    cli_s, rss = run_cli(corpus, out, tokenizer, args.mode, args.threads)
+    cli_s, rss, cli_cpu = run_cli(corpus, out, tokenizer, args.mode, args.threads)
     manifest = json.loads((out / "manifest.json").read_text())
     failed_rows = [json.loads(line)["row"] for line in open(out / "errors.jsonl")]
     accounted = manifest["rows_in"] == manifest["rows_out"] + manifest["rows_failed"] == args.rows
     broken_listed = set(broken) <= set(failed_rows) and len(failed_rows) == manifest["rows_failed"]
-    print(f"cli: {cli_s:.1f} s, {args.rows / cli_s:,.0f} rows/s, peak RSS {rss / 2**20:,.0f} MiB")
+    print(
+        f"cli: {cli_s:.1f} s, {args.rows / cli_s:,.0f} rows/s, {cli_cpu:.1f} s CPU (start-up and loading "
+        f"included), peak RSS {rss / 2**20:,.0f} MiB"
+    )
     print(
         "manifest:",
         json.dumps(
@@ -173,9 +178,9 @@ def main() -> int:
         flush=True,
     )
 
-    api_s, api_rows, api_tokens, api_failed = time_batch_api(corpus, tokenizer, args.mode, args.threads)
+    api_s, api_rows, api_tokens, api_failed, api_cpu = time_batch_api(corpus, tokenizer, args.mode, args.threads)
     print(
-        f"batch API: {api_s:.1f} s tokenizing, {api_rows / api_s:,.0f} rows/s ({api_rows:,} rows, "
+        f"batch API: {api_s:.1f} s tokenizing, {api_cpu:.1f} s CPU, {api_rows / api_s:,.0f} rows/s ({api_rows:,} rows, "
         f"{api_tokens:,} tokens, {api_failed:,} rows the template rejects; parsing not timed)"
     )
     # The CLI's failures are the broken rows plus the rows the template rejects in the batch API too.
@@ -186,6 +191,12 @@ def main() -> int:
     )
     ratio = (args.rows / cli_s) / (api_rows / api_s)
     print(f"same rows and tokens as the CLI: {same}")
+    # CPU seconds per row, batch API over CLI: the wall ratio a quiet machine with all cores busy
+    # would show (wall ratios move with whatever else the machine runs).
+    print(
+        f"manifest seconds (the job after loading): {manifest['seconds']:.1f}; CPU per row, batch API / CLI: "
+        f"{(api_cpu / api_rows) / (cli_cpu / args.rows):.2f}x"
+    )
     print(
         f"throughput CLI / batch API: {ratio:.2f}x   peak RSS: {rss / 2**20:,.0f} MiB "
         f"({args.threads} threads, {args.tokenizer}, mode {args.mode})"

@@ -18,6 +18,7 @@ and commit them in row order (protocol: :mod:`chatmask.pipeline.state`).
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -354,6 +355,9 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
     pyarrow_modules()
     inputs = resolve_inputs(opts.inputs)
     tokenizer = load_tokenizer(opts.tokenizer, opts.encoder, opts.allow_jinja2)  # type: ignore[arg-type]
+    # The long-lived objects (pyarrow, the tokenizer, transformers when imported) leave the
+    # collector's view: the per-row objects would otherwise make it walk them again and again.
+    gc.freeze()
     state = prepare_outdir(opts.outdir, opts.resume, job_config(opts, inputs, tokenizer))
     if state is None:
         import json
