@@ -709,6 +709,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, "<a>&lt;b&gt;|&amp;<|<>&|None|TrueFalseFalseFalse23");
+        // `{% set %}` values are wrapped for the size check; a tuple without parentheses whole.
+        let out = render(
+            "{% set a, b, c = 1, 'x', none %}{{ a }}{{ b }}{{ c }}{% set t = 1, 2 %}{{ t }}",
+            msgs(&[]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(out, "1xNone(1, 2)");
         let err = render("{{ messages[0].items }}", msgs(&[("user", "x")]), &[]).unwrap_err();
         assert!(err.to_string().contains("memory address"), "{err}");
     }

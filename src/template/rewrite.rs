@@ -31,13 +31,24 @@ pub fn start(e: &Expr<'_>) -> u32 {
         Expr::Compare(c) => Some(start(&c.expr)),
         // An if-expression's own span starts at the token before it (a `(` around it, say).
         Expr::IfExpr(i) => return start(&i.true_expr),
+        Expr::Tuple(t) => t.items.first().map(start),
         _ => None,
     };
     inner.map_or(e.span().start_offset, |s| s.min(e.span().start_offset))
 }
 
+/// The byte after an expression; a tuple without parentheses (`{% set a, b = 1, 2 %}`) has a
+/// span that stops short of its last items.
 fn end(e: &Expr<'_>) -> u32 {
-    e.span().end_offset
+    match e {
+        Expr::Tuple(t) => t
+            .items
+            .iter()
+            .map(end)
+            .max()
+            .map_or(e.span().end_offset, |x| x.max(e.span().end_offset)),
+        _ => e.span().end_offset,
+    }
 }
 
 /// What an operator found in the source becomes.
@@ -332,11 +343,7 @@ pub fn guard_none_iteration(source: &str) -> String {
             match stmt {
                 Stmt::Template(t) => walk(&t.children, out),
                 Stmt::ForLoop(f) => {
-                    out.push((
-                        start(&f.iter) as usize,
-                        f.iter.span().end_offset as usize,
-                        ITERABLE,
-                    ));
+                    out.push((start(&f.iter) as usize, end(&f.iter) as usize, ITERABLE));
                     walk(&f.body, out);
                     walk(&f.else_body, out);
                 }
