@@ -679,12 +679,6 @@ impl PyChatTokenizer {
             .map(|e| to_pyerr(py, &e, None)))
     }
 
-    /// A construct in this template source that minijinja renders differently from Jinja2, if any.
-    #[staticmethod]
-    fn unsupported_construct(source: &str) -> Option<&'static str> {
-        crate::template::unsupported_construct(source)
-    }
-
     /// Every template source the tokenizer carries (default and named).
     fn template_sources(&self) -> Vec<String> {
         self.inner.template_sources()
@@ -1109,6 +1103,52 @@ fn peak_render_fuel(reset: bool) -> u64 {
     crate::template::peak_fuel_used(reset)
 }
 
+/// The code points the Python layer checks against its `unicodedata` (see `_unicode.py`).
+#[pyfunction]
+fn unicode_known_text() -> String {
+    crate::template::pycase::known_text()
+}
+
+/// Installs the running Python's case mappings and unassigned code points (once per process).
+#[pyfunction]
+fn install_unicode_tables(tables: &Bound<'_, PyDict>) -> PyResult<()> {
+    use std::collections::HashMap;
+    let item = |name: &str| -> PyResult<Bound<'_, PyAny>> {
+        tables
+            .get_item(name)?
+            .ok_or_else(|| PyValueError::new_err(format!("missing table {name:?}")))
+    };
+    let mapping = |name: &str| -> PyResult<HashMap<char, String>> {
+        let raw: HashMap<String, String> = item(name)?.extract()?;
+        raw.into_iter()
+            .map(|(k, v)| {
+                let mut chars = k.chars();
+                match (chars.next(), chars.next()) {
+                    (Some(c), None) => Ok((c, v)),
+                    _ => Err(PyValueError::new_err(format!(
+                        "{name}: key {k:?} is not one character"
+                    ))),
+                }
+            })
+            .collect()
+    };
+    let chars = |name: &str| -> PyResult<std::collections::HashSet<char>> {
+        Ok(item(name)?.extract::<String>()?.chars().collect())
+    };
+    crate::template::pycase::install(crate::template::pycase::Tables {
+        upper: mapping("upper")?,
+        lower: mapping("lower")?,
+        title: mapping("title")?,
+        casefold: mapping("casefold")?,
+        unassigned: chars("unassigned")?,
+        is_lower: chars("is_lower")?,
+        is_upper: chars("is_upper")?,
+        is_title: chars("is_title")?,
+        version: item("version")?.extract()?,
+    });
+    Ok(())
+}
+
 /// The demo tokenizer's `tokenizer.json` ("bytelevel" or "metaspace"), trained on the demo data.
 #[pyfunction]
 #[pyo3(signature = (kind="bytelevel"))]
@@ -1134,6 +1174,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(demo_tokenizer_json, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(peak_render_fuel, m)?)?;
+    m.add_function(wrap_pyfunction!(unicode_known_text, m)?)?;
+    m.add_function(wrap_pyfunction!(install_unicode_tables, m)?)?;
     m.add("DEMO_CONVERSATIONS_JSON", demo::CONVERSATIONS_JSON)?;
     m.add("DEMO_CHAT_TEMPLATE", demo::CHAT_TEMPLATE)?;
     m.add("DEMO_EOS_TOKEN", demo::EOS_TOKEN)?;

@@ -22,15 +22,19 @@ from transformers.utils.chat_template_utils import render_jinja_template  # noqa
 
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
-# The constructs that routed a template to Jinja2 before, each rendering some text first.
-# `%` formatting now renders natively (tests/test_percent_format.py); the others still need
-# Jinja2, and so `allow_jinja2=True`.
+# The constructs that routed a template to Jinja2 before, each rendering some text first: `%`
+# formatting, Markup's `+` and method attributes render natively now
+# (tests/test_percent_format.py, tests/test_markup_and_method_attrs.py). What still reaches
+# Jinja2 is syntax minijinja cannot compile (a tuple without parentheses as a for-loop's
+# iterable), and only with `allow_jinja2=True`.
 TRIGGERS = {
     "percent formatting": "{{ 'x%02d' % 3 }}",
     "safe plus": "{{ ('<a>' | safe) + '<b>' }}",
     "dict method as attribute": "{% if messages[0].items %}m{% endif %}",
+    "Jinja2-only syntax": "{% for x in '<a>', '&lt;b&gt;' %}{{ x }}{% endfor %}",
 }
-NATIVE = {"percent formatting"}
+NATIVE = {"percent formatting", "safe plus", "dict method as attribute"}
+JINJA2_ONLY = TRIGGERS["Jinja2-only syntax"]
 JINJA2 = sorted(set(TRIGGERS) - NATIVE)
 
 HOSTILE = {
@@ -74,15 +78,13 @@ HOSTILE = {
 # Natively, values count against fuel, so some templates run out of fuel before the output
 # limit; minijinja has no `center`, so those fail at once (a plain TemplateError).
 NATIVE_OUTCOME = {
-    "doubling a string with ~": (chatmask.TemplateLimitError, "out of fuel"),
-    "doubling a string with +": (chatmask.TemplateLimitError, "out of fuel"),
+    # the string stops growing at the output limit or, one step before, when its fuel runs out
+    "doubling a string with ~": (chatmask.TemplateLimitError, "output exceeds|out of fuel"),
+    "doubling a string with +": (chatmask.TemplateLimitError, "output exceeds|out of fuel"),
     "center method": (chatmask.TemplateError, "has no method named center"),
     "center filter": (chatmask.TemplateError, "filter center is unknown"),
     "huge power": (chatmask.TemplateError, "unable to calculate"),
 }
-# Natively a doubling string grows to ~512 MB before its fuel runs out: memory-bound, 0.3-0.7 s
-# on an idle machine, up to 2.4 s measured on a loaded one (the first, page-faulting run).
-SLOW_NATIVE = {"doubling a string with ~", "doubling a string with +"}
 
 STOP_TIMES: dict[tuple[str, str, bool], float] = {}
 
@@ -101,7 +103,7 @@ def test_without_the_opt_in_a_trigger_is_refused(trigger):
             build(source, allow=False)
     assert time.perf_counter() - start < 1.0
     assert not isinstance(info.value, chatmask.TemplateLimitError)
-    assert "cannot render this chat template natively" in str(info.value)
+    assert "if Jinja2 accepts this template" in str(info.value)  # minijinja's syntax error, and the way out
     # The same template given at call time, on a tokenizer whose own template is native.
     tok = build("{{ messages[0].content }}", allow=False)
     for call in (
@@ -163,11 +165,11 @@ def test_hostile_template_with_a_trigger_stops_within_a_second(trigger, hostile,
         f"\n[stop] {trigger} x {hostile}, {'allow_jinja2' if allow else 'no opt-in'}: {outcome} in {cpu:.3f} s CPU, {elapsed:.3f} s wall"
     )
     # CPU time: the wall clock on a shared machine measures the other processes too.
-    assert cpu < (3.0 if trigger in NATIVE and hostile in SLOW_NATIVE else 1.5), f"{cpu:.2f} s CPU"
+    assert cpu < 1.5, f"{cpu:.2f} s CPU"
 
 
 def test_hostile_templates_stop_in_every_jinja2_entry_point():
-    source = TRIGGERS["safe plus"] + HOSTILE["nested range loops"][0]
+    source = JINJA2_ONLY + HOSTILE["nested range loops"][0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = build(source, allow=True)
@@ -186,7 +188,7 @@ def test_hostile_templates_stop_in_every_jinja2_entry_point():
 
 
 def test_jinja2_limits_follow_render_limits():
-    source = TRIGGERS["safe plus"] + "{% for i in range(3000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}ok"
+    source = JINJA2_ONLY + "{% for i in range(3000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}ok"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = build(source, allow=True)
@@ -197,7 +199,7 @@ def test_jinja2_limits_follow_render_limits():
     tok.render_limits = chatmask.RenderLimits(max_output_bytes=4)
     with pytest.raises(chatmask.TemplateLimitError, match="exceeds 4 bytes"):
         tok.apply_chat_template(CHAT, tokenize=False)
-    deep = TRIGGERS["safe plus"] + "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}"
+    deep = JINJA2_ONLY + "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = build(deep, allow=True)
@@ -244,7 +246,7 @@ def test_a_syntax_error_is_a_syntax_error_either_way():
 
 
 def test_allow_jinja2_survives_pickling_and_the_drop_in_cache():
-    source = TRIGGERS["safe plus"] + "{% for m in messages %}{{ m.content }}{% endfor %}"
+    source = JINJA2_ONLY + "{% for m in messages %}{{ m.content }}{% endfor %}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = build(source, allow=True)
@@ -276,7 +278,7 @@ def test_limited_jinja2_does_not_change_what_transformers_would_render():
     """Other callers of transformers' compiler see transformers' own template, and ours equals it."""
     from transformers.utils import chat_template_utils as ctu
 
-    source = TRIGGERS["safe plus"] + "{% for m in messages %}{{ loop.index }}{{ m.content ~ '|' }}{% endfor %}"
+    source = JINJA2_ONLY + "{% for m in messages %}{{ loop.index }}{{ m.content ~ '|' }}{% endfor %}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = build(source, allow=True)
@@ -286,13 +288,14 @@ def test_limited_jinja2_does_not_change_what_transformers_would_render():
 
 
 def test_real_jinja2_path_templates_use_a_small_part_of_the_work_budget():
-    """The Hub templates that still need Jinja2 render far inside the default limits."""
+    """The Hub templates that needed Jinja2 until they rendered natively (the last three) render
+    far inside the default limits there too: the limited Jinja2 renderer, used directly."""
     import copy
 
     import template_survey as survey
     from conftest import require_shared
 
-    from chatmask import _sandbox
+    from chatmask import _fallback, _sandbox
 
     templates = require_shared("fixtures", "templates")
     survey.ROWS_PER_FILE = 3
@@ -308,16 +311,16 @@ def test_real_jinja2_path_templates_use_a_small_part_of_the_work_budget():
         source = (templates / f"{name}.jinja").read_text(encoding="utf-8")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tok = chatmask.ChatTokenizer.from_parts(demo_tokenizer_json(), source, dict(extra), allow_jinja2=True)
-        assert tok.render_backend == "jinja2", name
+            tok = chatmask.ChatTokenizer.from_parts(demo_tokenizer_json(), source, dict(extra))
+        assert tok.render_backend == "minijinja", name
+        renderer = _fallback.JinjaRenderer(source, tok.special_tokens, tok._core.render_limits)
         for _, messages, tools in cases:
             for agp in (False, True):
                 try:
-                    tok.apply_chat_template(
+                    renderer.render(
                         copy.deepcopy(messages),
-                        tools=copy.deepcopy(tools),
                         add_generation_prompt=agp,
-                        tokenize=False,
+                        tools=copy.deepcopy(tools),
                         date_string="26 Jul 2024",
                     )
                 except chatmask.TemplateLimitError:

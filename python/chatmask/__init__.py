@@ -4,7 +4,7 @@
 functions; :class:`ChatTokenizer` is the compiled core with single and batch APIs.
 """
 
-from . import demo
+from . import _unicode, demo
 from ._core import __version__
 from ._tokenizer import ChatTokenizer
 from .batch import TokenizedBatch
@@ -22,6 +22,10 @@ from .errors import (
 )
 from .limits import RenderLimits
 from .policy import MaskPolicy
+
+# Templates' str methods follow this Python's Unicode data (see _unicode.py), for every
+# tokenizer, however it was built.
+_unicode.install()
 
 __all__ = [
     "ChatMaskError",

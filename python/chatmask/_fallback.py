@@ -115,13 +115,16 @@ class JinjaRenderer:
 
 
 def why_not_native(core: Any, source: str) -> tuple[str | None, BaseException | None]:
-    """Why `source` cannot render natively (None if it can), and minijinja's compile error if any."""
-    from . import _core
+    """Why `source` cannot render natively (None if it can), and minijinja's compile error if any.
 
+    Every construct of the Hub collection renders natively now (`%`, Markup's `+`, method
+    attributes); what remains is a template minijinja cannot compile (and `verify=`
+    differences, found at render time).
+    """
     error = core.compile_error(source)
     if error is not None:
         return f"minijinja cannot compile it ({error})", error
-    return _core.ChatTokenizer.unsupported_construct(source), None
+    return None, None
 
 
 def open_jinja2(

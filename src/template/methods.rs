@@ -9,6 +9,8 @@ use minijinja::value::{Value, ValueKind};
 use minijinja::{Error, ErrorKind, State};
 use unicode_general_category::{get_general_category, GeneralCategory as Gc};
 
+use super::pycase;
+
 /// Python's `str.isspace()` set: Rust's White_Space plus the four ASCII separators U+001C..U+001F.
 pub fn is_py_space(c: char) -> bool {
     c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
@@ -185,20 +187,18 @@ fn chars_count(s: &str) -> i64 {
     s.chars().count() as i64
 }
 
-fn is_titlecase(c: char) -> bool {
-    get_general_category(c) == Gc::TitlecaseLetter
-}
-
-/// Python's `str.isalpha()` for one character: the `L*` general categories.
+/// Python's `str.isalpha()` for one character: the `L*` general categories (of the running
+/// Python's database).
 fn is_py_alpha(c: char) -> bool {
-    matches!(
-        get_general_category(c),
-        Gc::UppercaseLetter
-            | Gc::LowercaseLetter
-            | Gc::TitlecaseLetter
-            | Gc::ModifierLetter
-            | Gc::OtherLetter
-    )
+    !pycase::is_unassigned(c)
+        && matches!(
+            get_general_category(c),
+            Gc::UppercaseLetter
+                | Gc::LowercaseLetter
+                | Gc::TitlecaseLetter
+                | Gc::ModifierLetter
+                | Gc::OtherLetter
+        )
 }
 
 /// Python's `str.islower()` / `str.isupper()`: some cased character, none of the other case
@@ -207,42 +207,16 @@ fn py_is_case(s: &str, lower: bool) -> bool {
     let mut cased = false;
     for c in s.chars() {
         let (same, other) = if lower {
-            (c.is_lowercase(), c.is_uppercase())
+            (pycase::is_lower(c), pycase::is_upper(c))
         } else {
-            (c.is_uppercase(), c.is_lowercase())
+            (pycase::is_upper(c), pycase::is_lower(c))
         };
-        if other || is_titlecase(c) {
+        if other || pycase::is_title(c) {
             return false;
         }
         cased |= same;
     }
     cased
-}
-
-/// Python's `str.swapcase()`: uppercase characters lowered, lowercase ones uppered (full
-/// mappings), others kept; a capital sigma lowers as `str.lower()` would lower it in place.
-fn py_swapcase(s: &str) -> String {
-    let lowered = if s.contains('\u{3a3}') {
-        s.to_lowercase()
-    } else {
-        String::new()
-    };
-    let mut out = String::with_capacity(s.len());
-    let mut offset = 0; // of this character in `lowered` (lowering keeps a sigma's length)
-    for c in s.chars() {
-        if c == '\u{3a3}' {
-            // The final-sigma rule needs the context: take this character from the whole string lowered.
-            out.extend(lowered[offset..].chars().next());
-        } else if c.is_uppercase() {
-            out.extend(c.to_lowercase());
-        } else if c.is_lowercase() {
-            out.extend(c.to_uppercase());
-        } else {
-            out.push(c);
-        }
-        offset += c.to_lowercase().map(char::len_utf8).sum::<usize>();
-    }
-    out
 }
 
 /// Calls a Python str method, or returns `None` if this module doesn't define it.
@@ -378,33 +352,15 @@ pub fn string_method(
                     }
                 }
             }
-            "capitalize" => {
-                let mut chars = s.chars();
-                Value::from(match chars.next() {
-                    Some(first) => first
-                        .to_uppercase()
-                        .chain(chars.flat_map(char::to_lowercase))
-                        .collect::<String>(),
-                    None => String::new(),
-                })
-            }
-            "title" => {
-                let mut out = String::with_capacity(s.len());
-                let mut prev_cased = false;
-                for c in s.chars() {
-                    if prev_cased {
-                        out.extend(c.to_lowercase());
-                    } else {
-                        out.extend(c.to_uppercase());
-                    }
-                    prev_cased = c.is_alphabetic();
-                }
-                Value::from(out)
-            }
+            "capitalize" => Value::from(pycase::py_capitalize(s)),
+            "title" => Value::from(pycase::py_title(s)),
+            "upper" => Value::from(pycase::py_upper(s)),
+            "lower" => Value::from(pycase::py_lower(s)),
+            "casefold" => Value::from(pycase::py_casefold(s)),
             "isalpha" => Value::from(!s.is_empty() && s.chars().all(is_py_alpha)),
             "islower" => Value::from(py_is_case(s, true)),
             "isupper" => Value::from(py_is_case(s, false)),
-            "swapcase" => Value::from(py_swapcase(s)),
+            "swapcase" => Value::from(pycase::py_swapcase(s)),
             _ => return Err(Error::from(ErrorKind::UnknownMethod)),
         })
     })();
@@ -465,8 +421,9 @@ pub fn title_filter(value: &Value) -> String {
         };
         let mut chars = piece.chars();
         if let Some(first) = chars.next() {
-            out.extend(first.to_uppercase());
-            out.push_str(&chars.as_str().to_lowercase());
+            // `item[0].upper() + item[1:].lower()`: uppercase, not titlecase.
+            pycase::push_upper(first, &mut out);
+            out.push_str(&pycase::py_lower(chars.as_str()));
         }
         rest = tail;
     }
@@ -478,17 +435,18 @@ pub fn wordcount(value: &Value) -> usize {
     let s = super::pyfmt::py_str(value);
     let is_word = |c: char| {
         c == '_'
-            || matches!(
-                get_general_category(c),
-                Gc::UppercaseLetter
-                    | Gc::LowercaseLetter
-                    | Gc::TitlecaseLetter
-                    | Gc::ModifierLetter
-                    | Gc::OtherLetter
-                    | Gc::DecimalNumber
-                    | Gc::LetterNumber
-                    | Gc::OtherNumber
-            )
+            || !pycase::is_unassigned(c)
+                && matches!(
+                    get_general_category(c),
+                    Gc::UppercaseLetter
+                        | Gc::LowercaseLetter
+                        | Gc::TitlecaseLetter
+                        | Gc::ModifierLetter
+                        | Gc::OtherLetter
+                        | Gc::DecimalNumber
+                        | Gc::LetterNumber
+                        | Gc::OtherNumber
+                )
     };
     let mut count = 0;
     let mut in_word = false;

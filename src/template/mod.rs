@@ -4,7 +4,9 @@
 
 mod methods;
 mod printf;
+pub mod pycase;
 pub mod pyfmt;
+mod pyvalues;
 mod rewrite;
 
 use std::borrow::Cow;
@@ -163,47 +165,6 @@ fn iterable_or_raise(value: Value) -> Result<Value, JinjaError> {
     Ok(value)
 }
 
-/// Constructs minijinja renders differently from Jinja2 that a template cannot be checked for
-/// at run time, each seen on the Hub:
-/// - a `|safe` result meeting `+`: Jinja2's Markup HTML-escapes the other operand, minijinja
-///   concatenates;
-/// - a dict method's name read as an attribute without a call (`json_spec.items`): Jinja2's
-///   `getattr` finds the bound method before the key, minijinja the key. Names bound by
-///   `namespace(...)` are exempt: a namespace's attributes are its keys in both.
-pub fn unsupported_construct(source: &str) -> Option<&'static str> {
-    use std::sync::OnceLock;
-    static SAFE_PLUS: OnceLock<regex::Regex> = OnceLock::new();
-    static METHOD_ATTR: OnceLock<regex::Regex> = OnceLock::new();
-    static NAMESPACE: OnceLock<regex::Regex> = OnceLock::new();
-    let safe_plus = SAFE_PLUS.get_or_init(|| {
-        regex::Regex::new(
-            r"\|\s*safe\s*\)?\s*\+|\+\s*\(?\s*[^{}%+]{0,80}\|\s*safe\b|\|\s*safe\b[^{}%]{0,120}?\)\s*\+",
-        )
-        .unwrap()
-    });
-    if safe_plus.is_match(source) {
-        return Some("it adds a `|safe` string with `+`, which Jinja2 HTML-escapes (Markup) and minijinja does not");
-    }
-    let method_attr = METHOD_ATTR.get_or_init(|| {
-        regex::Regex::new(
-            r"([A-Za-z_][A-Za-z0-9_]*|[\])])\.(?:items|keys|values|get|pop|popitem|setdefault|update|copy|clear|fromkeys)\b(\s*\()?",
-        )
-        .unwrap()
-    });
-    let namespace = NAMESPACE.get_or_init(|| {
-        regex::Regex::new(r"set\s+([A-Za-z_][A-Za-z0-9_]*)\s*=\s*namespace\s*\(").unwrap()
-    });
-    let namespaces: Vec<&str> = namespace
-        .captures_iter(source)
-        .filter_map(|c| c.get(1))
-        .map(|m| m.as_str())
-        .collect();
-    method_attr
-        .captures_iter(source)
-        .any(|c| c.get(2).is_none() && !namespaces.contains(&&c[1]))
-        .then_some("it reads a dict method's name as an attribute (like `x.items`), which Jinja2 resolves to the method and minijinja to the key")
-}
-
 /// Python's `str.splitlines()` (without keepends).
 fn py_splitlines(s: &str) -> Vec<&str> {
     let mut lines = Vec::new();
@@ -351,13 +312,24 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
     pyfmt::json_dumps(value, &style).map(Value::from)
 }
 
-fn python_string(value: &Value) -> String {
-    pyfmt::py_str(value)
+/// Jinja2's `|string` is `soft_str`: Markup stays Markup.
+fn python_string(value: Value) -> Value {
+    if value.is_safe() {
+        return value;
+    }
+    Value::from(pyfmt::py_str(&value))
 }
 
-fn trim(value: &Value, chars: Option<String>) -> String {
+/// Jinja2's `|trim`; on Markup, `Markup.strip`, which escapes its argument and stays Markup.
+fn trim(value: &Value, chars: Option<String>) -> Value {
     let s = pyfmt::py_str(value);
-    methods::py_strip(&s, chars.as_deref(), true, true).to_string()
+    if value.is_safe() {
+        let chars = chars.as_deref().map(pyvalues::html_escape);
+        return Value::from_safe_string(
+            methods::py_strip(&s, chars.as_deref(), true, true).to_string(),
+        );
+    }
+    Value::from(methods::py_strip(&s, chars.as_deref(), true, true))
 }
 
 fn join(
@@ -426,6 +398,9 @@ fn build_environment() -> Environment<'static> {
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
     env.set_unknown_method_callback(methods::unknown_method);
     env.set_formatter(|out, _state, value| {
+        if let Some(method) = value.downcast_object_ref::<pyvalues::BoundMethod>() {
+            return Err(method.printed_error());
+        }
         if !value.is_undefined() {
             out.write_str(&pyfmt::py_str(value))
                 .map_err(JinjaError::from)?;
@@ -434,6 +409,12 @@ fn build_environment() -> Environment<'static> {
     });
     env.add_filter("tojson", tojson);
     env.add_filter("string", python_string);
+    env.add_filter("safe", pyvalues::mark_safe);
+    env.add_function("_chatmask_add", pyvalues::add);
+    env.add_function("_chatmask_concat", pyvalues::concat);
+    env.add_function("_chatmask_attr", |value: Value, name: String| {
+        pyvalues::attr(value, &name)
+    });
     env.add_filter("trim", trim);
     env.add_filter("join", join);
     env.add_filter("indent", indent);
@@ -477,9 +458,25 @@ fn build_environment() -> Environment<'static> {
     );
     env.add_test("sequence", is_sequence);
     env.add_filter("title", |v: Value| methods::title_filter(&v));
+    // Jinja2's `upper`, `lower` and `capitalize` filters call the str methods (Markup stays Markup).
+    env.add_filter("upper", |v: Value| {
+        pyvalues::like(&v, pycase::py_upper(&pyfmt::py_str(&v)))
+    });
+    env.add_filter("lower", |v: Value| {
+        pyvalues::like(&v, pycase::py_lower(&pyfmt::py_str(&v)))
+    });
+    env.add_filter("capitalize", |v: Value| {
+        pyvalues::like(&v, pycase::py_capitalize(&pyfmt::py_str(&v)))
+    });
     env.add_filter("wordcount", |v: Value| methods::wordcount(&v));
     env.add_filter("_chatmask_generation", generation_block);
     env.add_filter("_chatmask_iterable", iterable_or_raise);
+    env.add_filter("_chatmask_sized", |state: &State, value: Value| {
+        if let Some(s) = value.as_str() {
+            check_value_size(state, s.len())?;
+        }
+        Ok::<_, JinjaError>(value)
+    });
     env.add_function(
         "_chatmask_percent",
         |state: &State, a: Value, b: Value, kind: i64| {
@@ -572,7 +569,7 @@ impl ChatTemplate {
         let prepared =
             keep_newline_after_raw(&rewrite_generation_tags(&normalize_newlines(source)));
         let prepared =
-            rewrite::guard_none_iteration(&rewrite::python_percent(&prepared, syntax_config()));
+            rewrite::guard_none_iteration(&rewrite::python_operators(&prepared, syntax_config()));
         env.add_template_owned(TEMPLATE_NAME, prepared)
             .map_err(|e| Error::TemplateSyntax {
                 detail: e
@@ -697,29 +694,30 @@ mod tests {
     fn jinja2_quirks_raw_indent_sequence() {
         let out = render("A{% raw %}\nB{% endraw %}C|{{ 'x\n'|indent(4, first=true) }}|{{ 'a\nb\n'|indent(2) }}|{{ 'abc' is sequence }}", msgs(&[]), &[]).unwrap();
         assert_eq!(out, "A\nBC|    x\n|a\n  b\n|True");
-        assert!(unsupported_construct("{{ 'x'|safe + y }}").is_some());
-        assert!(
-            unsupported_construct("{{ (v | tojson | safe if v is mapping else v) + 'z' }}")
-                .is_some()
-        );
-        assert!(unsupported_construct("{{ x | safe }}{{ a + b }}").is_none());
-        assert!(unsupported_construct("{{ f(spec.items) }}").is_some());
-        assert!(unsupported_construct("{{ '%s: %d' % (a, 1) }}").is_none()); // rendered natively now
-        assert!(unsupported_construct(
-            "{% if loop.index0 % 2 == 0 %}{{ strftime_now('%Y') }}{% endif %}"
+    }
+
+    #[test]
+    fn markup_and_bound_methods_render_like_jinja2() {
+        let out = render(
+            "{{ ('<a>'|safe) + '<b>' }}|{{ '&' + ('<'|safe) }}|{{ (('<'|safe) ~ '>') + '&' }}|{{ none|safe }}\
+             |{% if messages[0].items %}{{ messages[0].items is defined }}{{ messages[0].pop is defined }}\
+             {{ messages[0].items is iterable }}{{ messages[0].items.role is defined }}{{ messages[0].items() | list | length }}{% endif %}\
+             {% set ns = namespace(items=3) %}{{ ns.items }}",
+            msgs(&[("user", "x")]),
+            &[],
         )
-        .is_none());
-        assert!(
-            unsupported_construct("{{ \"date: \" + strftime_now(\"%Y-%m-%d\") + \".\" }}")
-                .is_none()
-        );
-        assert!(unsupported_construct(
-            "{% for k, v in spec.items() %}{{ d.get('a') }}{% endfor %}"
+        .unwrap();
+        assert_eq!(out, "<a>&lt;b&gt;|&amp;<|<>&|None|TrueFalseFalseFalse23");
+        // `{% set %}` values are wrapped for the size check; a tuple without parentheses whole.
+        let out = render(
+            "{% set a, b, c = 1, 'x', none %}{{ a }}{{ b }}{{ c }}{% set t = 1, 2 %}{{ t }}",
+            msgs(&[]),
+            &[],
         )
-        .is_none());
-        assert!(
-            unsupported_construct("{% set ns = namespace(items=[]) %}{{ ns.items }}").is_none()
-        );
+        .unwrap();
+        assert_eq!(out, "1xNone(1, 2)");
+        let err = render("{{ messages[0].items }}", msgs(&[("user", "x")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("memory address"), "{err}");
     }
 
     #[test]
@@ -752,6 +750,7 @@ mod tests {
             ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
             ("{% for i in range(100000) %}{{ 'x' * 100000000 }}{% endfor %}", "output exceeds"),
             ("{% set ns = namespace(s='x') %}{% for i in range(100) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "fuel"),
+            ("{% set ns = namespace(s='x') %}{% for i in range(100) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "fuel"),
         ];
         for (src, limit) in cases {
             let err = render_limited(src, RenderLimits::default()).unwrap_err();
@@ -785,6 +784,17 @@ mod tests {
             render_limited("abcd", tiny_output),
             Err(Error::TemplateLimit { .. })
         ));
+        // A string grown by `{% set %}` stops at the output limit, not at the fuel's ~640 MB.
+        let doubling = "{% set ns = namespace(s='x') %}{% for i in range(100) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}";
+        let err = render_limited(
+            doubling,
+            RenderLimits {
+                max_output_bytes: Some(1 << 20),
+                ..RenderLimits::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("output exceeds"), "{err}");
         let loop_1m =
             "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}ok";
         assert!(matches!(

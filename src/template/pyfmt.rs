@@ -306,17 +306,19 @@ fn is_printable(c: char) -> bool {
     if c == ' ' {
         return true;
     }
-    !matches!(
-        get_general_category(c),
-        Gc::Control
-            | Gc::Format
-            | Gc::Surrogate
-            | Gc::PrivateUse
-            | Gc::Unassigned
-            | Gc::LineSeparator
-            | Gc::ParagraphSeparator
-            | Gc::SpaceSeparator
-    )
+    // A code point the running Python does not know is unassigned there: escaped by repr().
+    !super::pycase::is_unassigned(c)
+        && !matches!(
+            get_general_category(c),
+            Gc::Control
+                | Gc::Format
+                | Gc::Surrogate
+                | Gc::PrivateUse
+                | Gc::Unassigned
+                | Gc::LineSeparator
+                | Gc::ParagraphSeparator
+                | Gc::SpaceSeparator
+        )
 }
 
 /// Python's `repr(str)`.
