@@ -181,8 +181,11 @@ def test_pickle_keeps_render_limits_and_rejects_raw_cores():
 
 def test_pickle_keeps_the_jinja2_path():
     need("transformers")
-    # A `|safe` string added with `+` is Jinja2's Markup: this template renders via Jinja2.
-    template = "{% for m in messages %}{{ ('turn_' | safe) + (loop.index ~ ' ') }}{{ m.content }}\n{% endfor %}"
+    # A tuple without parentheses as a for-loop's iterable: minijinja cannot compile it, Jinja2 renders it.
+    template = (
+        "{% for m in messages %}{% set i = loop.index %}{% for p in 'turn_', '' %}{{ p }}{% endfor %}"
+        "{{ i ~ ' ' }}{{ m.content }}\n{% endfor %}"
+    )
     with pytest.warns(UserWarning, match="Jinja2"):
         tok = chatmask.ChatTokenizer.from_parts(
             demo_tokenizer_json(), template, {"eos_token": DEMO_EOS_TOKEN}, allow_jinja2=True

@@ -558,18 +558,7 @@ def test_template_writing_a_marker_character_keeps_spans_exact():
     assert core._core.render_with_spans(chat) == transformers_spans(hf, chat) == ("\ufdd0Paris", [(1, 6)])
 
 
-def _python_lacks(ch: str) -> bool:
-    import unicodedata
-
-    return unicodedata.category(ch) == "Cn"
-
-
-@pytest.mark.xfail(
-    _python_lacks("\u0897"),
-    strict=True,
-    reason="finding: repr() inside lists/dicts escapes code points the running Python's Unicode "
-    "database does not know (U+0897 is new in Unicode 16); chatmask prints them raw",
-)
+# U+0897 is new in Unicode 16: repr() escapes it where the running Python does not know it.
 def test_repr_of_code_points_newer_than_pythons_unicode():
     agree("llama3", [{"role": "user", "content": ["\u0897"]}, A])
 
@@ -841,9 +830,10 @@ def test_batch_on_the_jinja2_path_reports_rows_the_same_way():
     import warnings
 
     tok = ref_tok("qwen3")
+    # A tuple without parentheses as a for-loop's iterable: Jinja2 compiles it, minijinja does not.
     template = (
-        "{% for m in messages %}{{ (('<|im_start|>' ~ m.role) | safe) + '\\n' }}{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        "{% for m in messages %}{% for p in '<|im_start|>', m.role %}{{ p }}{% endfor %}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
