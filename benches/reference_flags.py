@@ -6,7 +6,8 @@ over the fixture corpus: wrong rows per tokenizer and mode, the cost of flagging
     python benches/reference_flags.py [--limit N] [--tokenizers qwen3,llama3] [--compare] [--repeat 3]
 
 Cost is the best of ``--repeat`` timings of the flagged batch over the unflagged one, on the same
-rows (each conversation file one batch), all threads.
+rows (each conversation file one batch), in wall time and in CPU time (``--threads 1`` makes the
+CPU ratio the one a busy machine moves least). Per mode and in total.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ def rows_of(path: Path, limit: int | None) -> list[dict]:
     return rows
 
 
-def best(fn, repeat: int) -> float:
-    times = []
+def best(fn, repeat: int) -> tuple[float, float]:
+    """The best wall time and the best CPU time of `repeat` calls."""
+    walls, cpus = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return min(walls), min(cpus)
 
 
 def main(argv=None) -> int:
@@ -48,13 +51,17 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--compare", action="store_true", help="compare row by row with measure_row (runs the reference)")
     ap.add_argument("--repeat", type=int, default=3, help="timings per batch for the cost (0: no timing)")
+    ap.add_argument("--threads", type=int, default=None, help="threads per batch (default: all)")
     args = ap.parse_args(argv)
     names = args.tokenizers.split(",") if args.tokenizers else rvs.base_tokenizer_names()
     modes = tuple(args.modes.split(","))
     paths = rvs.conversation_paths()
     date = {"date_string": oracle().DATE_STRING}
     disagreements = 0
-    total_plain = total_flagged = 0.0
+    cost: dict[str, list[float]] = collections.defaultdict(
+        lambda: [0.0, 0.0, 0.0, 0.0]
+    )  # mode: plain, flagged (wall, cpu)
+    threads = args.threads
     print(
         f"{'tokenizer':18} {'mode':9} {'rows':>6} {'flagged':>7} {'unmeasured':>10} {'bench':>6} {'agree':>6}  causes"
     )
@@ -67,13 +74,16 @@ def main(argv=None) -> int:
                 rows = rows_of(path, args.limit)
                 batch = cm.tokenize_batch(rows, mode=mode, on_error="skip", flag_reference=True, **date)
                 if args.repeat:
-                    total_plain += best(
-                        lambda: cm.tokenize_batch(rows, mode=mode, on_error="skip", **date), args.repeat
-                    )
-                    total_flagged += best(
-                        lambda: cm.tokenize_batch(rows, mode=mode, on_error="skip", flag_reference=True, **date),
-                        args.repeat,
-                    )
+                    for flag, at in ((False, 0), (True, 2)):
+
+                        def run(flag: bool = flag, rows: list = rows, mode: str = mode) -> None:
+                            cm.tokenize_batch(
+                                rows, mode=mode, on_error="skip", num_threads=threads, flag_reference=flag, **date
+                            )
+
+                        wall, cpu = best(run, args.repeat)
+                        cost[mode][at] += wall
+                        cost[mode][at + 1] += cpu
                 wrong_rows = {int(batch.rows[i]): c for i, c in enumerate(batch.reference_causes) if c}
                 wrong_rows.update({r: "raises" for r in batch.reference_raised})
                 unmeasured += int(batch.reference_unmeasured.sum())
@@ -102,11 +112,14 @@ def main(argv=None) -> int:
                 + ", ".join(f"{c} {n}" for c, n in sorted(causes.items())),
                 flush=True,
             )
-    if total_plain:
-        print(
-            f"\nflagging cost: {total_flagged:.2f}s flagged vs {total_plain:.2f}s plain "
-            f"(+{100 * (total_flagged / total_plain - 1):.0f}%)"
-        )
+    if cost:
+        print(f"\nflagging cost (threads: {threads or 'all'}): flagged / plain, best of {args.repeat}")
+        totals = [sum(c[k] for c in cost.values()) for k in range(4)]
+        for mode, (pw, pc, fw, fc) in [*cost.items(), ("total", totals)]:
+            print(
+                f"  {mode:9} wall {fw:7.2f}s / {pw:7.2f}s = +{100 * (fw / pw - 1):5.1f}%   "
+                f"cpu {fc:7.2f}s / {pc:7.2f}s = +{100 * (fc / pc - 1):5.1f}%"
+            )
     return 1 if disagreements else 0
 
 

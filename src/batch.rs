@@ -16,6 +16,7 @@ use crate::core::{ChatTokenizer, TemplateArgs};
 use crate::error::{catch_panic, Error, Result};
 use crate::label::{Labeled, Mode};
 use crate::policy::{Policy, SpanMethod, Tokenized};
+use crate::truth::Judged;
 
 /// Rows per chunk: enough work per chunk to keep every thread busy, small enough that
 /// converting the first chunk (the part that cannot overlap) is short.
@@ -44,6 +45,21 @@ pub struct BatchOutput {
     pub control_rows: Vec<bool>,
     /// Rows the policy's `overflow="drop"` removed.
     pub dropped: Vec<usize>,
+    /// Judged reference rows: per output row, the verdict bits (`crate::truth`).
+    pub verdicts: Vec<u8>,
+    /// Judged reference rows: the failing input rows whose span labels exist ("raises").
+    pub raised: Vec<usize>,
+}
+
+impl BatchOutput {
+    fn push_reference(&mut self, row: usize, l: Labeled, control: bool) {
+        self.control_rows.push(control);
+        self.input_ids.extend_from_slice(&l.tokens);
+        self.labels.extend_from_slice(&l.masks);
+        self.offsets.push(self.input_ids.len() as i64);
+        self.label_offsets.push(self.labels.len() as i64);
+        self.rows.push(row as i64);
+    }
 }
 
 /// What a batch computes per row.
@@ -53,6 +69,8 @@ pub enum Task {
     Reference(Mode),
     /// Span-based labels and `message_index` under a policy.
     Policy(Arc<Policy>),
+    /// The reference's labels, each row judged on its spans under this policy (`crate::truth`).
+    Judged(Mode, Arc<Policy>),
 }
 
 /// One labelled row; `None` when the policy dropped it.
@@ -60,6 +78,8 @@ pub enum RowResult {
     /// The labels, and whether an input string held a control token's text.
     Reference(Labeled, bool),
     Policy(Option<(Tokenized, SpanMethod)>),
+    /// A judged reference row: the labels and control flag with the verdict, or the failure.
+    Judged(Judged, bool),
 }
 
 /// What to do with a row that fails.
@@ -114,6 +134,19 @@ fn label_row(
         Task::Policy(policy) => tok
             .tokenize(&row.conversation, policy, false, template_args)
             .map(RowResult::Policy),
+        Task::Judged(mode, judge) => {
+            let judged = tok.label_judged(
+                &row.conversation,
+                *mode,
+                row.finish_length,
+                template_args,
+                judge,
+            );
+            let control = tok
+                .has_control_tokens(&row.conversation, template_args)
+                .unwrap_or(false);
+            Ok(RowResult::Judged(judged, control))
+        }
     }
 }
 
@@ -271,13 +304,21 @@ impl BatchRunner {
         for (i, result) in labeled.into_iter().enumerate() {
             let row = first_row + i;
             match result {
-                Ok(RowResult::Reference(l, control)) => {
-                    out.control_rows.push(control);
-                    out.input_ids.extend_from_slice(&l.tokens);
-                    out.labels.extend_from_slice(&l.masks);
-                    out.offsets.push(out.input_ids.len() as i64);
-                    out.label_offsets.push(out.labels.len() as i64);
-                    out.rows.push(row as i64);
+                Ok(RowResult::Reference(l, control)) => out.push_reference(row, l, control),
+                Ok(RowResult::Judged(Judged::Labeled(l, verdict), control)) => {
+                    out.verdicts.push(verdict);
+                    out.push_reference(row, l, control);
+                }
+                Ok(RowResult::Judged(Judged::Failed { error, .. }, _))
+                    if self.on_error == OnError::Raise =>
+                {
+                    return Err((row, error))
+                }
+                Ok(RowResult::Judged(Judged::Failed { error, spans_work }, _)) => {
+                    if spans_work {
+                        out.raised.push(row);
+                    }
+                    out.errors.push((row, error));
                 }
                 Ok(RowResult::Policy(None)) => out.dropped.push(row),
                 Ok(RowResult::Policy(Some((t, method)))) => {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use minijinja::value::Value;
 
 use crate::chat::Conversation;
-use crate::encode::{Encoder, EncoderChoice};
+use crate::encode::{CharSpans, Encoder, EncoderChoice};
 use crate::error::{Error, Result};
 use crate::label::{self, Labeled, Mode};
 use crate::policy::{self, MessageInfo, Policy, SpanMethod, SpanRow, SpanSource, Tokenized};
@@ -462,8 +462,19 @@ impl ChatTokenizer {
         add_generation_prompt: bool,
         args: &TemplateArgs,
     ) -> Result<MessageSpans> {
+        let plain = self.render(conv, conv.len(), add_generation_prompt, args)?;
+        self.locate(conv, plain, add_generation_prompt, args)
+    }
+
+    /// [`Self::message_spans`] given the plain render of the whole conversation.
+    pub fn locate(
+        &self,
+        conv: &Conversation,
+        plain: String,
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<MessageSpans> {
         let n = conv.len();
-        let plain = self.render(conv, n, add_generation_prompt, args)?;
         let mut collides =
             has_plane16(&args.template.source) || args.template.source.contains("\\U0010");
         for value in conv.messages.iter().chain(args.base.iter().map(|(_, v)| v)) {
@@ -763,18 +774,46 @@ impl ChatTokenizer {
             }
             SpanSource::Messages => Vec::new(),
         };
-        let messages = conv
-            .messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| MessageInfo::read(m, i, policy))
-            .collect::<Result<Vec<_>>>()?;
         let (ids, positions, positions_derived) = if policy.sanitize_control_tokens {
             let (ids, offsets) = encode_marked(&self.encoder, &located.text)?;
             (ids, offsets, false)
         } else {
             self.encoder.encode_with_positions(&located.text)?
         };
+        let encoded = EncodedSpans {
+            located: &located,
+            generation: &generation,
+            ids,
+            positions,
+            positions_derived,
+        };
+        let mut out = self.label_spans(conv, encoded, policy, args)?;
+        out.control_found = control_found;
+        Ok(policy::fit_length(&mut out, policy)?.then_some((out, located.method)))
+    }
+
+    /// Labels and `message_index` under `policy` of a conversation whose spans are located
+    /// and whose render is encoded (`fit_length` not applied, `control_found` false).
+    pub fn label_spans(
+        &self,
+        conv: &Conversation,
+        encoded: EncodedSpans<'_>,
+        policy: &Policy,
+        args: &TemplateArgs,
+    ) -> Result<Tokenized> {
+        let EncodedSpans {
+            located,
+            generation,
+            ids,
+            positions,
+            positions_derived,
+        } = encoded;
+        let messages = conv
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| MessageInfo::read(m, i, policy))
+            .collect::<Result<Vec<_>>>()?;
         let generation_prompt = self.generation_prompt(args);
         let row = SpanRow {
             text: &located.text,
@@ -785,23 +824,32 @@ impl ChatTokenizer {
             spans: &located.spans,
             messages: &messages,
             content_origin: &located.content_origin,
-            generation: &generation,
+            generation,
         };
         let (labels, message_index, straddling) =
             policy::label(&row, policy, self.eos_token_id, &|id| {
                 self.encoder.is_special_added(id)
             })?;
-        let mut out = Tokenized {
+        Ok(Tokenized {
             input_ids: ids,
             labels,
             message_index,
             straddling,
             positions_derived,
             truncated: 0,
-            control_found,
-        };
-        Ok(policy::fit_length(&mut out, policy)?.then_some((out, located.method)))
+            control_found: false,
+        })
     }
+}
+
+/// A located render and its tokens, for [`ChatTokenizer::label_spans`].
+pub struct EncodedSpans<'a> {
+    pub located: &'a MessageSpans,
+    /// `{% generation %}` spans (empty unless the policy's source is generation blocks).
+    pub generation: &'a [(usize, usize)],
+    pub ids: Vec<u32>,
+    pub positions: CharSpans,
+    pub positions_derived: bool,
 }
 
 /// See [`ChatTokenizer::message_spans`].

@@ -6,7 +6,7 @@
 //! assignment rules in all-turns mode.
 
 use crate::chat::Role;
-use crate::encode::Encoder;
+use crate::encode::{Encoded, Encoder};
 use crate::error::{Error, Result};
 
 pub const IGNORE: i64 = -100;
@@ -66,6 +66,21 @@ pub fn label(
         return Err(Error::EmptyConversation);
     }
     let full = encoder.encode_full(render(n, false)?)?;
+    label_encoded(encoder, full, render, roles, mode, finish_length, eos)
+}
+
+/// [`label`] with the whole conversation's render already encoded (`full`), so a caller that
+/// also needs those tokens (the run-time judge, `crate::truth`) encodes it once.
+pub fn label_encoded(
+    encoder: &Encoder,
+    full: Encoded,
+    render: &RenderFn<'_>,
+    roles: &[Role],
+    mode: Mode,
+    finish_length: bool,
+    eos: Option<u32>,
+) -> Result<Labeled> {
+    let n = roles.len();
     let prefix = |m: usize, add_generation_prompt: bool| {
         if m == 0 {
             return Err(Error::EmptyConversation);

@@ -14,6 +14,7 @@ pub mod rows;
 pub mod sanitize;
 pub mod spans;
 pub mod template;
+pub mod truth;
 
 // Tokenization and rendering allocate many small strings; mimalloc is markedly faster than
 // glibc malloc for that pattern, especially across rayon threads.

@@ -60,6 +60,28 @@ def test_demo_flags_what_the_demo_template_breaks():
     assert reference_wrong(TOK, CHATS[right], "all") == ()
 
 
+def test_jinja2_path_rows_are_left_unjudged():
+    from chatmask.demo import demo_tokenizer_json
+
+    source = "{% for x in 'a', 'b' %}{{ x }}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    with pytest.warns(UserWarning, match="allow_jinja2"):
+        tok = chatmask.ChatTokenizer.from_parts(demo_tokenizer_json(), source, allow_jinja2=True, verify=0)
+    plain = tok.tokenize_batch(CHATS[:3], mode="last", on_error="skip")
+    flagged = tok.tokenize_batch(CHATS[:3], mode="last", on_error="skip", flag_reference=True)
+    assert len(flagged) == len(plain) == 3 and np.array_equal(plain.labels, flagged.labels)
+    assert flagged.reference_unmeasured.all() and not flagged.reference_wrong.any()
+    assert flagged.reference_causes == [""] * 3 and flagged.reference_raised == []
+
+
+def test_the_core_judges_in_one_pass_with_the_same_errors():
+    # The judged pass renders and encodes once for both: the same rows fail with the same message.
+    for mode in ("last", "all", "multistep"):
+        plain = TOK.tokenize_batch(CHATS, mode=mode, on_error="skip")
+        flagged = _flagged(mode)
+        assert flagged.errors == plain.errors and np.array_equal(flagged.rows, plain.rows)
+        assert set(flagged.reference_raised) <= {r for r, _ in flagged.errors}
+
+
 def test_flag_reference_refuses_a_policy():
     with pytest.raises(ValueError, match="reference modes"):
         TOK.tokenize_batch(CHATS[:2], policy=chatmask.MaskPolicy(), flag_reference=True)

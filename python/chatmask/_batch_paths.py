@@ -1,6 +1,6 @@
-"""The two batch paths `ChatTokenizer.tokenize_batch` does not hand to the core directly: rows
-shaped by a `MaskPolicy` first, and rows whose template renders through Jinja2 (one at a time,
-since rendering needs the GIL)."""
+"""The batch paths of `ChatTokenizer.tokenize_batch`: rows shaped by a `MaskPolicy` first, reference
+modes (judged on the spans when flagged), and rows whose template renders through Jinja2 (one at a
+time, since rendering needs the GIL)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 
 from .batch import TokenizedBatch
 from .errors import ChatMaskError, ConversationTypeError
-from .rows import CoreRow, core_rows, python_row  # noqa: F401 - core_rows: for _tokenizer, with the paths
+from .rows import CoreRow, core_rows, python_row
+from .truth import REFERENCE_MODES, SPAN_POLICY, UNMEASURED, attach_verdicts
 
 if TYPE_CHECKING:
     from ._tokenizer import ChatTokenizer
@@ -63,6 +64,36 @@ def tokenize_policy_batch(tok: ChatTokenizer, rows, policy, num_threads, on_erro
         clear = dict(shape_errors)
         arrays["errors"] = [(i, clear.get(i, msg)) for i, msg in arrays["errors"]]
     return TokenizedBatch(**arrays)
+
+
+def tokenize_reference_batch(
+    tok: ChatTokenizer, rows, mode, finish_reason, num_threads, on_error, ids_dtype, chat_template, kwargs, flag
+) -> TokenizedBatch:
+    """A reference-mode batch in the core (or row by row through Jinja2); with `flag`, each row's
+    mask judged on its spans in the same pass (:mod:`chatmask.truth`)."""
+    if flag and mode not in REFERENCE_MODES:
+        raise ValueError(f"reference flags exist for modes last, all and multistep, not {mode!r}")
+    if needs_python_rendering(tok, rows, chat_template, kwargs):
+        batch = tokenize_rows_in_python(tok, rows, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs)
+        if flag:  # the spans need the native renderer: every row is left unjudged
+            attach_verdicts(batch, np.full(len(batch), UNMEASURED, np.uint8), [])
+        return batch
+    arrays = tok._core.tokenize_batch(
+        core_rows(rows),
+        mode=mode,
+        finish_reason=finish_reason,
+        num_threads=num_threads,
+        on_error=on_error,
+        ids_dtype=ids_dtype,
+        chat_template=chat_template,
+        judge=SPAN_POLICY.to_core() if flag else None,
+        **kwargs,
+    )
+    verdicts, raised = arrays.pop("reference_verdicts", None), arrays.pop("reference_raised", None)
+    batch = TokenizedBatch(**arrays)
+    if verdicts is not None:
+        attach_verdicts(batch, verdicts, raised)
+    return batch
 
 
 def tokenize_rows_in_python(

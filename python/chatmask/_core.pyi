@@ -1,4 +1,4 @@
-"""Type stub for the compiled core (`src/python.rs`). The public, documented API is the
+"""Type stub for the compiled core (`src/python/`). The public, documented API is the
 `chatmask` package; this module is its engine and may change between versions."""
 
 from os import PathLike
@@ -116,6 +116,7 @@ class ChatTokenizer:
         chat_template: str | None = None,
         policy: Mapping[str, Any] | None = None,
         shape: Mapping[str, Any] | None = None,
+        judge: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]: ...
     def policy_view(self, policy: Mapping[str, Any]) -> dict[str, Any]: ...

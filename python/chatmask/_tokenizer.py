@@ -11,7 +11,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from . import _core
-from ._batch_paths import core_rows, needs_python_rendering, tokenize_policy_batch, tokenize_rows_in_python
+from ._batch_paths import tokenize_policy_batch, tokenize_reference_batch
 from ._fallback import JinjaRenderer, open_jinja2, why_not_native
 from ._recipe import read_tokenizer_files, restore
 from .batch import TokenizedBatch
@@ -467,33 +467,27 @@ class ChatTokenizer:
         `finish_reason` do not apply) and the batch also carries ``message_index`` and per-row
         span statistics; rows the policy drops are listed in ``dropped``.
 
-        `flag_reference`: also judge each row's reference mask on the spans (:mod:`chatmask.truth`).
+        `flag_reference`: also judge each row's reference mask on the spans (:mod:`chatmask.truth`),
+        in the same pass; rows of a template on the Jinja2 path are not judged (``reference_unmeasured``).
         """
         if not isinstance(conversations, (list, tuple)):
             conversations = list(conversations)
-        if flag_reference:
-            from .truth import flagged_batch
-
-            return flagged_batch(
-                self, conversations, mode, finish_reason, num_threads, on_error, ids_dtype, policy, template_kwargs
-            )
         chat_template, kwargs = _split_template_kwargs(template_kwargs)
         if policy is not None:
+            if flag_reference:
+                raise ValueError("flag_reference judges the reference modes; it does not apply with a policy")
             return tokenize_policy_batch(
                 self, conversations, policy, num_threads, on_error, ids_dtype, chat_template, kwargs
             )
-        if needs_python_rendering(self, conversations, chat_template, kwargs):
-            return tokenize_rows_in_python(
-                self, conversations, mode, finish_reason, on_error, ids_dtype, chat_template, kwargs
-            )
-        arrays = self._core.tokenize_batch(
-            core_rows(conversations),
-            mode=mode,
-            finish_reason=finish_reason,
-            num_threads=num_threads,
-            on_error=on_error,
-            ids_dtype=ids_dtype,
-            chat_template=chat_template,
-            **kwargs,
+        return tokenize_reference_batch(
+            self,
+            conversations,
+            mode,
+            finish_reason,
+            num_threads,
+            on_error,
+            ids_dtype,
+            chat_template,
+            kwargs,
+            flag_reference,
         )
-        return TokenizedBatch(**arrays)

@@ -46,6 +46,7 @@ class TokenizedBatch:
         # tokenize_batch(..., flag_reference=True) in a reference mode: per output row, whether the
         # reference's mask is wrong on the spans and why (see chatmask.truth); None otherwise.
         self.reference_wrong: np.ndarray | None = None
+        self.reference_verdicts: np.ndarray | None = None  # the core's verdict bits (chatmask.truth)
         self.reference_causes: list[str] | None = None
         self.reference_unmeasured: np.ndarray | None = None
         self.reference_raised: list[int] | None = None

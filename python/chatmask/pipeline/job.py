@@ -100,10 +100,13 @@ class Job:
             else Fields(opts.messages_field or "messages", opts.tools_field or "tools", opts.finish_reason_field)
         )
         self.columns = fields.columns()
-        self.stages: list[Stage] = [ParseStage(fields, self.policy), TokenizeStage(tokenizer.tok, opts, inputs)]
         self.flagging = self.policy is None and opts.mode in REFERENCE_MODES
+        self.stages: list[Stage] = [
+            ParseStage(fields, self.policy),
+            TokenizeStage(tokenizer.tok, opts, inputs, flag=self.flagging),
+        ]
         if self.flagging:
-            self.stages.append(FlagStage(tokenizer.tok, opts))
+            self.stages.append(FlagStage())
         self.raised_rows: set[int] = set()  # error rows of the batch in hand the reference raises on
         self.pending_raised = 0
         pa = self.pa

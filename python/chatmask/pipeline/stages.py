@@ -90,8 +90,9 @@ class ParseStage(Stage):
 class TokenizeStage(Stage):
     """The good rows through ``tokenize_batch`` in one call (row by row if the call itself fails)."""
 
-    def __init__(self, tok: ChatTokenizer, opts: Any, inputs: list[InputFile]) -> None:
+    def __init__(self, tok: ChatTokenizer, opts: Any, inputs: list[InputFile], flag: bool = False) -> None:
         self.tok, self.opts, self.policy, self.inputs = tok, opts, opts.policy, inputs
+        self.flag = flag  # judge the reference's masks in the same call (FlagStage keeps the verdicts)
 
     def fields(self, pa: Any) -> list[tuple[str, Any]]:
         columns = [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))]
@@ -107,7 +108,12 @@ class TokenizeStage(Stage):
         if self.policy is not None:
             return self.tok.tokenize_batch(rows, policy=self.policy, num_threads=self.opts.threads, on_error="skip")
         return self.tok.tokenize_batch(
-            rows, mode=self.opts.mode, finish_reason=finish, num_threads=self.opts.threads, on_error="skip"
+            rows,
+            mode=self.opts.mode,
+            finish_reason=finish,
+            num_threads=self.opts.threads,
+            on_error="skip",
+            flag_reference=self.flag,
         )
 
     def _message(self, message: str) -> str:
@@ -123,7 +129,7 @@ class TokenizeStage(Stage):
             return batch, [(i, self._message(msg)) for i, msg in batch.errors], [int(i) for i in batch.dropped]
         except Exception:  # noqa: BLE001 - isolate the row that broke the batch; never lose the rest
             pass
-        tables, errors, kept, dropped = [], [], [], []
+        tables, errors, kept, dropped, raised = [], [], [], [], []
         for i, row in enumerate(rows):
             try:
                 one = self._call([row], finish if isinstance(finish, str) else [finish[i]])
@@ -131,12 +137,15 @@ class TokenizeStage(Stage):
                 errors.append((i, f"{type(e).__name__}: {e}"))
                 continue
             errors.extend((i, self._message(msg)) for _, msg in one.errors)
+            if one.reference_raised:
+                raised.append(i)
             if one.dropped:
                 dropped.append(i)
             if len(one):
                 tables.append(one)
                 kept.append(i)
-        return merge_batches(tables, kept, self.policy is not None), errors, dropped
+        merged = merge_batches(tables, kept, self.policy is not None, raised if self.flag else None)
+        return merged, errors, dropped
 
     def run(self, batch: Batch) -> None:
         import pyarrow as pa
@@ -169,12 +178,10 @@ class TokenizeStage(Stage):
 
 
 class FlagStage(Stage):
-    """Reference modes: judge every row's mask on the spans (:mod:`chatmask.truth`) and keep the
-    verdict in the columns ``reference_wrong`` (bool) and ``reference_causes`` (string, the
-    causes joined by ``,``; ``""`` when right, null when not judged)."""
-
-    def __init__(self, tok: ChatTokenizer, opts: Any) -> None:
-        self.tok, self.opts = tok, opts
+    """Reference modes: keep the verdict on every row's mask (:mod:`chatmask.truth`; the core
+    judges it while TokenizeStage labels the row, given ``flag=True``) in the columns
+    ``reference_wrong`` (bool) and ``reference_causes`` (string, the causes joined by ``,``;
+    ``""`` when right, null when not judged)."""
 
     def fields(self, pa: Any) -> list[tuple[str, Any]]:
         return [("reference_wrong", pa.bool_()), ("reference_causes", pa.string())]
@@ -182,23 +189,22 @@ class FlagStage(Stage):
     def run(self, batch: Batch) -> None:
         import pyarrow as pa
 
-        from ..truth import flag_reference
-
         result = batch.result
         if result is None:
             return
-        truth = flag_reference(self.tok, batch.conversations, self.opts.mode, result, self.opts.threads)
-        for j in truth.raised:  # indices into batch.conversations
+        for j in result.reference_raised:  # indices into batch.conversations
             batch.reference_raised.add(batch.rows[batch.tokenized[j]].row)
         if batch.out:
-            causes = [None if u else c for c, u in zip(truth.causes, truth.unmeasured.tolist())]
-            batch.columns["reference_wrong"] = pa.array(truth.wrong, pa.bool_())
+            causes = [None if u else c for c, u in zip(result.reference_causes, result.reference_unmeasured.tolist())]
+            batch.columns["reference_wrong"] = pa.array(result.reference_wrong, pa.bool_())
             batch.columns["reference_causes"] = pa.array(causes, pa.string())
 
 
-def merge_batches(batches: list[Any], kept: list[int], policy: bool = False) -> Any:
-    """Single-row TokenizedBatches glued into one (only for the row-by-row fallback)."""
+def merge_batches(batches: list[Any], kept: list[int], policy: bool = False, raised: list[int] | None = None) -> Any:
+    """Single-row TokenizedBatches glued into one (only for the row-by-row fallback); `raised`
+    (flagged batches): the rows whose reference raised where the spans work."""
     from ..batch import TokenizedBatch
+    from ..truth import attach_verdicts
 
     def cat(name: str, dtype: Any) -> np.ndarray:
         return np.concatenate([getattr(b, name) for b in batches]) if batches else np.zeros(0, dtype)
@@ -217,4 +223,7 @@ def merge_batches(batches: list[Any], kept: list[int], policy: bool = False) -> 
             "positions_derived": cat("positions_derived", bool),
             "truncated": cat("truncated", np.uint32),
         }
-    return TokenizedBatch(ids, labels, offsets, loffsets, np.array(kept, np.int64), [], control_rows=control, **extra)
+    merged = TokenizedBatch(ids, labels, offsets, loffsets, np.array(kept, np.int64), [], control_rows=control, **extra)
+    if raised is not None:
+        attach_verdicts(merged, cat("reference_verdicts", np.uint8), raised)
+    return merged
