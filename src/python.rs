@@ -1176,6 +1176,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(peak_render_fuel, m)?)?;
     m.add_function(wrap_pyfunction!(unicode_known_text, m)?)?;
     m.add_function(wrap_pyfunction!(install_unicode_tables, m)?)?;
+    crate::python_pack::register(m)?;
     m.add("DEMO_CONVERSATIONS_JSON", demo::CONVERSATIONS_JSON)?;
     m.add("DEMO_CHAT_TEMPLATE", demo::CHAT_TEMPLATE)?;
     m.add("DEMO_EOS_TOKEN", demo::EOS_TOKEN)?;
