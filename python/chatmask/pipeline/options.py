@@ -199,7 +199,7 @@ class TokenizeOptions:
     pad: bool = option(False, "--pad", action="store_true", help="pad every pack to MAX_LEN (with --pack)")
     pad_id: int = option(0, "--pad-id", type=int, help="token id of the padding (with --pad)")
     pack_window: int = option(
-        100_000,
+        20_000,
         "--pack-window",
         type=positive,
         help="input rows packed together (one part each; bounds memory, see docs/packing.md) (with --pack)",
