@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 from _parity import TOKENIZERS_DIR, conversation_files
-from conftest import require_shared
+from conftest import fixture_names, require_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,8 +118,8 @@ CASES = [
 ]
 
 
-def _check_corpus(limit: int | None) -> None:
-    batch = corpus(limit)
+def _check_corpus(limit: int | None, name: str = "qwen3") -> None:
+    batch = corpus(limit, name=name)
     assert len(batch) > 100
     total_compared = 0
     longest = int(np.diff(batch.offsets).max())
@@ -134,7 +134,7 @@ def _check_corpus(limit: int | None) -> None:
             # max_length 512 is below the longest fixture rows: the overflow rule really ran.
             assert packed.rows_dropped or packed.rows_truncated or packed.rows_split
     print(
-        f"\npack conservation: {len(batch)} rows, {len(CASES)} strategy x option cases, {total_compared} values compared, 0 differences"
+        f"\npack conservation ({name}): {len(batch)} rows, {len(CASES)} strategy x option cases, {total_compared} values compared, 0 differences"
     )
 
 
@@ -151,8 +151,9 @@ def test_overflow_error_names_the_fixture_row():
 
 
 @pytest.mark.slow
-def test_conservation_whole_corpus():
-    _check_corpus(None)
+@pytest.mark.parametrize("name", fixture_names())
+def test_conservation_whole_corpus(name):
+    _check_corpus(None, name)
 
 
 def test_reference_mode_batches_pack():
