@@ -67,7 +67,9 @@ def write_corpus(path: Path, n: int) -> list[int]:
     return broken
 
 
-def run_cli(corpus: Path, out: Path, tokenizer: Path, mode: str, threads: int) -> tuple[float, int, float]:
+def run_cli(
+    corpus: Path, out: Path, tokenizer: Path, mode: str, threads: int, extra: list[str] | None = None
+) -> tuple[float, int, float]:
     """Wall seconds, peak RSS in bytes and CPU seconds (user + system) of the CLI child."""
     labels = [] if mode == "policy" else ["--mode", mode]
     cmd = [
@@ -84,6 +86,7 @@ def run_cli(corpus: Path, out: Path, tokenizer: Path, mode: str, threads: int) -
         "--threads",
         str(threads),
         "--quiet",
+        *(extra or []),
     ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
@@ -131,6 +134,24 @@ def time_batch_api(corpus: Path, tokenizer: Path, mode: str, threads: int) -> tu
     return seconds, rows, tokens, failed, cpu
 
 
+def pack_overhead(args, corpus, work, tokenizer, plain, cli_s, cli_cpu, rss) -> int:
+    """The same CLI run with --pack: the time and CPU packing adds, and the same rows out."""
+    out = work / "out-pack"
+    pack_s, pack_rss, pack_cpu = run_cli(corpus, out, tokenizer, args.mode, args.threads, ["--pack", str(args.pack)])
+    manifest = json.loads((out / "manifest.json").read_text())
+    same = all(manifest[k] == plain[k] for k in ("rows_in", "rows_out", "rows_failed", "tokens"))
+    print(f"cli --pack {args.pack}: {pack_s:.1f} s, {pack_cpu:.1f} s CPU, peak RSS {pack_rss / 2**20:,.0f} MiB")
+    print("pack manifest:", json.dumps(manifest["pack"]))
+    print(
+        f"packing adds: wall {pack_s - cli_s:+.1f} s ({(pack_s / cli_s - 1):+.1%}), CPU {pack_cpu - cli_cpu:+.1f} s "
+        f"({(pack_cpu / cli_cpu - 1):+.1%}); manifest seconds {plain['seconds']:.1f} -> {manifest['seconds']:.1f}; "
+        f"same rows, failures and tokens as the unpacked run: {same}"
+    )
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if same else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -141,6 +162,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workdir", default="/tmp/chatmask-scale")
     ap.add_argument("--keep", action="store_true", help="keep the corpus and output")
+    ap.add_argument(
+        "--pack",
+        type=int,
+        metavar="MAX_LEN",
+        help="also run the CLI with --pack MAX_LEN on the same corpus and report what packing adds "
+        "(wall and CPU); the batch API comparison is skipped",
+    )
     args = ap.parse_args()
 
     work = Path(args.workdir)
@@ -178,6 +206,8 @@ def main() -> int:
         flush=True,
     )
 
+    if args.pack:
+        return pack_overhead(args, corpus, work, tokenizer, manifest, cli_s, cli_cpu, rss)
     api_s, api_rows, api_tokens, api_failed, api_cpu = time_batch_api(corpus, tokenizer, args.mode, args.threads)
     print(
         f"batch API: {api_s:.1f} s tokenizing, {api_cpu:.1f} s CPU, {api_rows / api_s:,.0f} rows/s ({api_rows:,} rows, "

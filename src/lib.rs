@@ -8,6 +8,7 @@ pub mod demo;
 pub mod encode;
 pub mod error;
 pub mod label;
+pub mod pack;
 pub mod policy;
 mod python;
 pub mod rows;

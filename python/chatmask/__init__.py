@@ -21,6 +21,7 @@ from .errors import (
     TokenizerError,
 )
 from .limits import RenderLimits
+from .pack import PackedBatch, pack
 from .policy import MaskPolicy
 
 # Templates' str methods follow this Python's Unicode data (see _unicode.py), for every
@@ -33,6 +34,7 @@ __all__ = [
     "ConversationError",
     "ConversationTypeError",
     "MaskPolicy",
+    "PackedBatch",
     "RenderLimits",
     "SequenceTooLongError",
     "SpanError",
@@ -43,6 +45,7 @@ __all__ = [
     "TokenizerError",
     "__version__",
     "demo",
+    "pack",
     "tokenize_for_trainer",
     "tokenize_for_trainer_multistep",
 ]

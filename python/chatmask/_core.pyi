@@ -4,6 +4,9 @@
 from os import PathLike
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+import numpy.typing as npt
+
 __version__: str
 DEMO_CONVERSATIONS_JSON: str
 DEMO_CHAT_TEMPLATE: str
@@ -18,6 +21,29 @@ def demo_tokenizer_json(kind: str = "bytelevel") -> str: ...
 def default_threads() -> int: ...
 def unicode_known_text() -> str: ...
 def install_unicode_tables(tables: Mapping[str, Any]) -> None: ...
+def pack_plan(
+    offsets: npt.NDArray[np.int64],
+    label_offsets: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.int64],
+    max_length: int,
+    strategy: str,
+    overflow: str,
+) -> dict[str, npt.NDArray[np.int64]]: ...
+def pack_gather(
+    src: npt.NDArray[Any],
+    piece_start: npt.NDArray[np.int64],
+    piece_len: npt.NDArray[np.int64],
+    pack_offsets: npt.NDArray[np.int64],
+    max_length: int,
+    pad: int | None = None,
+    first: int | None = None,
+) -> npt.NDArray[Any]: ...
+def pack_positions(
+    piece_len: npt.NDArray[np.int64],
+    pack_offsets: npt.NDArray[np.int64],
+    max_length: int,
+    pad: bool,
+) -> npt.NDArray[np.int64]: ...
 
 class JsonRow:
     """A JSONL row the core read (`parse_jsonl`); `tokenize_batch` takes it as it is."""

@@ -13,6 +13,14 @@ With ``policy=chatmask.MaskPolicy(...)`` the rows are read and labelled as
 ``tokenize_batch(policy=...)`` does, and the function also adds ``message_index``
 (``List(int32)``, along ``input_ids``), ``span_method`` (string) and ``truncated`` (int32), and
 ``dropped`` (bool) when the policy's ``overflow`` is ``"drop"``.
+
+Packing (fewer rows out than in, so the input columns must go)::
+
+    ds = ds.map(chatmask.datasets.pack_fn(4096), batched=True, batch_size=10_000, remove_columns=ds.column_names)
+
+gives one row per pack: ``input_ids``, ``labels`` (-100 at each packed sequence's first token),
+``position_ids``, ``seq_lens`` (and ``message_index``). Rows of different map batches never share a
+pack: a larger ``batch_size`` fills better (see docs/packing.md).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ._adapter import RowTokenizer
+from ._pack_adapter import PackStep
 from ._tokenizer import EncoderChoice
 from .policy import MaskPolicy
 
@@ -130,4 +139,19 @@ def map_fn(
     return MapFn(rows)
 
 
-__all__ = ["MapFn", "map_fn"]
+def pack_fn(
+    max_length: int,
+    strategy: str = "bfd",
+    *,
+    overflow: str = "error",
+    pad_to_max_length: bool = False,
+    pad_id: int = 0,
+) -> PackStep:
+    """A function for ``ds.map(fn, batched=True, remove_columns=ds.column_names)`` that packs each
+    batch of tokenized rows (``input_ids``, ``labels``, optional ``message_index``) with
+    :func:`chatmask.pack`, returning one row per pack. ``remove_columns`` is required: the output has
+    fewer rows than the batch, and `datasets` refuses to keep input columns of another length."""
+    return PackStep(max_length, strategy, overflow, pad_to_max_length, pad_id)
+
+
+__all__ = ["MapFn", "PackStep", "map_fn", "pack_fn"]

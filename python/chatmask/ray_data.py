@@ -12,6 +12,12 @@
     )
     ds.write_parquet("s3://bucket/tokenized/")
 
+Packing is one more step, per block (rows of different blocks never share a pack; larger
+blocks fill better, see docs/packing.md)::
+
+    ds = ds.map_batches(PackBatch, fn_constructor_kwargs={"max_length": 4096}, batch_size=10_000,
+                        batch_format="pyarrow")
+
 The module is named ``ray_data`` so that it never shadows the ``ray`` package. It imports
 neither ray nor pyarrow until it runs.
 """
@@ -23,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ._adapter import RowTokenizer, TokenizedColumns
+from ._pack_adapter import PackStep
 from ._tokenizer import EncoderChoice
 from .policy import MaskPolicy
 
@@ -179,4 +186,13 @@ def _list_array(pa: Any, offsets: np.ndarray, values: np.ndarray) -> Any:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
 
-__all__ = ["TokenizeBatch"]
+class PackBatch(PackStep):
+    """For ``map_batches``: the block's tokenized rows (``input_ids``, ``labels``, optional
+    ``message_index``) packed with :func:`chatmask.pack`; returns a pyarrow Table, one row per pack
+    (``input_ids``, ``labels``, ``position_ids``, ``seq_lens``, ``message_index``)."""
+
+    def __call__(self, batch: Any) -> Any:
+        return self.table(self._pack(self.batch_of(batch)))
+
+
+__all__ = ["PackBatch", "TokenizeBatch"]

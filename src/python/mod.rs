@@ -5,11 +5,12 @@
 //! released.
 //!
 //! Rooms: `convert` (Python values into core values), `rows` (the core's JSONL rows),
-//! `tokenizer` (the `ChatTokenizer` class), `batch` (its batch call), and here the error mapping,
-//! the module-level functions and the module itself.
+//! `tokenizer` (the `ChatTokenizer` class), `batch_call` (its batch call), `pack` (sequence
+//! packing), and here the error mapping, the module-level functions and the module itself.
 
 mod batch_call;
 mod convert;
+mod pack;
 mod rows;
 mod tokenizer;
 
@@ -162,6 +163,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(peak_render_fuel, m)?)?;
     m.add_function(wrap_pyfunction!(unicode_known_text, m)?)?;
     m.add_function(wrap_pyfunction!(install_unicode_tables, m)?)?;
+    pack::register(m)?;
     m.add("DEMO_CONVERSATIONS_JSON", demo::CONVERSATIONS_JSON)?;
     m.add("DEMO_CHAT_TEMPLATE", demo::CHAT_TEMPLATE)?;
     m.add("DEMO_EOS_TOKEN", demo::EOS_TOKEN)?;

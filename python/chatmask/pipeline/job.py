@@ -34,6 +34,7 @@ from ..io.sinks import DROPPED, ERRORS, MANIFEST, PROGRESS, PartWriter, SideFile
 from ..rows import Fields
 from ..truth import REFERENCE_MODES
 from .options import TokenizeOptions, resolve_tokenize
+from .packing import PackSink, pack_manifest
 from .stages import DROP_REASON, Batch, FlagStage, ParseStage, Stage, TokenizeStage
 from .state import State, job_config, prepare_outdir, verify_output
 from .tokenizer import LoadedTokenizer, load_tokenizer
@@ -117,6 +118,7 @@ class Job:
         # The part in progress: its writer, and its counts (not yet in `state`).
         self.writer: PartWriter | None = None
         self._reset_part()
+        self.packer = PackSink(self) if opts.pack is not None else None  # --pack: windows of packs
         self.run_started = time.perf_counter()
         self.seconds_before = state.seconds
 
@@ -125,6 +127,7 @@ class Job:
         self.part_control: int | None = 0  # None: some of the part's rows went unchecked
         self.part_methods: dict[str, int] = {}
         self.part_reference: dict[str, int] = {}
+        self.part_pack: dict[str, int] = {}
 
     # -- part and commit ------------------------------------------------------------------
 
@@ -139,6 +142,11 @@ class Job:
         self.part_rows += table.num_rows
         self.part_tokens += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
         self.part_trained += int(pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), -100)).as_py() or 0)
+        self._count_rows(table, control)
+
+    def _count_rows(self, table: Any, control: np.ndarray | None) -> None:
+        """The per-row counts of a part's rows (control-token text, reference causes, span methods)."""
+        pc = self.pc
         if control is None:
             self.part_control = None
         elif self.part_control is not None:
@@ -194,6 +202,10 @@ class Job:
             state.parts.append(
                 {"file": name, "rows": self.part_rows, "tokens": self.part_tokens, "trained_tokens": self.part_trained}
             )
+            if self.packer is not None:
+                state.parts[-1]["packs"] = self.part_pack.get("packs", 0)
+            for key, count in self.part_pack.items():
+                state.pack[key] = state.pack.get(key, 0) + count
             state.rows_out += self.part_rows
             state.tokens += self.part_tokens
             state.trained_tokens += self.part_trained
@@ -245,6 +257,10 @@ class Job:
             table = pa.table({name: columns[name] for name in self.schema.names}).cast(self.schema)
         batch.errors.sort()
         batch.dropped.sort()
+        if self.packer is not None:  # the window commits when it is packed (see chatmask.pipeline.packing)
+            self.raised_rows |= batch.reference_raised
+            self.packer.add(table, batch.control, batch.errors, batch.dropped, batch.end)
+            return
         self.raised_rows = batch.reference_raised
         self._place(table, batch.control, batch.errors, batch.dropped, batch.end)
 
@@ -279,6 +295,8 @@ class Job:
             self._commit(batch_end)  # nothing in progress: make the batch's errors durable too
 
     def finish(self, rows_in: int) -> None:
+        if self.packer is not None:
+            self.packer.flush()
         if self.writer is not None or rows_in > self.state.next_row or self.pending:
             self._commit(rows_in)
         self._close_files()
@@ -336,6 +354,7 @@ def _manifest(
         "dropped_file": None if policy is None else DROPPED,
         "reference_wrong": _reference_counts(state) if opts.policy is None and opts.mode in REFERENCE_MODES else None,
         "read_error": state.read_error,
+        "pack": pack_manifest(opts, state),
     }
 
 

@@ -180,6 +180,30 @@ class TokenizeOptions:
     finish_reason_field: str | None = _finish_reason_field("; not with --policy")
     rows_per_file: int = option(100_000, "--rows-per-file", type=positive, help="rows per part file")
     batch_rows: int = option(4096, "--batch-rows", type=positive, help="rows read and tokenized at a time")
+    pack: int | None = option(
+        None,
+        "--pack",
+        type=positive,
+        metavar="MAX_LEN",
+        help="write packs of at most MAX_LEN tokens instead of one row per conversation (docs/packing.md)",
+    )
+    pack_strategy: str = option(
+        "bfd", "--pack-strategy", choices=("bfd", "ffd", "sequential"), help="how rows are packed (with --pack)"
+    )
+    pack_overflow: str = option(
+        "split",
+        "--pack-overflow",
+        choices=("split", "truncate_left", "truncate_right"),
+        help="rows longer than MAX_LEN: cut into pieces, or keep their last / first MAX_LEN tokens (with --pack)",
+    )
+    pad: bool = option(False, "--pad", action="store_true", help="pad every pack to MAX_LEN (with --pack)")
+    pad_id: int = option(0, "--pad-id", type=int, help="token id of the padding (with --pad)")
+    pack_window: int = option(
+        20_000,
+        "--pack-window",
+        type=positive,
+        help="input rows packed together (one part each; bounds memory, see docs/packing.md) (with --pack)",
+    )
     resume: bool = option(False, "--resume", action="store_true", help="finish an interrupted job in OUTDIR")
     quiet: bool = option(False, "--quiet", action="store_true", help="no progress line and no summary")
 
@@ -275,6 +299,13 @@ def resolve_tokenize(opts: TokenizeOptions) -> TokenizeOptions:
         raise UsageError("--rows-per-file and --batch-rows must be positive")
     if opts.threads is not None and opts.threads < 1:
         raise UsageError("--threads must be positive")
+    if opts.pack is None:
+        lone = [flag for flag, on in (("--pad", opts.pad), ("--pack-strategy", opts.pack_strategy != "bfd"),
+                                      ("--pack-overflow", opts.pack_overflow != "split")) if on]  # fmt: skip
+        if lone:
+            raise UsageError(f"{', '.join(lone)} needs --pack MAX_LEN")
+    elif opts.pack < 1 or opts.pack_window < 1:
+        raise UsageError("--pack and --pack-window must be positive")
     opts = with_default_policy(opts)
     if opts.policy is None:
         if opts.sanitize_control_tokens:

@@ -32,6 +32,7 @@ from .._usage import UsageError
 from ..io import sinks
 from ..io.readers import InputFile, pyarrow_modules
 from ..io.sinks import DROPPED, ERRORS, MANIFEST, PROGRESS
+from .packing import pack_config
 from .tokenizer import LoadedTokenizer
 
 STATE_VERSION = 2
@@ -64,6 +65,8 @@ class State:
     reference_wrong: dict[str, int] = field(default_factory=dict)
     # Where the last run stopped because an input did not decode (InputReadError.to_json()).
     read_error: dict[str, Any] | None = None
+    # --pack: packs, tokens, capacity, rows_split, rows_truncated, rows_unpackable of the committed parts.
+    pack: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
@@ -91,6 +94,7 @@ def job_config(opts: Any, inputs: Sequence[InputFile], tokenizer: LoadedTokenize
         "finish_reason_field": opts.finish_reason_field,
         # The whole policy (labelling and shaping, sanitize_control_tokens included); None without one.
         "policy": None if opts.policy is None else opts.policy.to_dict(),
+        "pack": pack_config(opts),
         "chatmask_version": __version__,
     }
 
@@ -187,6 +191,16 @@ def _side_rows(outdir: str, name: str, rows_in: int) -> np.ndarray:
     return out
 
 
+def _part_rows(pq: Any, path: str) -> np.ndarray:
+    """The input rows of a part: its ``row`` column, or (packs) the distinct rows of its ``rows`` lists."""
+    if "row" in pq.read_schema(path).names:
+        return pq.read_table(path, columns=["row"]).column("row").to_numpy()
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(pq.read_table(path, columns=["rows"]).column("rows")).to_numpy()
+    return np.unique(flat[flat >= 0])
+
+
 def verify_output(outdir: str, rows_in: int, parts: Sequence[Mapping[str, Any]]) -> None:
     """Check that every row before `rows_in` is in exactly one part, in errors.jsonl or in
     dropped.jsonl (streaming, sorted merge).
@@ -206,7 +220,7 @@ def verify_output(outdir: str, rows_in: int, parts: Sequence[Mapping[str, Any]])
     previous = -1
     count = len(error_rows)
     for part in parts:
-        rows = pq.read_table(os.path.join(outdir, part["file"]), columns=["row"]).column("row").to_numpy()
+        rows = _part_rows(pq, os.path.join(outdir, part["file"]))
         if len(rows) != part["rows"]:
             raise AssertionError(f"{part['file']} holds {len(rows)} rows, progress says {part['rows']}")
         if len(rows) == 0:
