@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ._tokenizer import ChatTokenizer
 
 
-# The files `_core.ChatTokenizer.from_pretrained` reads (src/core.rs, `from_dir`), relative to the directory.
+# The files `_core.ChatTokenizer.from_pretrained` reads (src/core/mod.rs, `from_dir`), relative to the directory.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _EXTRA_TEMPLATES = "additional_chat_templates"
 
