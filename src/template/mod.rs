@@ -145,7 +145,7 @@ fn normalize_newlines(source: &str) -> String {
 
 /// Jinja2's `trim_blocks` does not eat the newline right after `{% raw %}`; minijinja's does,
 /// so that newline is doubled for minijinja to eat one.
-fn keep_newline_after_raw(source: &str) -> String {
+pub(crate) fn keep_newline_after_raw(source: &str) -> String {
     use std::sync::OnceLock;
     static RAW: OnceLock<regex::Regex> = OnceLock::new();
     let raw = RAW.get_or_init(|| regex::Regex::new(r"(\{%[-+]?\s*raw\s*%\})\n").unwrap());
