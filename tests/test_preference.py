@@ -299,3 +299,15 @@ def test_random_pairs_keep_the_guarantee_and_the_flag_rule(name):
     run()
     print(f"\n{name}: {seen}")
     assert seen["split"] > 0
+
+
+def test_straddles_start_runs_along_a_policy_batch():
+    tok = demo_tokenizer("metaspace")
+    rows = [{"messages": PROMPT + [{"role": "assistant", "content": c}]} for c in ("\nBlue", "Blue")]
+    batch = tok.tokenize_batch(rows, policy=PREFERENCE_POLICY)
+    assert batch.straddles_start is not None and batch.straddles_start.dtype == np.bool_
+    assert len(batch.straddles_start) == len(batch.input_ids)
+    for i, row in enumerate(rows):
+        one = tok.tokenize(row, PREFERENCE_POLICY)
+        assert (batch.straddles_start[batch.offsets[i] : batch.offsets[i + 1]] == one["straddles_start"]).all()
+    assert batch.straddles_start[: batch.offsets[1]].sum() == 1 and not batch.straddles_start[batch.offsets[1] :].any()
