@@ -72,10 +72,14 @@ def implicit(pair: dict[str, Any]) -> dict[str, Any]:
 
 
 def trl_pair(tok: Any, pair: dict[str, Any], **kwargs: Any) -> dict[str, list[int]]:
-    """TRL's DPO tokenization of a conversational pair (trl 1.x ``DPOTrainer``'s tokenize step):
-    three renders, each tokenized by ``apply_chat_template(tokenize=True)`` (no special tokens
-    added: the template's text carries BOS), the branches sliced at ``len(prompt_ids)``. A
-    prompt that is not a token prefix only warns in TRL; it is sliced anyway, as here."""
+    """TRL's DPO tokenization of a conversational pair, as ``DPOTrainer``'s ``tokenize_fn`` does it
+    (trl main at f2cd577, 1.10.0.dev0: ``trl/trainer/dpo_trainer.py``, ``trl/data_utils.py``
+    ``_tokenize``): the prompt rendered with ``add_generation_prompt=True``, prompt + chosen and
+    prompt + rejected, each tokenized by ``apply_chat_template(tokenize=True)`` (transformers adds
+    no special tokens there: the template's text carries BOS, so BOS is not doubled on this path;
+    TRL's plain-text path, ``processing_class(text=...)``, does add them), the branches sliced at
+    ``len(prompt_ids)``. A prompt that is not a token prefix only logs a warning in TRL and is
+    sliced anyway, as here."""
     tools = pair.get("tools")
     chosen, rejected = branches(pair)
     prompt_ids = tok.apply_chat_template(pair["prompt"], tools=tools, add_generation_prompt=True, **kwargs)
