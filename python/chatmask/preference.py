@@ -206,45 +206,47 @@ def _split(
     errors: list[tuple[int, str]],
     on_error: str,
 ) -> PreferenceBatch:
-    """The core's branch rows (chosen, rejected, chosen, ...) split into pairs with numpy."""
-    ids, labels, index = arrays["input_ids"], arrays["labels"], arrays["message_index"]
-    straddles, offsets = arrays["straddles_start"], arrays["offsets"]
-    out_rows = arrays["rows"]  # the branch rows (2 * pair + side) that have an output
-    n_out = len(out_rows)
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    pair_of = out_rows // 2
-    n_prompt = np.asarray(prompt_lengths, dtype=np.int64)[pair_of] if n_out else np.zeros(0, np.int64)
-    token_row = np.repeat(np.arange(n_out), lengths)
-    token_prompt = n_prompt[token_row]
-    # The split: the first token a completion message owns (message_index >= the prompt's length).
-    owned = np.flatnonzero(index >= token_prompt)
-    k = np.searchsorted(owned, starts)
-    found = k < len(owned)
-    found[found] = owned[k[found]] < offsets[1:][found]
-    split = np.where(found, owned[np.minimum(k, max(len(owned) - 1, 0))] if len(owned) else 0, offsets[1:])
-    split_len = split - starts  # prompt tokens of each branch row
-    straddle = np.zeros(n_out, dtype=bool)
-    straddle[found] = straddles[split[found]]
-    position = np.arange(len(ids)) - np.repeat(starts, lengths)
-    completion_side = position >= np.repeat(split_len, lengths)
-    late = completion_side & (index >= 0) & (index < token_prompt)
-    prompt_after = np.bincount(token_row[late], minlength=n_out) > 0
+    """The core's branch rows (chosen, rejected, chosen, ...) split into pairs.
 
-    # Pairs whose two branches both have an output and a completion.
+    One loop over the pairs on numpy views: each branch's tokens are scanned about four times
+    (the split, prompt tokens after it, the prompt comparison) and copied once, into the outputs.
+    """
+    ids, labels, index = arrays["input_ids"], arrays["labels"], arrays["message_index"]
+    straddles, offsets = arrays["straddles_start"], arrays["offsets"].tolist()
+    # As unsigned, template text (-1) is larger than any prompt length: one comparison finds a
+    # prompt message's token.
+    owner = index.view(np.uint32)
     where = np.full(2 * len(pair_rows), -1, dtype=np.int64)
-    where[out_rows] = np.arange(n_out)
+    where[arrays["rows"]] = np.arange(len(arrays["rows"]))
     failed = {pair_rows[b // 2] for b, _ in arrays["errors"]}
     for b, message in arrays["errors"]:  # on_error="raise" raised in the core already
         errors.append((pair_rows[b // 2], f"{_BRANCHES[b % 2]}: {message}"))
     dropped = sorted({pair_rows[b // 2] for b in arrays.get("dropped", [])})
-    keep: list[int] = []
+    views: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
+    lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
+    flags: list[list[str]] = []
+    kept: list[int] = []
     for p, row in enumerate(pair_rows):
-        c, r = where[2 * p], where[2 * p + 1]
-        if c < 0 or r < 0:
+        out_rows = where[2 * p], where[2 * p + 1]
+        if out_rows[0] < 0 or out_rows[1] < 0:
             if row not in failed and row not in dropped:  # pragma: no cover - the core reports every row
                 errors.append((row, "a branch has no output"))
             continue
-        missing = [side for side, b in zip(_BRANCHES, (c, r)) if not found[b]]
+        n_prompt = prompt_lengths[p]
+        cuts, missing, pair_flags = [], [], []
+        for side, b in zip(_BRANCHES, out_rows):
+            start, end = offsets[b], offsets[b + 1]
+            owned = index[start:end] >= n_prompt
+            first = int(owned.argmax())
+            if not owned[first]:
+                missing.append(side)
+                continue
+            cut = start + first
+            cuts.append((start, cut, end))
+            if straddles[cut]:
+                pair_flags.append(f"straddles_split:{side}")
+            if (owner[cut:end] < n_prompt).any():
+                pair_flags.append(f"prompt_after_completion:{side}")
         if missing:
             error = ConversationError(
                 f"the {' and '.join(missing)} completion owns no token (an empty completion, or one the "
@@ -252,52 +254,35 @@ def _split(
             )
             _fail(on_error, errors, row, error)
             continue
-        keep.append(p)
+        (c_start, c_cut, c_end), (r_start, r_cut, r_end) = cuts
+        if not np.array_equal(ids[c_start:c_cut], ids[r_start:r_cut]):
+            pair_flags.insert(0, "prompt_differs")
+        views["prompt_input_ids"].append(ids[c_start:c_cut])
+        views["chosen_input_ids"].append(ids[c_cut:c_end])
+        views["chosen_labels"].append(labels[c_cut:c_end])
+        views["rejected_input_ids"].append(ids[r_cut:r_end])
+        views["rejected_labels"].append(labels[r_cut:r_end])
+        lengths["prompt"].append(c_cut - c_start)
+        lengths["chosen"].append(c_end - c_cut)
+        lengths["rejected"].append(r_end - r_cut)
+        flags.append(pair_flags)
+        kept.append(row)
     errors.sort(key=lambda e: e[0])
-    kept = np.asarray(keep, dtype=np.int64)
-    c_rows, r_rows = where[2 * kept], where[2 * kept + 1]
-    side = np.zeros(n_out, dtype=np.int8)  # 0: not kept, 1: chosen, 2: rejected
-    side[c_rows], side[r_rows] = 1, 2
-    token_side = side[token_row]
-    prompt_mask = (token_side == 1) & ~completion_side
-    chosen_mask = (token_side == 1) & completion_side
-    rejected_mask = (token_side == 2) & completion_side
 
-    # prompt_differs: the rejected branch's prompt tokens are not the chosen branch's.
-    c_len, r_len = split_len[c_rows], split_len[r_rows]
-    differs = c_len != r_len
-    same_len = np.zeros(n_out, dtype=bool)
-    same_len[c_rows[~differs]] = True
-    same_len[r_rows[~differs]] = True
-    c_prompt = ids[prompt_mask & same_len[token_row]]
-    r_prompt = ids[(token_side == 2) & ~completion_side & same_len[token_row]]
-    unequal_pair = np.repeat(np.flatnonzero(~differs), c_len[~differs])[c_prompt != r_prompt]
-    differs[unequal_pair] = True
+    def flat(name: str, like: np.ndarray) -> np.ndarray:
+        return np.concatenate(views[name]) if views[name] else like[:0].copy()
 
-    flags: list[list[str]] = [[] for _ in keep]
-    for j in np.flatnonzero(
-        differs | straddle[c_rows] | straddle[r_rows] | prompt_after[c_rows] | prompt_after[r_rows]
-    ):
-        f = flags[j]
-        if differs[j]:
-            f.append("prompt_differs")
-        for name, b in (("chosen", c_rows[j]), ("rejected", r_rows[j])):
-            if straddle[b]:
-                f.append(f"straddles_split:{name}")
-        for name, b in (("chosen", c_rows[j]), ("rejected", r_rows[j])):
-            if prompt_after[b]:
-                f.append(f"prompt_after_completion:{name}")
     return PreferenceBatch(
-        prompt_input_ids=ids[prompt_mask],
-        prompt_offsets=_offsets(c_len),
-        chosen_input_ids=ids[chosen_mask],
-        chosen_labels=labels[chosen_mask],
-        chosen_offsets=_offsets(lengths[c_rows] - c_len),
-        rejected_input_ids=ids[rejected_mask],
-        rejected_labels=labels[rejected_mask],
-        rejected_offsets=_offsets(lengths[r_rows] - r_len),
+        prompt_input_ids=flat("prompt_input_ids", ids),
+        prompt_offsets=_offsets(np.asarray(lengths["prompt"], dtype=np.int64)),
+        chosen_input_ids=flat("chosen_input_ids", ids),
+        chosen_labels=flat("chosen_labels", labels),
+        chosen_offsets=_offsets(np.asarray(lengths["chosen"], dtype=np.int64)),
+        rejected_input_ids=flat("rejected_input_ids", ids),
+        rejected_labels=flat("rejected_labels", labels),
+        rejected_offsets=_offsets(np.asarray(lengths["rejected"], dtype=np.int64)),
         flags=flags,
-        rows=np.asarray([pair_rows[p] for p in keep], dtype=np.int64),
+        rows=np.asarray(kept, dtype=np.int64),
         errors=errors,
         dropped=dropped,
     )
