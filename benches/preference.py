@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _parity import TOKENIZERS_DIR, fixture_tokenizers  # noqa: E402
-from _preference_pairs import branches, date_kwargs, fixture_pairs, trl_pair  # noqa: E402
+from _preference_pairs import branches, date_kwargs, fixture_pairs, trl_cause, trl_pair  # noqa: E402
 
 import chatmask  # noqa: E402
 from chatmask.preference import PREFERENCE_POLICY  # noqa: E402
@@ -47,40 +47,24 @@ def branch_rows(pairs: list[dict]) -> list[dict]:
     return out
 
 
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def throughput(tok, pairs, repeat: int, threads: int | None) -> tuple[float, float, int]:
+    """Medians of `repeat` runs of each, interleaved (base, ours, base, ...) so that drift in a
+    shared machine's load falls on both alike."""
     kwargs = date_kwargs()
     rows = branch_rows(pairs)
-    base = median_time(
-        lambda: tok.tokenize_batch(rows, policy=PREFERENCE_POLICY, on_error="skip", num_threads=threads, **kwargs),
-        repeat,
-    )
-    ours = median_time(
-        lambda: tok.tokenize_preference_batch(pairs, on_error="skip", num_threads=threads, **kwargs), repeat
-    )
-    return base, ours, len(rows)
-
-
-def cause(tok, trl: dict, exact: dict) -> str:
-    bos = tok.special_tokens.get("bos_token")
-    bos_id = tok.encode(bos) if bos else []
-    prompt = trl["prompt_input_ids"]
-    if len(bos_id) == 1 and prompt[:2] == bos_id * 2:
-        return "BOS doubled"
-    if not trl["chosen_render"].startswith(trl["prompt_render"]):
-        return "history rewritten"
-    for full in (trl["chosen_full"], trl["rejected_full"]):
-        if full[: len(prompt)] != prompt:
-            return "merge across the boundary"
-    return "split elsewhere"
+    calls = {
+        "base": lambda: tok.tokenize_batch(
+            rows, policy=PREFERENCE_POLICY, on_error="skip", num_threads=threads, **kwargs
+        ),
+        "ours": lambda: tok.tokenize_preference_batch(pairs, on_error="skip", num_threads=threads, **kwargs),
+    }
+    times: dict[str, list[float]] = {"base": [], "ours": []}
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return statistics.median(times["base"]), statistics.median(times["ours"]), len(rows)
 
 
 def compare_trl(tok, pairs) -> tuple[int, int, Counter, Counter]:
@@ -95,7 +79,7 @@ def compare_trl(tok, pairs) -> tuple[int, int, Counter, Counter]:
         same = all(trl[f] == exact[f].tolist() for f in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
         if not same:
             differ += 1
-            causes[cause(tok, trl, exact)] += 1
+            causes[trl_cause(tok, trl)] += 1
     return len(batch), differ, causes, flags
 
 

@@ -97,3 +97,21 @@ def trl_pair(tok: Any, pair: dict[str, Any], **kwargs: Any) -> dict[str, list[in
         "chosen_full": list(chosen_ids),
         "rejected_full": list(rejected_ids),
     }
+
+
+def trl_cause(tok: Any, trl: dict[str, Any]) -> str:
+    """Why TRL's pair (from :func:`trl_pair`) differs from the exact one: ``BOS doubled`` (its
+    prompt starts with two BOS), ``history rewritten`` (the prompt's render is not a text prefix of
+    prompt + chosen), ``merge across the boundary`` (a text prefix, not a token prefix), or ``split
+    elsewhere`` (a token prefix, but TRL's prompt ends elsewhere than the completion's first token)."""
+    bos = tok.special_tokens.get("bos_token")
+    bos_id = tok.encode(bos) if bos else []
+    prompt = trl["prompt_input_ids"]
+    if len(bos_id) == 1 and prompt[:2] == bos_id * 2:
+        return "BOS doubled"
+    if not trl["chosen_render"].startswith(trl["prompt_render"]):
+        return "history rewritten"
+    for full in (trl["chosen_full"], trl["rejected_full"]):
+        if full[: len(prompt)] != prompt:
+            return "merge across the boundary"
+    return "split elsewhere"

@@ -311,3 +311,29 @@ def test_straddles_start_runs_along_a_policy_batch():
         one = tok.tokenize(row, PREFERENCE_POLICY)
         assert (batch.straddles_start[batch.offsets[i] : batch.offsets[i + 1]] == one["straddles_start"]).all()
     assert batch.straddles_start[: batch.offsets[1]].sum() == 1 and not batch.straddles_start[batch.offsets[1] :].any()
+
+
+def test_the_trl_reimplementation_and_its_causes():
+    from _preference_pairs import trl_cause, trl_pair
+
+    tok = demo_tokenizer("metaspace")
+    pair = {"prompt": PROMPT, "chosen": {"role": "assistant", "content": "Blue"}}
+    pair["rejected"] = {"role": "assistant", "content": "Seven."}
+    exact, trl = tok.tokenize_preference(pair), trl_pair(tok, pair)
+    assert all(trl[f] == exact[f].tolist() for f in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+    # A completion opening with "\n" merges with the generation prompt's "\n": TRL's prompt is not
+    # a token prefix of prompt + chosen, and it slices one token off.
+    merged = pair | {"chosen": {"role": "assistant", "content": "\nBlue"}}
+    trl = trl_pair(tok, merged)
+    assert trl["chosen_full"][: len(trl["prompt_input_ids"])] != trl["prompt_input_ids"]
+    assert trl_cause(tok, trl) == "merge across the boundary"
+    assert trl["chosen_input_ids"] != tok.tokenize_preference(merged)["chosen_input_ids"].tolist()
+    require_shared("fixtures", "tokenizers", "mistral-7b-v0.3")
+    mistral = ChatTokenizer.from_pretrained(TOKENIZERS_DIR / "mistral-7b-v0.3")
+    history = [{"role": "system", "content": "Be brief."}, *PROMPT, {"role": "assistant", "content": "Red."}]
+    rewritten = pair | {"prompt": history + [{"role": "user", "content": "Another."}]}
+    trl = trl_pair(mistral, rewritten)
+    assert trl_cause(mistral, trl) == "history rewritten"
+    out = mistral.tokenize_preference(rewritten)
+    check_pair(mistral, rewritten, out)
+    assert trl["prompt_input_ids"] != out["prompt_input_ids"].tolist()
