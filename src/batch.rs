@@ -35,6 +35,9 @@ pub struct BatchOutput {
     pub errors: Vec<(usize, Error)>,
     /// Under a policy: per token, the message it belongs to (-1: template text).
     pub message_index: Vec<i32>,
+    /// Under a policy: per token, whether it straddles the start of its message
+    /// ([`crate::policy::Tokenized::straddles_start`]).
+    pub straddles_start: Vec<bool>,
     /// Under a policy, per output row: how its spans were found, trained tokens straddling a
     /// span edge, whether token positions were derived from the tokens, tokens truncated.
     pub span_methods: Vec<SpanMethod>,
@@ -326,6 +329,7 @@ impl BatchRunner {
                     out.input_ids.extend_from_slice(&t.input_ids);
                     out.labels.extend_from_slice(&t.labels);
                     out.message_index.extend_from_slice(&t.message_index);
+                    out.straddles_start.extend_from_slice(&t.straddles_start);
                     out.offsets.push(out.input_ids.len() as i64);
                     out.label_offsets.push(out.labels.len() as i64);
                     out.rows.push(row as i64);

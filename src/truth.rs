@@ -150,6 +150,7 @@ mod tests {
             input_ids: ids.to_vec(),
             labels: labels.to_vec(),
             message_index: index.to_vec(),
+            straddles_start: vec![false; ids.len()],
             straddling: 0,
             positions_derived: true,
             truncated: 0,

@@ -23,6 +23,7 @@ from .errors import (
 from .limits import RenderLimits
 from .pack import PackedBatch, pack
 from .policy import MaskPolicy
+from .preference import PreferenceBatch
 
 # Templates' str methods follow this Python's Unicode data (see _unicode.py), for every
 # tokenizer, however it was built.
@@ -35,6 +36,7 @@ __all__ = [
     "ConversationTypeError",
     "MaskPolicy",
     "PackedBatch",
+    "PreferenceBatch",
     "RenderLimits",
     "SequenceTooLongError",
     "SpanError",

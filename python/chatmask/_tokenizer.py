@@ -18,6 +18,7 @@ from .batch import TokenizedBatch
 from .errors import ChatMaskError, SequenceTooLongError, TemplateError, TemplateLimitError, TokenizerError
 from .limits import RenderLimits
 from .policy import MaskPolicy
+from .preference import PreferenceMethods
 
 Message = Mapping[str, Any]
 Conversation = Sequence[Message]
@@ -40,7 +41,7 @@ DEFAULT_VERIFY = 8
 _MAX_ROUTES = 64
 
 
-class ChatTokenizer:
+class ChatTokenizer(PreferenceMethods):
     """A tokenizer and its chat template(s), compiled once and used from any thread.
 
     Templates render natively (minijinja). A template minijinja cannot render exactly (it cannot
@@ -49,6 +50,7 @@ class ChatTokenizer:
     already imported) raises `TemplateError`, unless ``allow_jinja2=True``: then it renders
     through transformers' Jinja2 environment, with a warning and under limits equivalent to
     `render_limits`. `render_backend` says which path the default template takes.
+    Preference pairs: `tokenize_preference` / `tokenize_preference_batch` (:mod:`chatmask.preference`).
     """
 
     def __init__(self, core: _core.ChatTokenizer, verify: int = DEFAULT_VERIFY, allow_jinja2: bool = False) -> None:

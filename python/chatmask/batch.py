@@ -27,6 +27,7 @@ class TokenizedBatch:
         errors: list[tuple[int, str]],
         control_rows: np.ndarray | None = None,
         message_index: np.ndarray | None = None,
+        straddles_start: np.ndarray | None = None,
         span_methods: list[str] | None = None,
         straddling: np.ndarray | None = None,
         positions_derived: np.ndarray | None = None,
@@ -36,6 +37,9 @@ class TokenizedBatch:
         # Under a MaskPolicy: message_index runs along input_ids; the others are per output row,
         # except `dropped` (input rows the policy's overflow="drop" removed).
         self.message_index = message_index
+        # Along input_ids too: the token carries a message's index but starts before that
+        # message's region (it also covers the text before it; chatmask.preference flags it).
+        self.straddles_start = straddles_start
         # Per output row: an input string held a control token's text (see sanitize_control_tokens).
         self.control_rows = control_rows
         self.span_methods = span_methods

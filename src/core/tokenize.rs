@@ -222,14 +222,19 @@ impl ChatTokenizer {
             content_origin: &located.content_origin,
             generation,
         };
-        let (labels, message_index, straddling) =
-            policy::label(&row, policy, self.eos_token_id, &|id| {
-                self.encoder.is_special_added(id)
-            })?;
+        let policy::Labels {
+            labels,
+            message_index,
+            straddles_start,
+            straddling,
+        } = policy::label(&row, policy, self.eos_token_id, &|id| {
+            self.encoder.is_special_added(id)
+        })?;
         Ok(Tokenized {
             input_ids: ids,
             labels,
             message_index,
+            straddles_start,
             straddling,
             positions_derived,
             truncated: 0,

@@ -15,6 +15,9 @@ pub struct Tokenized {
     pub input_ids: Vec<u32>,
     pub labels: Vec<i64>,
     pub message_index: Vec<i32>,
+    /// Per token: it carries a message's index but starts before that message's region, so it
+    /// also covers text before the message (a merge across the boundary where it begins).
+    pub straddles_start: Vec<bool>,
     /// Trained tokens that also cover characters outside every trained range.
     pub straddling: usize,
     /// Whether token positions came from the tokens themselves (not the tokenizer's offsets).
@@ -127,13 +130,22 @@ fn char_byte_offsets(text: &str) -> Vec<usize> {
         .collect()
 }
 
-/// Labels and `message_index` for one row; returns `(labels, message_index, straddling)`.
+/// What [`label`] computes for one row.
+pub struct Labels {
+    pub labels: Vec<i64>,
+    pub message_index: Vec<i32>,
+    /// See [`Tokenized::straddles_start`].
+    pub straddles_start: Vec<bool>,
+    pub straddling: usize,
+}
+
+/// Labels, `message_index` and the tokens straddling a message's start, for one row.
 pub fn label(
     row: &SpanRow<'_>,
     policy: &Policy,
     eos: Option<u32>,
     is_special: &dyn Fn(u32) -> bool,
-) -> Result<(Vec<i64>, Vec<i32>, usize)> {
+) -> Result<Labels> {
     let (ids, pos) = (row.ids, row.positions);
     let n_tokens = ids.len();
     let mut message_index = vec![-1i32; n_tokens];
@@ -144,6 +156,8 @@ pub fn label(
     // Each message's character region, and the end token that closes it.
     let n_messages = row.messages.len();
     let mut regions: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n_messages];
+    // Where each message's region starts (its turn prefix or first segment).
+    let mut region_start = vec![usize::MAX; n_messages];
     let mut end_token: Vec<Option<usize>> = vec![None; n_messages];
     let is_end = |id: u32| match &policy.eot_tokens {
         Some(list) => list.contains(&id) || Some(id) == eos,
@@ -206,6 +220,7 @@ pub fn label(
             }
         }
         region.push((seg.start, seg.end));
+        region_start[seg.message] = region_start[seg.message].min(start);
         for t in token_ending_after(start)..n_tokens {
             if pos[t].0 >= seg.end {
                 break;
@@ -354,7 +369,17 @@ pub fn label(
         .zip(&trained)
         .map(|(&id, &on)| if on { id as i64 } else { IGNORE })
         .collect();
-    Ok((labels, message_index, straddling))
+    let straddles_start = message_index
+        .iter()
+        .zip(pos.iter())
+        .map(|(&m, &(s, _))| usize::try_from(m).is_ok_and(|m| s < region_start[m]))
+        .collect();
+    Ok(Labels {
+        labels,
+        message_index,
+        straddles_start,
+        straddling,
+    })
 }
 
 /// Applies `max_length`. `Ok(false)`: drop the row.
@@ -405,7 +430,10 @@ pub fn fit_length(out: &mut Tokenized, policy: &Policy) -> Result<bool> {
     out.truncated = len - keep.len();
     out.input_ids = out.input_ids[keep.clone()].to_vec();
     out.labels = out.labels[keep.clone()].to_vec();
-    out.message_index = out.message_index[keep].to_vec();
+    out.message_index = out.message_index[keep.clone()].to_vec();
+    if !out.straddles_start.is_empty() {
+        out.straddles_start = out.straddles_start[keep].to_vec();
+    }
     Ok(true)
 }
 
@@ -476,8 +504,52 @@ mod tests {
             content_origin: &[Some(0), Some(0)],
             generation: &[],
         };
-        let (labels, mi, _) = label(&row, policy, None, &|id| id == 999).unwrap();
+        let Labels {
+            labels,
+            message_index: mi,
+            ..
+        } = label(&row, policy, None, &|id| id == 999).unwrap();
         (labels, mi)
+    }
+
+    #[test]
+    fn a_token_merged_across_a_message_start_straddles_it() {
+        // "U: hi#A: ok#" with ": o" (characters 7..10) one token: the assistant's region starts
+        // after the generation prompt "A: " (at 9), so that token also covers prompt text.
+        let text = "U: hi#A: ok#";
+        let mut pos: Vec<(usize, usize)> = (0..7).map(|i| (i, i + 1)).collect();
+        pos.extend([(7, 10), (10, 11), (11, 12)]);
+        let ids: Vec<u32> = pos
+            .iter()
+            .map(|&(s, _)| if s == 5 || s == 11 { 999 } else { s as u32 })
+            .collect();
+        let (_, _, spans, info) = row_fixture();
+        let row = SpanRow {
+            text,
+            generation_prompt: Some("A: "),
+            opener_ids: &[],
+            ids: &ids,
+            positions: &pos,
+            spans: &spans,
+            messages: &info,
+            content_origin: &[Some(0), Some(0)],
+            generation: &[],
+        };
+        let out = label(&row, &Policy::default(), None, &|id| id == 999).unwrap();
+        assert_eq!(out.message_index, vec![-1, -1, -1, 0, 0, 0, -1, 1, 1, 1]);
+        let straddling: Vec<usize> = (0..pos.len()).filter(|&t| out.straddles_start[t]).collect();
+        assert_eq!(straddling, vec![7]);
+        // One token per character: nothing straddles.
+        let (ids, pos, spans, info) = row_fixture();
+        let row = SpanRow {
+            ids: &ids,
+            positions: &pos,
+            spans: &spans,
+            messages: &info,
+            ..row
+        };
+        let out = label(&row, &Policy::default(), None, &|id| id == 999).unwrap();
+        assert!(!out.straddles_start.iter().any(|&s| s));
     }
 
     fn trained(labels: &[i64]) -> Vec<usize> {

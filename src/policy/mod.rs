@@ -262,4 +262,4 @@ fn read_detail(v: &Value, index: usize, field: &str) -> Result<Vec<(usize, usize
 
 mod label;
 
-pub use label::{fit_length, label, SpanRow, Tokenized};
+pub use label::{fit_length, label, Labels, SpanRow, Tokenized};

@@ -188,6 +188,7 @@ fn into_dict<'py>(
     d.set_item("control_rows", out.control_rows.into_pyarray(py))?;
     if with_policy {
         d.set_item("message_index", out.message_index.into_pyarray(py))?;
+        d.set_item("straddles_start", out.straddles_start.into_pyarray(py))?;
         let methods: Vec<&str> = out.span_methods.iter().map(|m| m.name()).collect();
         d.set_item("span_methods", methods)?;
         d.set_item("straddling", out.straddling.into_pyarray(py))?;

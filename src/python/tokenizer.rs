@@ -395,8 +395,8 @@ impl PyChatTokenizer {
     }
 
     /// One conversation under a policy (a dict of `MaskPolicy` fields): a dict of numpy
-    /// arrays `input_ids`, `labels`, `message_index`, plus `span_method`, `straddling`,
-    /// `positions_derived`, `truncated`; `None` when `overflow="drop"` drops it.
+    /// arrays `input_ids`, `labels`, `message_index`, `straddles_start`, plus `span_method`,
+    /// `straddling`, `positions_derived`, `truncated`; `None` when `overflow="drop"` drops it.
     #[pyo3(signature = (conversation, policy, add_generation_prompt=false, chat_template=None, **kwargs))]
     fn tokenize<'py>(
         &self,
@@ -427,6 +427,7 @@ impl PyChatTokenizer {
         )?;
         d.set_item("labels", out.labels.into_pyarray(py))?;
         d.set_item("message_index", out.message_index.into_pyarray(py))?;
+        d.set_item("straddles_start", out.straddles_start.into_pyarray(py))?;
         d.set_item("span_method", method.name())?;
         d.set_item("straddling", out.straddling)?;
         d.set_item("positions_derived", out.positions_derived)?;
