@@ -155,7 +155,7 @@ fn label_row(
 
 /// A thread pool owned by this process. Rebuilt after `fork()`: a child inherits the pool's
 /// bookkeeping but not its threads, and would wait on them forever.
-fn pool(num_threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+pub(crate) fn pool(num_threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     static POOL: Mutex<Option<(u32, usize, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
     let pid = std::process::id();
     let mut slot = POOL.lock().unwrap_or_else(|p| p.into_inner());

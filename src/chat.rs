@@ -60,6 +60,14 @@ impl Conversation {
         self.messages.is_empty()
     }
 
+    /// `chat[:n]` as a conversation of its own.
+    pub fn head(&self, n: usize) -> Conversation {
+        Conversation {
+            messages: self.messages[..n].to_vec(),
+            roles: self.roles[..n].to_vec(),
+        }
+    }
+
     /// `chat[:n]` as a template value.
     pub fn prefix(&self, n: usize) -> Value {
         Value::from(self.messages[..n].to_vec())

@@ -34,6 +34,8 @@ pub enum Error {
     Unsanitizable(String),
     /// No exact method located a message's text in the render.
     Span(String),
+    /// Sampled ids that do not fit the conversation (other text, or no token boundary).
+    Rollout(String),
     /// A bug in chatmask (a caught panic), reported instead of crashing the interpreter.
     Internal(String),
 }
@@ -71,6 +73,7 @@ impl fmt::Display for Error {
             Error::TooLong(msg) => write!(f, "row too long: {msg}"),
             Error::Unsanitizable(msg) => f.write_str(msg),
             Error::Span(msg) => write!(f, "cannot locate message text in the render: {msg}"),
+            Error::Rollout(msg) => f.write_str(msg),
             Error::Internal(msg) => write!(f, "internal error in chatmask (please report): {msg}"),
         }
     }

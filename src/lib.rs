@@ -11,6 +11,7 @@ pub mod label;
 pub mod pack;
 pub mod policy;
 mod python;
+pub mod rollout;
 pub mod rows;
 pub mod sanitize;
 pub mod spans;

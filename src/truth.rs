@@ -72,7 +72,7 @@ impl ChatTokenizer {
                 located: &located,
                 generation: &[],
                 ids: full.ids.clone(),
-                positions,
+                positions: &positions,
                 positions_derived,
             };
             self.label_spans(conv, encoded, judge, args).ok()

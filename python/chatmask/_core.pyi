@@ -2,7 +2,7 @@
 `chatmask` package; this module is its engine and may change between versions."""
 
 from os import PathLike
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -143,6 +143,16 @@ class ChatTokenizer:
         policy: Mapping[str, Any] | None = None,
         shape: Mapping[str, Any] | None = None,
         judge: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]: ...
+    def tokenize_rollout_batch(
+        self,
+        rows: Iterable[Any],
+        policy: Mapping[str, Any],
+        bridge: bool = False,
+        num_threads: int | None = None,
+        on_error: str = "raise",
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]: ...
     def policy_view(self, policy: Mapping[str, Any]) -> dict[str, Any]: ...

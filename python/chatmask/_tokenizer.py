@@ -19,6 +19,7 @@ from .errors import ChatMaskError, SequenceTooLongError, TemplateError, Template
 from .limits import RenderLimits
 from .policy import MaskPolicy
 from .preference import PreferenceMethods
+from .rollout import RolloutMethods
 
 Message = Mapping[str, Any]
 Conversation = Sequence[Message]
@@ -41,7 +42,7 @@ DEFAULT_VERIFY = 8
 _MAX_ROUTES = 64
 
 
-class ChatTokenizer(PreferenceMethods):
+class ChatTokenizer(PreferenceMethods, RolloutMethods):
     """A tokenizer and its chat template(s), compiled once and used from any thread.
 
     Templates render natively (minijinja). A template minijinja cannot render exactly (it cannot
@@ -50,7 +51,8 @@ class ChatTokenizer(PreferenceMethods):
     already imported) raises `TemplateError`, unless ``allow_jinja2=True``: then it renders
     through transformers' Jinja2 environment, with a warning and under limits equivalent to
     `render_limits`. `render_backend` says which path the default template takes.
-    Preference pairs: `tokenize_preference` / `tokenize_preference_batch` (:mod:`chatmask.preference`).
+    Preference pairs: `tokenize_preference` / `tokenize_preference_batch` (:mod:`chatmask.preference`);
+    RL rollouts: `tokenize_rollout` / `tokenize_rollout_batch` / `tokenize_group` (:mod:`chatmask.rollout`).
     """
 
     def __init__(self, core: _core.ChatTokenizer, verify: int = DEFAULT_VERIFY, allow_jinja2: bool = False) -> None:

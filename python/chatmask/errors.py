@@ -40,6 +40,11 @@ class SpanError(ConversationError):
     """No exact method could locate a message's text in the render (see ``MaskPolicy``)."""
 
 
+class RolloutError(ConversationError):
+    """Sampled ids that do not fit their message: they decode to other text than the template
+    renders there, or no token boundary lies where the message's text ends."""
+
+
 class ConversationTypeError(ChatMaskError, TypeError):
     """The conversation, a message or a value in it has the wrong type."""
 
@@ -53,6 +58,7 @@ __all__ = [
     "ConversationError",
     "ConversationTypeError",
     "SequenceTooLongError",
+    "RolloutError",
     "SpanError",
     "TemplateError",
     "TemplateLimitError",

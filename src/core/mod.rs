@@ -20,7 +20,7 @@ mod locate;
 mod tokenize;
 
 pub use locate::MessageSpans;
-pub use tokenize::EncodedSpans;
+pub use tokenize::{EncodedSpans, Labelled};
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`: the named special tokens every template sees.
 pub const SPECIAL_TOKEN_NAMES: [&str; 7] = [

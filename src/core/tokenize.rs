@@ -140,6 +140,21 @@ impl ChatTokenizer {
         add_generation_prompt: bool,
         args: &TemplateArgs,
     ) -> Result<Option<(Tokenized, SpanMethod)>> {
+        let mut labelled = self.tokenize_located(conv, policy, add_generation_prompt, args)?;
+        let method = labelled.located.method;
+        Ok(policy::fit_length(&mut labelled.tokenized, policy)?
+            .then_some((labelled.tokenized, method)))
+    }
+
+    /// [`Self::tokenize`] before `fit_length`, with the located render and each token's
+    /// characters kept: what a caller splicing tokens by message needs.
+    pub fn tokenize_located(
+        &self,
+        conv: &Conversation,
+        policy: &Policy,
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<Labelled> {
         if conv.is_empty() {
             return Err(Error::EmptyConversation);
         }
@@ -180,12 +195,16 @@ impl ChatTokenizer {
             located: &located,
             generation: &generation,
             ids,
-            positions,
+            positions: &positions,
             positions_derived,
         };
-        let mut out = self.label_spans(conv, encoded, policy, args)?;
-        out.control_found = control_found;
-        Ok(policy::fit_length(&mut out, policy)?.then_some((out, located.method)))
+        let mut tokenized = self.label_spans(conv, encoded, policy, args)?;
+        tokenized.control_found = control_found;
+        Ok(Labelled {
+            tokenized,
+            located,
+            positions,
+        })
     }
 
     /// Labels and `message_index` under `policy` of a conversation whose spans are located
@@ -216,7 +235,7 @@ impl ChatTokenizer {
             generation_prompt: generation_prompt.map(|(text, _)| text.as_str()),
             opener_ids: generation_prompt.map_or(&[], |(_, ids)| ids.as_slice()),
             ids: &ids,
-            positions: &positions,
+            positions,
             spans: &located.spans,
             messages: &messages,
             content_origin: &located.content_origin,
@@ -249,6 +268,14 @@ pub struct EncodedSpans<'a> {
     /// `{% generation %}` spans (empty unless the policy's source is generation blocks).
     pub generation: &'a [(usize, usize)],
     pub ids: Vec<u32>,
-    pub positions: CharSpans,
+    pub positions: &'a [(usize, usize)],
     pub positions_derived: bool,
+}
+
+/// One conversation tokenized under a policy, with where its text and tokens lie.
+pub struct Labelled {
+    pub tokenized: Tokenized,
+    pub located: MessageSpans,
+    /// Each token's `(start, end)` in code points of `located.text`.
+    pub positions: CharSpans,
 }

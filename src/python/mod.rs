@@ -5,12 +5,13 @@
 //! released.
 //!
 //! Rooms: `convert` (Python values into core values), `rows` (the core's JSONL rows),
-//! `tokenizer` (the `ChatTokenizer` class), `batch_call` (its batch call), `pack` (sequence
-//! packing), and here the error mapping, the module-level functions and the module itself.
+//! `tokenizer` (the `ChatTokenizer` class), `batch_call` (its batch call), `rollout` (its rollout
+//! call), `pack` (sequence packing), and here the error mapping, the module-level functions and the module itself.
 
 mod batch_call;
 mod convert;
 mod pack;
+mod rollout;
 mod rows;
 mod tokenizer;
 
@@ -48,6 +49,7 @@ fn to_pyerr(py: Python<'_>, err: &Error, row: Option<usize>) -> PyErr {
         Error::Tokenizer(_) | Error::Config(_) => "TokenizerError",
         Error::TooLong(_) => "SequenceTooLongError",
         Error::Span(_) => "SpanError",
+        Error::Rollout(_) => "RolloutError",
         Error::Unsanitizable(_) => "ConversationError",
         Error::Internal(_) => "ChatMaskError",
     };

@@ -31,7 +31,7 @@ pub struct PyChatTokenizer {
 }
 
 impl PyChatTokenizer {
-    fn args(
+    pub(super) fn args(
         &self,
         py: Python<'_>,
         chat_template: Option<&str>,
