@@ -110,21 +110,31 @@ pub struct BatchArgs {
     pub kwargs: Vec<(String, Value)>,
 }
 
+impl BatchArgs {
+    /// The template arguments of a row with its own (`tools`, `documents`); None: the shared.
+    pub fn for_row(
+        &self,
+        tok: &ChatTokenizer,
+        overrides: Vec<(String, Value)>,
+    ) -> Result<Option<TemplateArgs>> {
+        if overrides.is_empty() {
+            return Ok(None);
+        }
+        let mut kwargs = self.kwargs.clone();
+        kwargs.extend(overrides);
+        tok.template_args(self.chat_template.as_deref(), kwargs)
+            .map(Some)
+    }
+}
+
 fn label_row(
     tok: &ChatTokenizer,
     row: RowInput,
     task: &Task,
     args: &BatchArgs,
 ) -> Result<RowResult> {
-    let own;
-    let template_args = if row.overrides.is_empty() {
-        &args.shared
-    } else {
-        let mut kwargs = args.kwargs.clone();
-        kwargs.extend(row.overrides);
-        own = tok.template_args(args.chat_template.as_deref(), kwargs)?;
-        &own
-    };
+    let own = args.for_row(tok, row.overrides)?;
+    let template_args = own.as_ref().unwrap_or(&args.shared);
     match task {
         Task::Reference(mode) => {
             let labeled = tok.label(&row.conversation, *mode, row.finish_length, template_args)?;

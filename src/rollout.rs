@@ -99,11 +99,26 @@ pub struct RolloutRequest<'a> {
 }
 
 /// A sampled message being placed: its index, its ids without the stop token, the stop token.
+#[derive(Clone, Copy)]
 struct Sample<'a> {
     message: usize,
+    /// Every id sampled for the message.
+    ids: &'a [u32],
     body: &'a [u32],
     stop: Option<u32>,
     length: bool,
+}
+
+impl<'a> Sample<'a> {
+    /// The same ids read with no stop token: a special token that ends the text itself (an
+    /// unknown character's `<unk>`, say).
+    fn without_stop(self) -> Option<Sample<'a>> {
+        self.stop.map(|_| Sample {
+            body: self.ids,
+            stop: None,
+            ..self
+        })
+    }
 }
 
 /// The token index where characters from `at` on begin, if no token covers both sides of it.
@@ -189,12 +204,14 @@ impl ChatTokenizer {
                 match ids.split_last() {
                     Some((&stop, body)) if !length && is_stop(stop) => Sample {
                         message,
+                        ids,
                         body,
                         stop: Some(stop),
                         length,
                     },
                     _ => Sample {
                         message,
+                        ids,
                         body: ids,
                         stop: None,
                         length,
@@ -240,19 +257,43 @@ impl ChatTokenizer {
         let pos = &render.positions;
         let ids = &render.tokenized.input_ids;
         let lowest = pos.partition_point(|p| p.0 < after_previous);
-        // The last token starting at or before the first field (it may cover its start).
-        let highest = pos
-            .partition_point(|p| p.0 <= first)
-            .saturating_sub(1)
-            .min(end);
-        let sampled = self.decode(body)?;
+        // The first field's own start, or the token covering it.
+        let at = pos.partition_point(|p| p.0 < first);
+        let highest = match at > 0 && pos[at - 1].1 > first {
+            true => at - 1,
+            false => at,
+        }
+        .min(end);
+        // The tokens' pieces spell text exactly (`decode` can drop a Metaspace space); the
+        // decoded texts are compared only where an id has no piece.
+        let spell = |ids: &[u32]| -> Result<Vec<u8>> {
+            match self.encoder.spelling(ids) {
+                Some(bytes) => Ok(bytes),
+                None => Ok(self.decode(ids)?.into_bytes()),
+            }
+        };
+        let sampled = spell(body)?;
         // Nearest the first field first: the template text before it is tried only as needed.
         for start in (lowest..=highest).rev() {
             if start > 0 && start < pos.len() && pos[start - 1].1 > pos[start].0 {
                 continue; // two tokens share a character: no boundary
             }
-            if self.decode(&ids[start..end])? == sampled {
+            if spell(&ids[start..end])? == sampled {
                 return Ok(Some(start..end));
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`Self::region`] of `sample`, read with its stop token and, failing that, without it.
+    fn find<'a>(
+        &self,
+        render: &Labelled,
+        sample: Sample<'a>,
+    ) -> Result<Option<(Range<usize>, Sample<'a>)>> {
+        for reading in std::iter::once(sample).chain(sample.without_stop()) {
+            if let Some(text) = self.region(render, reading.message, reading.body)? {
+                return Ok(Some((text, reading)));
             }
         }
         Ok(None)
@@ -295,7 +336,7 @@ impl ChatTokenizer {
                     .ok()
             })
             .unwrap_or_default();
-        let sampled = self.decode(sample.body).unwrap_or_default();
+        let sampled = self.decode(sample.ids).unwrap_or_default();
         Error::Rollout(format!(
             "message {message}: the sampled ids decode to {}, but the template renders {} there",
             shorten(&sampled),
@@ -356,18 +397,11 @@ impl ChatTokenizer {
             let prompt = self.tokenize_located(&conv.head(sample.message), policy, true, args)?;
             let prompt = prompt.tokenized.input_ids;
             let extends_previous = previous.as_ref().map(|p| prompt.starts_with(p));
-            previous = Some(
-                [
-                    prompt,
-                    sample.body.to_vec(),
-                    sample.stop.into_iter().collect(),
-                ]
-                .concat(),
-            );
-            let turn = match self.region(&full, sample.message, sample.body)? {
-                Some(text) => {
+            previous = Some([prompt, sample.ids.to_vec()].concat());
+            let turn = match self.find(&full, *sample)? {
+                Some((text, sample)) => {
                     out.copy(&full, cursor..text.start);
-                    let (turn, next) = self.place(&mut out, &full, sample, text);
+                    let (turn, next) = self.place(&mut out, &full, &sample, text);
                     cursor = next;
                     turn
                 }
@@ -376,7 +410,7 @@ impl ChatTokenizer {
                     // it is the last message, the render it was sampled after.
                     let alone =
                         self.tokenize_located(&conv.head(sample.message + 1), policy, false, args)?;
-                    let Some(text) = self.region(&alone, sample.message, sample.body)? else {
+                    let Some((text, sample)) = self.find(&alone, *sample)? else {
                         return Err(self.mismatch(&alone, sample));
                     };
                     unplaced.push(sample.message as i32);
@@ -441,10 +475,10 @@ impl ChatTokenizer {
             };
             let alone =
                 self.tokenize_located(&conv.head(sample.message + 1), policy, false, args)?;
-            let Some(text) = self.region(&alone, sample.message, sample.body)? else {
+            let Some((text, sample)) = self.find(&alone, *sample)? else {
                 return Err(self.mismatch(&alone, sample));
             };
-            let (turn, _) = self.place(&mut out, &alone, sample, text);
+            let (turn, _) = self.place(&mut out, &alone, &sample, text);
             after = (turn.stop != Stop::Length).then_some((sample.message, sample.stop));
             out.turns.push(Turn {
                 extends_previous,

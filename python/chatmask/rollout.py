@@ -123,13 +123,14 @@ class GroupArrays:
     scores: list[float] | None
 
 
-def _rows(rows: Iterable[Any]) -> list[tuple[Any, Any, Any]]:
-    out = []
+def _rows(rows: Iterable[Any]) -> list[Any]:
+    """Rows as the core reads them: mappings (a ``(messages, completion_ids, finish_reason)``
+    tuple becomes one)."""
+    out: list[Any] = []
     for row in rows:
-        if isinstance(row, Mapping):
-            out.append((row.get("messages"), row.get("completion_ids"), row.get("finish_reason")))
-        else:
-            out.append(row)
+        if isinstance(row, tuple) and len(row) == 3:
+            row = {"messages": row[0], "completion_ids": row[1], "finish_reason": row[2]}
+        out.append(row)
     return out
 
 
@@ -166,14 +167,17 @@ class RolloutMethods:
         **template_kwargs: Any,
     ) -> RolloutBatch:
         """Many rollouts in parallel with the GIL released. Each row is ``{"messages": ...,
-        "completion_ids": ..., "finish_reason": ...}`` or a ``(messages, completion_ids,
-        finish_reason)`` tuple; see :meth:`tokenize_rollout` and :class:`RolloutBatch`."""
+        "completion_ids": ...}`` with optional ``finish_reason`` and the row's own ``tools`` /
+        ``documents``, or a ``(messages, completion_ids, finish_reason)`` tuple; see
+        :meth:`tokenize_rollout` and :class:`RolloutBatch`."""
         tok = cast("ChatTokenizer", self)
         kwargs = dict(template_kwargs)
         chat_template = kwargs.pop("chat_template", None)
         rows = _rows(rows)
-        if rows and rows[0][0]:
-            tok._require_native(rows[0][0], chat_template, kwargs)
+        first = rows[0] if rows and isinstance(rows[0], Mapping) else None
+        if first is not None and first.get("messages"):
+            tools = {"tools": first["tools"]} if first.get("tools") is not None else {}
+            tok._require_native(first["messages"], chat_template, {**kwargs, **tools})
         arrays = tok._core.tokenize_rollout_batch(
             rows,
             (policy or ROLLOUT_POLICY).to_core(),

@@ -308,6 +308,19 @@ impl Encoder {
         Ok((ids, offsets, false))
     }
 
+    /// The bytes `ids` stand for, laid end to end (a Metaspace `▁` as a space); None if an id
+    /// has no known piece. Unlike `decode`, it drops nothing: no leading space, no cleanup.
+    pub fn spelling(&self, ids: &[u32]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        for &id in ids {
+            match self.pieces.get(id as usize) {
+                Some(piece) if !piece.is_empty() => out.extend_from_slice(piece),
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
     /// Lays the pieces of `ids` along `text`, calling `visit(token index, id, byte start, byte
     /// length)` for each; false unless they spell it exactly.
     fn lay_pieces(

@@ -99,16 +99,7 @@ pub(super) fn tokenize_batch<'py>(
             }
         }
     };
-    let values = kwargs_to_values(kwargs).map_err(core_err(py))?;
-    let shared = tok
-        .inner
-        .template_args(chat_template, values.clone())
-        .map_err(core_err(py))?;
-    let args = batch::BatchArgs {
-        shared,
-        chat_template: chat_template.map(str::to_string),
-        kwargs: values,
-    };
+    let args = batch_args(tok, py, chat_template, kwargs)?;
     let mut runner = batch::BatchRunner::new(tok.inner.clone(), args, task, on_error, num_threads)
         .map_err(core_err(py))?;
     // Convert a chunk (GIL held) while the pool labels the previous one (GIL not needed).
@@ -206,4 +197,23 @@ fn into_dict<'py>(
     }
     d.set_item("errors", errors)?;
     Ok(d)
+}
+
+/// The shared template arguments of a batch call, and what a row's own `tools` adds to.
+pub(super) fn batch_args(
+    tok: &PyChatTokenizer,
+    py: Python<'_>,
+    chat_template: Option<&str>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<batch::BatchArgs> {
+    let values = kwargs_to_values(kwargs).map_err(core_err(py))?;
+    let shared = tok
+        .inner
+        .template_args(chat_template, values.clone())
+        .map_err(core_err(py))?;
+    Ok(batch::BatchArgs {
+        shared,
+        chat_template: chat_template.map(str::to_string),
+        kwargs: values,
+    })
 }

@@ -8,35 +8,33 @@ use pyo3::types::{PyDict, PyList, PySequence};
 use rayon::prelude::*;
 
 use crate::batch;
-use crate::chat::Conversation;
 use crate::error::{catch_panic, Error};
 use crate::rollout::{Rollout, RolloutRequest};
 
-use super::convert::{to_conversation, to_policy};
+use super::batch_call::batch_args;
+use super::convert::{to_policy, to_row};
 use super::tokenizer::PyChatTokenizer;
 use super::{core_err, to_pyerr};
 
-/// One input row: the conversation, the sampled ids per assistant message, `finish_reason == "length"`.
-type RolloutRow = (Conversation, Vec<Option<Vec<u32>>>, bool);
+/// One input row: the conversation and its own template arguments, and the sampled ids per
+/// assistant message.
+type RolloutRow = (batch::RowInput, Vec<Option<Vec<u32>>>);
 
+/// A mapping with `messages`, `completion_ids`, optional `finish_reason`, `tools`, `documents`.
 fn read_row(row: &Bound<'_, PyAny>) -> Result<RolloutRow, Error> {
-    let bad = |what: &str| {
-        Error::InvalidInput(format!(
-            "a rollout row is (messages, completion_ids, finish_reason): {what}"
-        ))
-    };
-    let row = row
-        .cast::<PySequence>()
-        .map_err(|_| bad("not a sequence"))?;
-    if row.len().unwrap_or(0) != 3 {
-        return Err(bad("it needs three items"));
-    }
-    let item = |i: usize| row.get_item(i).map_err(|e| bad(&e.to_string()));
-    let conv = to_conversation(&item(0)?)?;
-    let completions = item(1)?;
+    let bad = |what: &str| Error::InvalidInput(format!("a rollout row {what}"));
+    let d = row
+        .cast::<PyDict>()
+        .map_err(|_| bad("is a mapping with 'messages' and 'completion_ids'"))?;
+    let mut input = to_row(row, None)?;
+    let completions = d
+        .get_item("completion_ids")
+        .ok()
+        .flatten()
+        .ok_or_else(|| bad("has no 'completion_ids'"))?;
     let completions = completions
         .cast::<PySequence>()
-        .map_err(|_| bad("completion_ids is not a list"))?;
+        .map_err(|_| bad("has a 'completion_ids' that is not a list"))?;
     let mut sampled = Vec::with_capacity(completions.len().unwrap_or(0));
     for (turn, ids) in completions
         .try_iter()
@@ -55,16 +53,15 @@ fn read_row(row: &Bound<'_, PyAny>) -> Result<RolloutRow, Error> {
         })?;
         sampled.push(Some(ids));
     }
-    let finish_reason = item(2)?;
-    let length = if finish_reason.is_none() {
-        false
-    } else {
-        let reason: String = finish_reason
-            .extract()
-            .map_err(|_| bad("finish_reason is not a string or None"))?;
-        reason == "length"
-    };
-    Ok((conv, sampled, length))
+    if let Some(reason) = d.get_item("finish_reason").ok().flatten() {
+        if !reason.is_none() {
+            let reason: String = reason
+                .extract()
+                .map_err(|_| bad("has a 'finish_reason' that is not a string or None"))?;
+            input.finish_length = reason == "length";
+        }
+    }
+    Ok((input, sampled))
 }
 
 /// Flat arrays of the rollouts that worked, in input order.
@@ -122,8 +119,8 @@ fn to_dict<'py>(
 
 #[pymethods]
 impl PyChatTokenizer {
-    /// Rollouts placed in parallel with the GIL released: each row `(messages, completion_ids,
-    /// finish_reason)`. Returns flat arrays (`offsets` per row, `turn_offsets` per sampled turn)
+    /// Rollouts placed in parallel with the GIL released: each row a mapping with `messages`,
+    /// `completion_ids`, optional `finish_reason`, `tools`, `documents`. Returns flat arrays (`offsets` per row, `turn_offsets` per sampled turn)
     /// and the `(row, message)` errors (`on_error="skip"`).
     #[pyo3(signature = (rows, policy, bridge=false, num_threads=None, on_error="raise", chat_template=None, **kwargs))]
     #[allow(clippy::too_many_arguments)]
@@ -148,7 +145,7 @@ impl PyChatTokenizer {
             }
         };
         let policy = to_policy(&self.inner, policy)?;
-        let args = self.args(py, chat_template, kwargs)?;
+        let args = batch_args(self, py, chat_template, kwargs)?;
         let mut read = Vec::new();
         let mut errors = Vec::new();
         for (i, row) in rows.try_iter()?.enumerate() {
@@ -163,16 +160,23 @@ impl PyChatTokenizer {
         let results: Vec<(usize, Result<Rollout, Error>)> = py.detach(|| {
             pool.install(|| {
                 read.par_iter()
-                    .map(|(i, (conv, completions, length))| {
+                    .map(|(i, (input, completions))| {
                         let request = RolloutRequest {
                             completions,
-                            length: *length,
+                            length: input.finish_length,
                             bridge,
                         };
-                        (
-                            *i,
-                            catch_panic(|| inner.tokenize_rollout(conv, &request, &policy, &args)),
-                        )
+                        let placed = catch_panic(|| {
+                            let own = args.for_row(inner, input.overrides.clone())?;
+                            let template_args = own.as_ref().unwrap_or(&args.shared);
+                            inner.tokenize_rollout(
+                                &input.conversation,
+                                &request,
+                                &policy,
+                                template_args,
+                            )
+                        });
+                        (*i, placed)
                     })
                     .collect()
             })
