@@ -13,8 +13,8 @@ from .errors import (
     ChatMaskError,
     ConversationError,
     ConversationTypeError,
-    SequenceTooLongError,
     RolloutError,
+    SequenceTooLongError,
     SpanError,
     TemplateError,
     TemplateLimitError,
@@ -25,6 +25,7 @@ from .limits import RenderLimits
 from .pack import PackedBatch, pack
 from .policy import MaskPolicy
 from .preference import PreferenceBatch
+from .rollout import RolloutBatch, RolloutTurn
 
 # Templates' str methods follow this Python's Unicode data (see _unicode.py), for every
 # tokenizer, however it was built.
@@ -39,8 +40,10 @@ __all__ = [
     "PackedBatch",
     "PreferenceBatch",
     "RenderLimits",
-    "SequenceTooLongError",
+    "RolloutBatch",
     "RolloutError",
+    "RolloutTurn",
+    "SequenceTooLongError",
     "SpanError",
     "TemplateError",
     "TemplateLimitError",

@@ -202,7 +202,9 @@ class RolloutMethods:
         tok = cast("ChatTokenizer", self)
         if scores is not None and len(scores) != len(completion_ids):
             raise ValueError(f"{len(scores)} scores for {len(completion_ids)} completions")
-        prompt = cast("list[int]", tok.apply_chat_template(list(messages), add_generation_prompt=True, **template_kwargs))
+        prompt = cast(
+            "list[int]", tok.apply_chat_template(list(messages), add_generation_prompt=True, **template_kwargs)
+        )
         masked = [-100] * len(prompt)
         tokens = [prompt + [int(i) for i in ids] for ids in completion_ids]
         masks = [masked + t[len(prompt) :] for t in tokens]
