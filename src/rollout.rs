@@ -380,6 +380,22 @@ impl ChatTokenizer {
         (turn, next)
     }
 
+    /// The ids of `conv[..n]` rendered with the generation prompt: a plain render and encode,
+    /// unless the policy sanitizes control tokens (then as `tokenize` encodes).
+    fn prompt_ids(
+        &self,
+        conv: &Conversation,
+        n: usize,
+        policy: &Policy,
+        args: &TemplateArgs,
+    ) -> Result<Vec<u32>> {
+        if policy.sanitize_control_tokens {
+            let prompt = self.tokenize_located(&conv.head(n), policy, true, args)?;
+            return Ok(prompt.tokenized.input_ids);
+        }
+        self.encoder.encode(&self.render(conv, n, true, args)?)
+    }
+
     /// The full render's tokens with each sampled region replaced (`bridge=False`).
     fn spliced(
         &self,
@@ -394,10 +410,16 @@ impl ChatTokenizer {
         let mut previous: Option<Vec<u32>> = None;
         let mut unplaced = Vec::new();
         for sample in samples {
-            let prompt = self.tokenize_located(&conv.head(sample.message), policy, true, args)?;
-            let prompt = prompt.tokenized.input_ids;
-            let extends_previous = previous.as_ref().map(|p| prompt.starts_with(p));
-            previous = Some([prompt, sample.ids.to_vec()].concat());
+            // Only a later turn's prompt is compared with it: one sampled turn needs no prompt.
+            let extends_previous = match samples.len() > 1 {
+                true => {
+                    let prompt = self.prompt_ids(conv, sample.message, policy, args)?;
+                    let extends = previous.as_ref().map(|p| prompt.starts_with(p));
+                    previous = Some([prompt, sample.ids.to_vec()].concat());
+                    extends
+                }
+                false => None,
+            };
             let turn = match self.find(&full, *sample)? {
                 Some((text, sample)) => {
                     out.copy(&full, cursor..text.start);
