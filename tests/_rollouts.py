@@ -1,8 +1,8 @@
 """Rollouts built from the fixture conversations, for tests/test_rollout.py and benches/rollout.py.
 
 The "sampled" ids of an assistant message are computed here independently of chatmask.rollout:
-the tokens of the full render whose characters lie between the message's first and last field
-(from ``message_spans`` and ``positions``), when token boundaries lie at both ends. Non-canonical
+the tokens of the full render from the one covering the message's first field to its last
+field's end (from ``message_spans`` and ``positions``), when a token boundary lies at the end. Non-canonical
 ids split such tokens into two shorter vocabulary pieces that spell the same bytes.
 """
 
@@ -31,9 +31,16 @@ def boundary(positions: list[tuple[int, int]], at: int) -> int | None:
     return i if i == 0 or positions[i - 1][1] <= at else None
 
 
+def covering(positions: list[tuple[int, int]], at: int) -> int:
+    """The token that starts at character `at` or covers it (Mistral's `▁Hello` also covers the
+    template's space before the content), or the first token after it."""
+    return next((k for k, p in enumerate(positions) if p[1] > at or p[0] >= at), len(positions))
+
+
 def regions(tok: ChatTokenizer, messages: list[dict[str, Any]], **kwargs: Any) -> dict[int, Region]:
-    """Each assistant message's text tokens in the full render (messages without boundaries or
-    without fields in the render are left out)."""
+    """Each assistant message's text tokens in the full render, from the token covering its
+    first field's start (messages without a boundary at their end, or without fields in the
+    render, are left out)."""
     text, spans, _ = tok._core.message_spans(messages, **kwargs)
     ids, positions, _, _ = tok._core.positions(text)
     out = {}
@@ -41,9 +48,9 @@ def regions(tok: ChatTokenizer, messages: list[dict[str, Any]], **kwargs: Any) -
         fields = [(s, e) for message, _, s, e in spans if message == k]
         if m.get("role") != "assistant" or not fields:
             continue
-        start = boundary(positions, min(s for s, _ in fields))
+        start = covering(positions, min(s for s, _ in fields))
         end = boundary(positions, max(e for _, e in fields))
-        if start is not None and end is not None and start <= end:
+        if end is not None and start <= end:
             out[k] = Region(k, start, end, list(ids[start:end]))
     return out
 

@@ -7,6 +7,8 @@
 //! the same text as the sampled ids. So text the model writes before the first field (Qwen3's
 //! `<think>` block) belongs to the message. See `docs/rollouts.md`.
 
+mod locate;
+
 use std::ops::Range;
 
 use crate::chat::Conversation;
@@ -121,22 +123,6 @@ impl<'a> Sample<'a> {
     }
 }
 
-/// The token index where characters from `at` on begin, if no token covers both sides of it.
-fn boundary(positions: &[(usize, usize)], at: usize) -> Option<usize> {
-    let i = positions.partition_point(|p| p.0 < at);
-    (i == 0 || positions[i - 1].1 <= at).then_some(i)
-}
-
-fn shorten(text: &str) -> String {
-    const KEEP: usize = 80;
-    if text.chars().count() <= KEEP {
-        format!("{text:?}")
-    } else {
-        let head: String = text.chars().take(KEEP).collect();
-        format!("{head:?}...")
-    }
-}
-
 impl ChatTokenizer {
     /// Tokens and labels of a rollout: `conv`'s template tokens with the sampled ids of each
     /// sampled assistant message in place of that message's text tokens.
@@ -219,129 +205,6 @@ impl ChatTokenizer {
                 }
             })
             .collect())
-    }
-
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.encoder
-            .tokenizer()
-            .decode(ids, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
-    }
-
-    /// The template's tokens `[start, end)` for `message`'s text in `render`, the start chosen
-    /// where they decode as `body` does; None when no start does.
-    fn region(
-        &self,
-        render: &Labelled,
-        message: usize,
-        body: &[u32],
-    ) -> Result<Option<Range<usize>>> {
-        let spans = &render.located.spans;
-        let Some(first) = spans
-            .iter()
-            .filter(|s| s.message == message)
-            .map(|s| s.start)
-            .min()
-        else {
-            return Err(Error::Rollout(format!(
-                "message {message}: the template prints none of its fields, so sampled ids have no place"
-            )));
-        };
-        let end = self.text_end(render, message)?;
-        let after_previous = spans
-            .iter()
-            .filter(|s| s.message < message)
-            .map(|s| s.end)
-            .max()
-            .unwrap_or(0);
-        let pos = &render.positions;
-        let ids = &render.tokenized.input_ids;
-        let lowest = pos.partition_point(|p| p.0 < after_previous);
-        // The first field's own start, or the token covering it.
-        let at = pos.partition_point(|p| p.0 < first);
-        let highest = match at > 0 && pos[at - 1].1 > first {
-            true => at - 1,
-            false => at,
-        }
-        .min(end);
-        // The tokens' pieces spell text exactly (`decode` can drop a Metaspace space); the
-        // decoded texts are compared only where an id has no piece.
-        let spell = |ids: &[u32]| -> Result<Vec<u8>> {
-            match self.encoder.spelling(ids) {
-                Some(bytes) => Ok(bytes),
-                None => Ok(self.decode(ids)?.into_bytes()),
-            }
-        };
-        let sampled = spell(body)?;
-        // Nearest the first field first: the template text before it is tried only as needed.
-        for start in (lowest..=highest).rev() {
-            if start > 0 && start < pos.len() && pos[start - 1].1 > pos[start].0 {
-                continue; // two tokens share a character: no boundary
-            }
-            if spell(&ids[start..end])? == sampled {
-                return Ok(Some(start..end));
-            }
-        }
-        Ok(None)
-    }
-
-    /// [`Self::region`] of `sample`, read with its stop token and, failing that, without it.
-    fn find<'a>(
-        &self,
-        render: &Labelled,
-        sample: Sample<'a>,
-    ) -> Result<Option<(Range<usize>, Sample<'a>)>> {
-        for reading in std::iter::once(sample).chain(sample.without_stop()) {
-            if let Some(text) = self.region(render, reading.message, reading.body)? {
-                return Ok(Some((text, reading)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// The token index after `message`'s last field in `render`.
-    fn text_end(&self, render: &Labelled, message: usize) -> Result<usize> {
-        let last = render
-            .located
-            .spans
-            .iter()
-            .filter(|s| s.message == message)
-            .map(|s| s.end)
-            .max()
-            .unwrap_or(0);
-        boundary(&render.positions, last).ok_or_else(|| {
-            Error::Rollout(format!(
-                "message {message}: a token covers both the end of its text and what the template \
-                 prints after it, so the sampled ids cannot end there"
-            ))
-        })
-    }
-
-    /// The error for sampled ids that decode to other text than the template renders.
-    fn mismatch(&self, render: &Labelled, sample: &Sample<'_>) -> Error {
-        let message = sample.message;
-        let rendered = self
-            .text_end(render, message)
-            .ok()
-            .and_then(|end| {
-                let first = render
-                    .located
-                    .spans
-                    .iter()
-                    .filter(|s| s.message == message)
-                    .map(|s| s.start)
-                    .min()?;
-                let start = render.positions.partition_point(|p| p.1 <= first);
-                self.decode(&render.tokenized.input_ids[start.min(end)..end])
-                    .ok()
-            })
-            .unwrap_or_default();
-        let sampled = self.decode(sample.ids).unwrap_or_default();
-        Error::Rollout(format!(
-            "message {message}: the sampled ids decode to {}, but the template renders {} there",
-            shorten(&sampled),
-            shorten(&rendered)
-        ))
     }
 
     /// Appends `sample`'s ids to `out`, in place of `render`'s tokens `text` for its message.
@@ -476,6 +339,7 @@ impl ChatTokenizer {
         policy: &Policy,
         args: &TemplateArgs,
     ) -> Result<Rollout> {
+        let full = self.tokenize_located(conv, policy, false, args)?;
         let mut out = Rollout::default();
         let mut after: Option<(usize, Option<u32>)> = None; // previous message, its consumed stop
         for sample in samples {
@@ -495,12 +359,21 @@ impl ChatTokenizer {
                     )
                 }
             };
-            let alone =
-                self.tokenize_located(&conv.head(sample.message + 1), policy, false, args)?;
-            let Some((text, sample)) = self.find(&alone, *sample)? else {
-                return Err(self.mismatch(&alone, sample));
+            // The text is checked in the full render, or where the message is the last one
+            // when the full render rewrote it.
+            let alone;
+            let (render, text, sample) = match self.find(&full, *sample)? {
+                Some((text, sample)) => (&full, text, sample),
+                None => {
+                    alone =
+                        self.tokenize_located(&conv.head(sample.message + 1), policy, false, args)?;
+                    let Some((text, sample)) = self.find(&alone, *sample)? else {
+                        return Err(self.mismatch(&alone, sample));
+                    };
+                    (&alone, text, sample)
+                }
             };
-            let (turn, _) = self.place(&mut out, &alone, &sample, text);
+            let (turn, _) = self.place(&mut out, render, &sample, text);
             after = (turn.stop != Stop::Length).then_some((sample.message, sample.stop));
             out.turns.push(Turn {
                 extends_previous,
@@ -508,13 +381,12 @@ impl ChatTokenizer {
                 ..turn
             });
         }
+        let end = full.tokenized.input_ids.len();
         if let Some((previous, stop)) = after {
-            let full = self.tokenize_located(conv, policy, false, args)?;
             let from = self.continue_after(&full, previous, stop)?;
-            out.copy(&full, from..full.tokenized.input_ids.len());
+            out.copy(&full, from..end);
         } else if samples.is_empty() {
-            let full = self.tokenize_located(conv, policy, false, args)?;
-            out.copy(&full, 0..full.tokenized.input_ids.len());
+            out.copy(&full, 0..end);
         }
         Ok(out)
     }
@@ -533,21 +405,5 @@ impl ChatTokenizer {
             Some(id) if ids.get(end) == Some(&id) => end + 1,
             _ => end,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::boundary;
-
-    #[test]
-    fn boundaries_lie_between_tokens_only() {
-        let pos = [(0, 0), (0, 3), (3, 5), (5, 5), (5, 9)];
-        assert_eq!(boundary(&pos, 0), Some(0));
-        assert_eq!(boundary(&pos, 3), Some(2));
-        assert_eq!(boundary(&pos, 5), Some(3));
-        assert_eq!(boundary(&pos, 9), Some(5));
-        assert_eq!(boundary(&pos, 4), None);
-        assert_eq!(boundary(&pos, 7), None);
     }
 }
