@@ -73,6 +73,14 @@ def check_row(tok, splitter, messages, kwargs, counts):
         assert (t.start, t.end) == (regs[t.message].start, regs[t.message].end)
     counts.add("rows")
     counts.add("tokens compared", 2 * len(ids))
+    # extends_previous, against prompts encoded afresh here.
+    previous = None
+    for t in out["turns"]:
+        prompt = tok.apply_chat_template(messages[: t.message], add_generation_prompt=True, **kwargs)
+        expected = None if previous is None else prompt[: len(previous)] == previous
+        assert t.extends_previous == expected, t
+        previous = prompt + sampled[t.message]
+        counts.add("extends_previous compared", expected is not None)
 
     # Non-canonical ids survive exactly, trained, with retokenized_same false.
     split, n_split = splitter.non_canonical(regs[last].ids)

@@ -81,6 +81,11 @@ impl PrefixTokens<'_> {
         }
     }
 
+    /// The other text's tokens.
+    pub fn to_vec(&self) -> Vec<u32> {
+        [&self.full.ids[..self.shared], &self.tail[..]].concat()
+    }
+
     /// How many tokens were re-encoded (the rest came from the shared prefix).
     pub fn tail_len(&self) -> usize {
         self.tail.len()
@@ -421,6 +426,13 @@ impl Encoder {
             }
         });
         spelled.then_some(anchors)
+    }
+
+    /// `text` and its tokens `ids` (already encoded) for [`Self::prefix_tokens`]; None unless
+    /// the tokens' pieces spell the text, which is how the added tokens are found in it.
+    pub fn encoded(&self, text: String, ids: Vec<u32>) -> Option<Encoded> {
+        let anchors = self.anchors_from_pieces(&text, &ids)?;
+        Some(Encoded { text, ids, anchors })
     }
 
     /// The tokens of `other`, reusing `full`'s tokens up to an added token both texts share.

@@ -13,6 +13,7 @@ use std::ops::Range;
 
 use crate::chat::Conversation;
 use crate::core::{ChatTokenizer, Labelled, TemplateArgs};
+use crate::encode::Encoded;
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 
@@ -243,20 +244,27 @@ impl ChatTokenizer {
         (turn, next)
     }
 
-    /// The ids of `conv[..n]` rendered with the generation prompt: a plain render and encode,
-    /// unless the policy sanitizes control tokens (then as `tokenize` encodes).
+    /// The ids of `conv[..n]` rendered with the generation prompt: `full`'s tokens up to the
+    /// last added token the texts share and the rest encoded (exact: tokens do not merge
+    /// across an added token), all encoded without `full`, or as `tokenize` encodes when the
+    /// policy sanitizes control tokens.
     fn prompt_ids(
         &self,
         conv: &Conversation,
         n: usize,
         policy: &Policy,
         args: &TemplateArgs,
+        full: Option<&Encoded>,
     ) -> Result<Vec<u32>> {
         if policy.sanitize_control_tokens {
             let prompt = self.tokenize_located(&conv.head(n), policy, true, args)?;
             return Ok(prompt.tokenized.input_ids);
         }
-        self.encoder.encode(&self.render(conv, n, true, args)?)
+        let text = self.render(conv, n, true, args)?;
+        match full {
+            Some(full) => Ok(self.encoder.prefix_tokens(full, &text)?.to_vec()),
+            None => self.encoder.encode(&text),
+        }
     }
 
     /// The full render's tokens with each sampled region replaced (`bridge=False`).
@@ -268,6 +276,12 @@ impl ChatTokenizer {
         args: &TemplateArgs,
     ) -> Result<Rollout> {
         let full = self.tokenize_located(conv, policy, false, args)?;
+        let reuse = (samples.len() > 1 && !policy.sanitize_control_tokens)
+            .then(|| {
+                let ids = full.tokenized.input_ids.clone();
+                self.encoder.encoded(full.located.text.clone(), ids)
+            })
+            .flatten();
         let mut out = Rollout::default();
         let mut cursor = 0;
         let mut previous: Option<Vec<u32>> = None;
@@ -276,7 +290,8 @@ impl ChatTokenizer {
             // Only a later turn's prompt is compared with it: one sampled turn needs no prompt.
             let extends_previous = match samples.len() > 1 {
                 true => {
-                    let prompt = self.prompt_ids(conv, sample.message, policy, args)?;
+                    let prompt =
+                        self.prompt_ids(conv, sample.message, policy, args, reuse.as_ref())?;
                     let extends = previous.as_ref().map(|p| prompt.starts_with(p));
                     previous = Some([prompt, sample.ids.to_vec()].concat());
                     extends
