@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pa = pytest.importorskip("pyarrow")
@@ -484,3 +485,24 @@ def test_cli_traceback_free_in_a_subprocess(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "truncated gzip" in proc.stderr
+
+
+# --- the row-by-row fallback keeps every per-token field --------------------------------------
+
+
+def test_the_row_by_row_fallback_equals_the_batch_call_field_by_field():
+    from chatmask.pipeline.stages import merge_batches
+
+    tok = demo_tokenizer()
+    rows = [{"messages": c["messages"]} for c in demo_conversations()[:4]]
+    policy = chatmask.MaskPolicy()
+    whole = tok.tokenize_batch(rows, policy=policy)
+    merged = merge_batches([tok.tokenize_batch([r], policy=policy) for r in rows], list(range(len(rows))), True)
+    compared = 0
+    for name in ("input_ids", "labels", "offsets", "message_index", "straddles_start", "truncated", "straddling"):
+        want, got = getattr(whole, name), getattr(merged, name)
+        assert got is not None, f"the fallback drops {name}"
+        assert np.array_equal(np.asarray(got), np.asarray(want)), name
+        compared += len(np.asarray(want))
+    assert merged.span_methods == whole.span_methods
+    assert compared > 0

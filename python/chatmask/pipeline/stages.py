@@ -218,6 +218,7 @@ def merge_batches(batches: list[Any], kept: list[int], policy: bool = False, rai
     if policy:
         extra = {
             "message_index": cat("message_index", np.int32),
+            "straddles_start": cat("straddles_start", bool),
             "span_methods": [m for b in batches for m in b.span_methods],
             "straddling": cat("straddling", np.uint32),
             "positions_derived": cat("positions_derived", bool),
