@@ -78,6 +78,8 @@ def read_row(row: Any, policy: MaskPolicy) -> tuple[list[dict[str, Any]], list[d
             f"a preference row needs 'chosen' and 'rejected' (and optionally 'prompt'); missing {missing}, "
             f"found keys {sorted(map(str, row))}"
         )
+    if row["chosen"] == row["rejected"]:
+        raise PreferenceRowError("'chosen' and 'rejected' are the same conversation: no preference to learn")
     if "prompt" in row:
         prompt = _messages(row["prompt"], "prompt")
         chosen_part = _completion(row["chosen"], "chosen")
@@ -92,8 +94,6 @@ def read_row(row: Any, policy: MaskPolicy) -> tuple[list[dict[str, Any]], list[d
         chosen, tools = _shaped(policy, row, _messages(row["chosen"], "chosen"))
         rejected, _ = _shaped(policy, row, _messages(row["rejected"], "rejected"))
         n_prompt = _common_prefix(chosen, rejected)
-        if chosen == rejected:
-            raise PreferenceRowError("'chosen' and 'rejected' are the same conversation: no preference to learn")
         if n_prompt == 0:
             raise PreferenceRowError(
                 "'chosen' and 'rejected' share no opening message: an implicit row's prompt is their common prefix"
