@@ -32,11 +32,13 @@ from typing import Any, Callable, Mapping, Sequence
 from .policy import MaskPolicy
 
 __all__ = [
+    "PREFERENCE_FIELDS",
     "CoreRow",
     "ParsedRow",
     "Fields",
     "parse_row",
     "parse_policy_row",
+    "parse_preference_row",
     "strip_nulls",
     "type_name",
     "value_reader",
@@ -184,18 +186,25 @@ def _messages_and_tools(obj: Mapping[str, Any], fields: Fields, strip: bool) -> 
     messages = obj[fields.messages]
     if not isinstance(messages, list):
         return None, None, f"field {fields.messages!r} is a {type_name(messages)}, not a list of messages"
-    tools = obj.get(fields.tools)
     if strip:  # rule 3, before a tools string is parsed (rule 4)
         messages = strip_nulls(messages)
+    tools, error = _tools(obj, fields.tools, strip)
+    return (None, None, error) if error is not None else (messages, tools, None)
+
+
+def _tools(obj: Mapping[str, Any], name: str, strip: bool) -> tuple[Any, str | None]:
+    """A row's tools field: a list, a JSON string parsed (rule 4), or None; or an error."""
+    tools = obj.get(name)
+    if strip:
         tools = strip_nulls(tools)
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)
         except ValueError as e:
-            return None, None, f"field {fields.tools!r} is a string but not JSON: {e}"
+            return None, f"field {name!r} is a string but not JSON: {e}"
     if tools is not None and not isinstance(tools, list):
-        return None, None, f"field {fields.tools!r} is a {type_name(tools)}, not a list"
-    return messages, tools, None
+        return None, f"field {name!r} is a {type_name(tools)}, not a list"
+    return tools, None
 
 
 def parse_row(
@@ -265,6 +274,33 @@ def parse_policy_row(
     if fields.system is not None and obj.get(fields.system) is not None:
         conversation[fields.system] = obj[fields.system]
     return ParsedRow(conversation, None, row_id)
+
+
+#: The fields of a preference row (``chatmask tokenize --task preference``, :mod:`chatmask.preference`).
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def parse_preference_row(payload: Any, policy: MaskPolicy, *, strip_nulls: bool | None = None) -> ParsedRow:
+    """One preference row for ``tokenize_preference_batch``: its ``prompt`` / ``chosen`` /
+    ``rejected`` as they are, the policy's tools and system fields; the null rule as in
+    :func:`parse_row`. The shapes are checked by the preference reader (a reason, per row)."""
+    obj, columns, error = _load_payload(payload)
+    if error is not None:
+        return ParsedRow(None, error=error)
+    if not isinstance(obj, Mapping):
+        return ParsedRow(None, error=f"row is a JSON {type_name(obj)}, not an object")
+    row_id = _row_id(obj)
+    strip = columns if strip_nulls is None else strip_nulls
+    # Absent and null are the same here: a Parquet column has every key (implicit rows: prompt null).
+    row = {k: _strip(obj[k]) if strip else obj[k] for k in PREFERENCE_FIELDS if obj.get(k) is not None}
+    tools, error = _tools(obj, policy.field_tools, strip)
+    if error is not None:
+        return ParsedRow(None, id=row_id, error=error)
+    if tools is not None:
+        row[policy.field_tools] = tools
+    if policy.field_system is not None and obj.get(policy.field_system) is not None:
+        row[policy.field_system] = obj[policy.field_system]
+    return ParsedRow(row, None, row_id)
 
 
 def parse(payload: Any, fields: Fields, policy: MaskPolicy | None, *, strip_nulls: bool | None = None) -> ParsedRow:

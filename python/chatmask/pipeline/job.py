@@ -35,51 +35,11 @@ from ..rows import Fields
 from ..truth import REFERENCE_MODES
 from .options import TokenizeOptions, resolve_tokenize
 from .packing import PackSink, pack_manifest
+from .preference import FLAGS_COLUMN, PreferenceParseStage, PreferenceStage, preference_columns
+from .progress import Progress
 from .stages import DROP_REASON, Batch, FlagStage, ParseStage, Stage, TokenizeStage
 from .state import State, job_config, prepare_outdir, verify_output
 from .tokenizer import LoadedTokenizer, load_tokenizer
-
-
-class Progress:
-    """A one-line display on stderr (TTY only, ~5 updates/s); silent otherwise."""
-
-    def __init__(self, enabled: bool, counter: ReadProgress) -> None:
-        self.enabled = enabled
-        self.counter = counter
-        self.started = time.perf_counter()
-        self.last = 0.0
-        self.width = 0
-
-    def update(self, rows: int, tokens: int, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not force and now - self.last < 0.2:
-            return
-        self.last = now
-        elapsed = max(now - self.started, 1e-9)
-        fraction = self.counter.fraction()
-        eta = ""
-        if 0 < fraction < 1:
-            eta = f", ETA {_duration(elapsed * (1 - fraction) / fraction)} ({fraction:.0%})"
-        line = f"chatmask: {rows:,} rows, {rows / elapsed:,.0f} rows/s, {tokens / elapsed:,.0f} tokens/s{eta}"
-        sys.stderr.write("\r" + line + "\033[K")
-        sys.stderr.flush()
-        self.width = len(line)
-
-    def close(self) -> None:
-        if self.enabled and self.width:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
 class Job:
@@ -106,6 +66,10 @@ class Job:
             ParseStage(fields, self.policy),
             TokenizeStage(tokenizer.tok, opts, inputs, flag=self.flagging),
         ]
+        if opts.task == "preference":
+            assert self.policy is not None, "resolve_preference settles the policy"
+            self.columns = preference_columns(self.policy)
+            self.stages = [PreferenceParseStage(self.policy), PreferenceStage(tokenizer.tok, self.policy, opts.threads)]
         if self.flagging:
             self.stages.append(FlagStage())
         self.raised_rows: set[int] = set()  # error rows of the batch in hand the reference raises on
@@ -128,6 +92,7 @@ class Job:
         self.part_methods: dict[str, int] = {}
         self.part_reference: dict[str, int] = {}
         self.part_pack: dict[str, int] = {}
+        self.part_flags: dict[str, int] = {}
 
     # -- part and commit ------------------------------------------------------------------
 
@@ -138,10 +103,10 @@ class Job:
         if self.writer is None:
             self.writer = PartWriter(self.out, len(self.state.parts), self.schema)
         self.writer.write(table)
-        pc = self.pc
         self.part_rows += table.num_rows
-        self.part_tokens += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
-        self.part_trained += int(pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), -100)).as_py() or 0)
+        tokens, trained = self.stages[1].count_tokens(table)
+        self.part_tokens += tokens
+        self.part_trained += trained
         self._count_rows(table, control)
 
     def _count_rows(self, table: Any, control: np.ndarray | None) -> None:
@@ -155,7 +120,9 @@ class Job:
             for causes in table.column("reference_causes").to_pylist():
                 for cause in ["unmeasured"] if causes is None else ["rows", *causes.split(",")] if causes else []:
                     self.part_reference[cause] = self.part_reference.get(cause, 0) + 1
-        if self.policy is not None:
+        if FLAGS_COLUMN in table.column_names:
+            PreferenceStage.count_flags(table, self.part_flags)
+        if "span_method" in table.column_names:
             for method in table.column("span_method").to_pylist():
                 self.part_methods[method] = self.part_methods.get(method, 0) + 1
             self.part_truncated += int(pc.sum(pc.greater(table.column("truncated"), 0)).as_py() or 0)
@@ -218,6 +185,8 @@ class Job:
                 state.span_methods[method] = state.span_methods.get(method, 0) + count
             for cause, count in self.part_reference.items():
                 state.reference_wrong[cause] = state.reference_wrong.get(cause, 0) + count
+            for flag, count in self.part_flags.items():
+                state.preference_flags[flag] = state.preference_flags.get(flag, 0) + count
         state.errors_bytes = self.errors_file.length
         if self.dropped_file is not None:
             state.dropped_bytes = self.dropped_file.length
@@ -355,6 +324,8 @@ def _manifest(
         "reference_wrong": _reference_counts(state) if opts.policy is None and opts.mode in REFERENCE_MODES else None,
         "read_error": state.read_error,
         "pack": pack_manifest(opts, state),
+        "task": opts.task,
+        "preference_flags": dict(sorted(state.preference_flags.items())) if opts.task == "preference" else None,
     }
 
 
@@ -469,6 +440,14 @@ def run_tokenize(opts: TokenizeOptions) -> dict[str, Any]:
 
 
 def _summary(opts: TokenizeOptions, state: State, rows_in: int) -> None:
+    flagged = {f: n for f, n in state.preference_flags.items() if f != "pairs"}
+    if flagged:
+        flags = ", ".join(f"{f} {n:,}" for f, n in sorted(flagged.items()))
+        print(
+            f"chatmask tokenize: {state.preference_flags['pairs']:,} pair(s) flagged ({flags}); see the "
+            "preference_flags column and manifest.json",
+            file=sys.stderr,
+        )
     wrong = state.reference_wrong.get("rows", 0)
     if wrong:
         counts = _reference_counts(state)["by_cause"]
@@ -480,7 +459,8 @@ def _summary(opts: TokenizeOptions, state: State, rows_in: int) -> None:
         )
     dropped = f", {state.rows_dropped:,} dropped ({DROPPED})" if opts.policy is not None else ""
     if state.rows_with_control_tokens is None:
-        control = "control tokens in inputs not checked (Jinja2 template path)"
+        why = "not counted for preference pairs" if opts.task == "preference" else "Jinja2 template path"
+        control = f"control tokens in inputs not checked ({why})"
     else:
         how = (
             "encoded as text"

@@ -70,6 +70,7 @@ def resolved_default(cls: type, name: str) -> Any:
 
 
 DEFAULT_LABELS = "MaskPolicy(): assistant turns and their end tokens"
+TASKS = ("sft", "preference")
 
 
 def default_policy(messages_field: str | None, tools_field: str | None) -> MaskPolicy:
@@ -165,6 +166,13 @@ class TokenizeOptions:
     tokenizer: str = _tokenizer()
     encoder: str = _encoder()
     allow_jinja2: bool = _allow_jinja2()
+    task: str = option(
+        "sft",
+        "--task",
+        choices=TASKS,
+        help="sft: one output row per conversation; preference: rows with prompt/chosen/rejected become DPO "
+        "pairs (README 'Preference pairs')",
+    )
     mode: str | None = _mode("; not with --policy")
     policy: MaskPolicy | None = _policy()
     sanitize_control_tokens: bool = option(
@@ -306,6 +314,8 @@ def resolve_tokenize(opts: TokenizeOptions) -> TokenizeOptions:
             raise UsageError(f"{', '.join(lone)} needs --pack MAX_LEN")
     elif opts.pack < 1 or opts.pack_window < 1:
         raise UsageError("--pack and --pack-window must be positive")
+    if opts.task == "preference":
+        return resolve_preference(opts)
     opts = with_default_policy(opts)
     if opts.policy is None:
         if opts.sanitize_control_tokens:
@@ -336,3 +346,30 @@ def resolve_tokenize(opts: TokenizeOptions) -> TokenizeOptions:
     return dataclasses.replace(
         opts, policy=policy, messages_field=policy.field_messages, tools_field=policy.field_tools
     )
+
+
+def resolve_preference(opts: TokenizeOptions) -> TokenizeOptions:
+    """``--task preference``: the policy (default ``PREFERENCE_POLICY`` on ``--tools-field``)
+    settled; the SFT-only options refused."""
+    from ..preference import PREFERENCE_POLICY
+
+    given = [
+        flag
+        for flag, value in (
+            ("--mode", opts.mode),
+            ("--pack", opts.pack),
+            ("--finish-reason-field", opts.finish_reason_field),
+            ("--messages-field", opts.messages_field),
+            ("--tools-field", opts.tools_field if opts.policy is not None else None),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} cannot be combined with --task preference: pairs are labelled by a MaskPolicy "
+            "(default PREFERENCE_POLICY, or --policy), read from prompt/chosen/rejected, and not packed"
+        )
+    policy = opts.policy or dataclasses.replace(PREFERENCE_POLICY, field_tools=opts.tools_field or "tools")
+    if opts.sanitize_control_tokens and not policy.sanitize_control_tokens:
+        policy = dataclasses.replace(policy, sanitize_control_tokens=True)
+    return dataclasses.replace(opts, policy=policy, messages_field=None, tools_field=policy.field_tools)

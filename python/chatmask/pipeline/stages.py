@@ -3,9 +3,9 @@
 A :class:`Stage` reads and extends a :class:`Batch`: it may turn rows into error rows or dropped
 rows, and it adds output columns (Arrow arrays, one entry per output row) that it declares in
 :meth:`Stage.fields`, so the part schema is the sum of the stages'. The job commits whatever the
-last stage leaves. Two stages exist: :class:`ParseStage` (the one row parser, :mod:`chatmask.rows`)
-and :class:`TokenizeStage` (``tokenize_batch``). Sequence packing would be one more stage after
-tokenize (regrouping the output rows into packs and declaring its columns) plus a sink option.
+last stage leaves. Here: :class:`ParseStage` (the one row parser, :mod:`chatmask.rows`),
+:class:`TokenizeStage` (``tokenize_batch``) and :class:`FlagStage` (reference verdicts);
+``--task preference`` swaps in the stages of :mod:`chatmask.pipeline.preference`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,21 @@ class Batch:
 
 
 class Stage:
-    """One step of a job. `fields` are the part columns it adds (name, Arrow type)."""
+    """One step of a job. `fields` are the part columns it adds (name, Arrow type); a stage that
+    writes tokens names their columns in `token_columns` / `label_columns` (for the counts)."""
+
+    token_columns: tuple[str, ...] = ()
+    label_columns: tuple[str, ...] = ()
+
+    def count_tokens(self, table: Any) -> tuple[int, int]:
+        """(tokens, trained tokens) of a part table's rows."""
+        import pyarrow.compute as pc
+
+        tokens = sum(int(pc.sum(pc.list_value_length(table.column(c))).as_py() or 0) for c in self.token_columns)
+        trained = sum(
+            int(pc.sum(pc.not_equal(pc.list_flatten(table.column(c)), -100)).as_py() or 0) for c in self.label_columns
+        )
+        return tokens, trained
 
     def fields(self, pa: Any) -> list[tuple[str, Any]]:
         return []
@@ -89,6 +103,9 @@ class ParseStage(Stage):
 
 class TokenizeStage(Stage):
     """The good rows through ``tokenize_batch`` in one call (row by row if the call itself fails)."""
+
+    token_columns = ("input_ids",)
+    label_columns = ("labels",)
 
     def __init__(self, tok: ChatTokenizer, opts: Any, inputs: list[InputFile], flag: bool = False) -> None:
         self.tok, self.opts, self.policy, self.inputs = tok, opts, opts.policy, inputs

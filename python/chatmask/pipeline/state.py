@@ -67,6 +67,8 @@ class State:
     read_error: dict[str, Any] | None = None
     # --pack: packs, tokens, capacity, rows_split, rows_truncated, rows_unpackable of the committed parts.
     pack: dict[str, int] = field(default_factory=dict)
+    # --task preference: committed pairs with a flag ("pairs"), and per flag.
+    preference_flags: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
@@ -85,6 +87,7 @@ def job_config(opts: Any, inputs: Sequence[InputFile], tokenizer: LoadedTokenize
     from .. import __version__
 
     return {
+        "task": opts.task,
         "inputs": [{"path": os.path.abspath(f.path), "size": f.size} for f in inputs],
         "tokenizer_sha256": tokenizer.sha256,
         "tokenizer": tokenizer.fingerprint,
