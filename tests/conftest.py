@@ -6,9 +6,11 @@ skipped, and the core suite (demo tokenizer, no fixtures) still runs.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +76,46 @@ def pytest_terminal_summary(terminalreporter):
             f"tokens+labels compared), {f['failures']} failing examples seen while shrinking; "
             f"{f['span_examples']} generation-span examples"
         )
+
+
+# Optional frameworks and their fixtures (tests/test_adapters.py, tests/test_preference_adapters.py)
+
+
+def need(module: str) -> Any:
+    """Import an optional framework; skip without it, but fail under CI=true (the test extra has it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if IN_CI:
+            pytest.fail(f"{module} is not importable under CI=true ({e}); it is in the test extra")
+        pytest.skip(f"{module} is not installed: pip install -e '.[test]'")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    datasets = need("datasets")
+    datasets.disable_progress_bars()
+    return datasets
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import os
+
+    # Keep the local cluster on loopback: without this Ray binds to the machine's outward address.
+    # (Read by ray when it is imported; the cluster's processes inherit it.)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = need("ray")
+    need("ray.data")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        object_store_memory=512 * 1024 * 1024,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

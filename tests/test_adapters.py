@@ -8,7 +8,6 @@ part reads ../shared. Under CI=true a missing `datasets` or `ray` fails instead 
 
 from __future__ import annotations
 
-import importlib
 import json
 import pickle
 import shutil
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CONVERSATIONS_DIR, IN_CI, require_shared
+from conftest import CONVERSATIONS_DIR, need, require_shared
 
 import chatmask
 import chatmask.datasets
@@ -35,23 +34,6 @@ ROWS = demo_conversations()
 EMPTY = TOK.tokenize_batch(ROWS, mode="all", on_error="skip").errors[0][0]
 
 TOTALS = {"rows": 0, "values": 0}
-
-
-def need(module: str) -> Any:
-    """Import an optional framework; skip without it, but fail under CI=true (the test extra has it)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        if IN_CI:
-            pytest.fail(f"{module} is not importable under CI=true ({e}); it is in the test extra")
-        pytest.skip(f"{module} is not installed: pip install -e '.[test]'")
-
-
-@pytest.fixture(scope="module")
-def hf():
-    datasets = need("datasets")
-    datasets.disable_progress_bars()
-    return datasets
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -429,38 +411,15 @@ def test_tokenize_batch_reads_json_typed_columns(hf, tmp_path):
     )
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import os
-
-    # Keep the local cluster on loopback: without this Ray binds to the machine's outward address.
-    # (Read by ray when it is imported; the cluster's processes inherit it.)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray = need("ray")
-    need("ray.data")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        object_store_memory=512 * 1024 * 1024,
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-def run_ray(ray: Any, src: Path, out: Path, tokenizer: Any, **kwargs: Any) -> Any:
-    """The README's form: read Parquet, map_batches(TokenizeBatch), write Parquet; then read it back.
+def run_ray(ray: Any, src: Path, out: Path, tokenizer: Any, cls: type = TokenizeBatch, **kwargs: Any) -> Any:
+    """The README's form: read Parquet, map_batches(cls), write Parquet; then read it back.
 
     The actors log their pid when built and at each batch (a file, since they are other
     processes): two actors, each built once, and every batch done by one of them.
     """
     log = out.parent / f"{out.name}.workers.log"
 
-    class Logged(TokenizeBatch):
+    class Logged(cls):  # type: ignore[valid-type,misc]
         """A local class, so Ray ships it by value (workers cannot import the test module)."""
 
         def __init__(self, *args: Any, log_path: str, **kw: Any) -> None:

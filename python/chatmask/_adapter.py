@@ -29,6 +29,7 @@ from .policy import MaskPolicy
 from .rows import parse_policy_row, parse_row, read_column
 
 ON_ERROR = ("raise", "mark")
+INT32_MAX = 2**31 - 1
 
 
 def resolve_tokenizer(tokenizer: Any, encoder: EncoderChoice | None = None) -> ChatTokenizer:
@@ -99,12 +100,31 @@ class TokenizedColumns:
             result["error"] = self.errors
         return result
 
+    def arrow_columns(self, pa: Any, policy: Any, on_error: str) -> dict[str, Any]:
+        """:meth:`output_columns` as pyarrow arrays over the flat buffers (no per-row copies)."""
+        result: dict[str, Any] = {
+            "input_ids": list_array(pa, self.offsets, self.input_ids),
+            "labels": list_array(pa, self.label_offsets, self.labels),
+        }
+        if policy is not None:
+            assert self.message_index is not None
+            result["message_index"] = list_array(pa, self.offsets, self.message_index)
+            result["span_method"] = pa.array(self.span_method, type=pa.string())
+            result["truncated"] = pa.array(self.truncated, type=pa.int32())
+            if policy.overflow == "drop":
+                result["dropped"] = pa.array(self.dropped, type=pa.bool_())
+        if on_error == "mark":
+            result["error"] = pa.array(self.errors, type=pa.string())
+        return result
+
 
 _ROW_PREFIX = re.compile(r"^row (\d+): (?:row \d+: )*")  # tokenize_batch(policy) may name the row twice
 
 
 class RowTokenizer:
     """The configuration of an adapter and the call that tokenizes one batch of columns."""
+
+    factory = "map_fn"  # the chatmask.datasets function that builds it (for repr)
 
     def __init__(
         self,
@@ -179,9 +199,7 @@ class RowTokenizer:
         keys (and JSON-typed values are parsed if `decode_json`, see :func:`value_reader`);
         without them every null-valued key of the messages and tools is dropped.
         """
-        for name in (self.messages_field, self.finish_reason_field):
-            if name is not None and name not in columns:
-                raise KeyError(f"the batch has no column {name!r} (columns: {', '.join(map(str, columns))})")
+        require_columns(columns, self.required_columns())
         messages = columns[self.messages_field]
         n = len(messages)
         if n and isinstance(messages[0], Mapping):
@@ -222,10 +240,7 @@ class RowTokenizer:
                 )
             if parsed.error is not None:
                 if self.on_error == "raise":
-                    error = ConversationTypeError(self._where(i, indices, columns, id_column) + parsed.error)
-                    error.row = int(indices[i]) if indices is not None else i
-                    error.batch_row = i  # type: ignore[attr-defined]
-                    raise error
+                    raise name_row(ConversationTypeError(), parsed.error, i, indices, columns, id_column)
                 errors[i] = parsed.error
                 continue
             conversations.append(parsed.conversation)
@@ -253,24 +268,19 @@ class RowTokenizer:
                     e.row = int(match.group(1))
             if e.row is None or not 0 <= e.row < len(good):
                 raise
-            i = good[e.row]
-            message = _ROW_PREFIX.sub("", str(e), count=1)
-            e.args = (self._where(i, indices, columns, id_column) + message,)
-            e.row = int(indices[i]) if indices is not None else i
-            e.batch_row = i  # type: ignore[attr-defined]
-            raise
+            raise name_row(e, _ROW_PREFIX.sub("", str(e), count=1), good[e.row], indices, columns, id_column)
         good_arr = np.asarray(good, dtype=np.int64)
         for j, message in batch.errors:
             # Under a policy, shaping errors start with "row <index in the call>: ", which names no
             # row of the dataset; the error column is per row anyway.
             errors[good[j]] = _ROW_PREFIX.sub("", message, count=1) if policy is not None else message
         done = good_arr[batch.rows] if len(batch.rows) else np.zeros(0, dtype=np.int64)
-        offsets = _spread(batch.offsets, done, n)
+        offsets = spread(batch.offsets, done, n)
         out = TokenizedColumns(
             input_ids=batch.input_ids,
             offsets=offsets,
             labels=batch.labels,
-            label_offsets=_spread(batch.label_offsets, done, n),
+            label_offsets=spread(batch.label_offsets, done, n),
             errors=errors,
         )
         if policy is not None:
@@ -289,30 +299,76 @@ class RowTokenizer:
             out.dropped = dropped
         return out
 
-    def policy_columns(self) -> list[str]:
-        """The columns a policy adds after ``input_ids`` and ``labels`` (none without a policy)."""
-        if self.policy is None:
-            return []
-        return ["message_index", "span_method", "truncated"] + (["dropped"] if self.policy.overflow == "drop" else [])
+    def output_names(self) -> list[str]:
+        """The columns :meth:`TokenizedColumns.output_columns` can add (``error`` only when marked)."""
+        names = ["input_ids", "labels"]
+        if self.policy is not None:
+            names += ["message_index", "span_method", "truncated"]
+            names += ["dropped"] if self.policy.overflow == "drop" else []
+        return names + ["error"]
 
-    @staticmethod
-    def _where(
-        i: int, indices: Sequence[int] | None, columns: Mapping[str, Sequence[Any]], id_column: str | None
-    ) -> str:
-        row_id = ""
-        if id_column is not None and id_column in columns:
-            value = columns[id_column][i]
-            if value is not None:
-                row_id = f", id {value!r}"
-        if indices is not None:
-            return f"dataset row {int(indices[i])} (row {i} of the batch{row_id}): "
-        return f"row {i} of the batch{row_id}: "
+    def consumed_columns(self) -> list[str]:
+        """The input columns the rows are built from (an adapter drops them by default)."""
+        return [n for n in (self.messages_field, self.tools_field, self.system_field) if n]
+
+    def required_columns(self) -> list[str]:
+        return [n for n in (self.messages_field, self.finish_reason_field) if n]
+
+    def input_columns(self) -> list[str]:
+        """Every column :meth:`tokenize` reads (the ``id`` column only to name a failing row)."""
+        return list(dict.fromkeys([*self.consumed_columns(), *self.required_columns(), "id"]))
+
+    def describe(self) -> str:
+        if self.policy is not None:
+            return f"policy={self.policy!r}, on_error={self.on_error!r}"
+        return f"mode={self.mode!r}, messages_field={self.messages_field!r}, on_error={self.on_error!r}"
 
 
-def _spread(offsets: np.ndarray, done: np.ndarray, n: int) -> np.ndarray:
+def where(i: int, indices: Sequence[int] | None, columns: Mapping[str, Sequence[Any]], id_column: str | None) -> str:
+    """How an error names row `i` of a batch: its dataset row when known, its ``id`` if it has one."""
+    row_id = ""
+    if id_column is not None and id_column in columns:
+        value = columns[id_column][i]
+        if value is not None:
+            row_id = f", id {value!r}"
+    if indices is not None:
+        return f"dataset row {int(indices[i])} (row {i} of the batch{row_id}): "
+    return f"row {i} of the batch{row_id}: "
+
+
+def spread(offsets: np.ndarray, done: np.ndarray, n: int) -> np.ndarray:
     """Offsets over all `n` input rows from offsets over the rows in `done` (the others empty)."""
     lengths = np.zeros(n, dtype=np.int64)
     lengths[done] = np.diff(offsets)
     out = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=out[1:])
     return out
+
+
+def list_array(pa: Any, offsets: np.ndarray, values: np.ndarray) -> Any:
+    """A list array over `values` without copying them (large_list past 2**31 - 1 values)."""
+    if int(offsets[-1]) > INT32_MAX:
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def name_row(
+    error: ChatMaskError,
+    message: str,
+    i: int,
+    indices: Sequence[int] | None,
+    columns: Mapping[str, Sequence[Any]],
+    id_column: str | None,
+) -> ChatMaskError:
+    """`error` reworded to name row `i` of the batch (:func:`where`), with ``row`` (the dataset row
+    when `indices` are known) and ``batch_row`` set."""
+    error.args = (where(i, indices, columns, id_column) + message,)
+    error.row = int(indices[i]) if indices is not None else i
+    error.batch_row = i  # type: ignore[attr-defined]
+    return error
+
+
+def require_columns(columns: Mapping[str, Any] | Sequence[str], names: Sequence[str]) -> None:
+    for name in names:
+        if name not in columns:
+            raise KeyError(f"the batch has no column {name!r} (columns: {', '.join(map(str, columns))})")

@@ -14,6 +14,10 @@ With ``policy=chatmask.MaskPolicy(...)`` the rows are read and labelled as
 (``List(int32)``, along ``input_ids``), ``span_method`` (string) and ``truncated`` (int32), and
 ``dropped`` (bool) when the policy's ``overflow`` is ``"drop"``.
 
+Preference pairs (DPO rows, ``prompt`` / ``chosen`` / ``rejected``), one pair per row::
+
+    ds = ds.map(chatmask.datasets.preference_fn(tok), batched=True)
+
 Packing (fewer rows out than in, so the input columns must go)::
 
     ds = ds.map(chatmask.datasets.pack_fn(4096), batched=True, batch_size=10_000, remove_columns=ds.column_names)
@@ -29,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 from ._adapter import RowTokenizer
 from ._pack_adapter import PackStep
+from ._preference_adapter import PreferenceRows
 from ._tokenizer import EncoderChoice
 from .policy import MaskPolicy
 
@@ -39,7 +44,7 @@ class MapFn:
     with a policy, and ``"error"`` with ``on_error="mark"``) as lists with one numpy array (or
     string) per row."""
 
-    def __init__(self, rows: RowTokenizer) -> None:
+    def __init__(self, rows: RowTokenizer | PreferenceRows) -> None:
         from . import __version__
 
         self.rows = rows
@@ -57,12 +62,7 @@ class MapFn:
         return out.output_columns(self.rows.policy, self.rows.on_error)
 
     def __repr__(self) -> str:
-        r = self.rows
-        if r.policy is not None:
-            return f"chatmask.datasets.map_fn(policy={r.policy!r}, on_error={r.on_error!r})"
-        return (
-            f"chatmask.datasets.map_fn(mode={r.mode!r}, messages_field={r.messages_field!r}, on_error={r.on_error!r})"
-        )
+        return f"chatmask.datasets.{self.rows.factory}({self.rows.describe()})"
 
 
 def _arrow_types(batch: Any) -> dict[str, Any] | None:
@@ -139,6 +139,42 @@ def map_fn(
     return MapFn(rows)
 
 
+def preference_fn(
+    tokenizer: Any,
+    policy: MaskPolicy | None = None,
+    *,
+    on_error: str = "raise",
+    num_threads: int | None = None,
+    encoder: EncoderChoice | None = None,
+    **template_kwargs: Any,
+) -> MapFn:
+    """A function for ``ds.map(fn, batched=True)`` that splits each preference row into a DPO pair,
+    as ``chatmask tokenize --task preference`` does (see :mod:`chatmask.preference`).
+
+    The rows have ``prompt`` (messages) with ``chosen`` / ``rejected`` (a str, one assistant
+    message or a list of messages), or ``chosen`` / ``rejected`` alone as whole conversations
+    sharing their opening messages; the policy's ``field_tools`` / ``field_system`` name the
+    tools and system columns. The function adds ``prompt_input_ids``, ``chosen_input_ids``,
+    ``rejected_input_ids`` (``List(int32)``), ``chosen_labels``, ``rejected_labels``
+    (``List(int64)``, -100 masked) and ``preference_flags`` (``List(string)``, empty when the pair
+    is exact and consistent), one row per input row; ``prompt_input_ids + chosen_input_ids`` is
+    exactly the chosen conversation's tokenization. `policy` defaults to
+    :data:`chatmask.preference.PREFERENCE_POLICY`; under ``overflow="drop"`` a ``dropped`` column
+    marks the dropped rows (empty lists). `on_error`, `num_threads`, `encoder` and template
+    keyword arguments are as in :func:`map_fn` (``"mark"``: a row that cannot be split keeps
+    empty lists and its reason in ``error``).
+    """
+    rows = PreferenceRows(
+        tokenizer,
+        policy=policy,
+        on_error=on_error,
+        num_threads=num_threads,
+        template_kwargs=template_kwargs,
+        encoder=encoder,
+    )
+    return MapFn(rows)
+
+
 def pack_fn(
     max_length: int,
     strategy: str = "bfd",
@@ -154,4 +190,4 @@ def pack_fn(
     return PackStep(max_length, strategy, overflow, pad_to_max_length, pad_id)
 
 
-__all__ = ["MapFn", "PackStep", "map_fn", "pack_fn"]
+__all__ = ["MapFn", "PackStep", "map_fn", "pack_fn", "preference_fn"]

@@ -36,6 +36,9 @@ PREFERENCE_POLICY = MaskPolicy(train_on_inputs=True)
 #: (``"straddles_split:chosen"``).
 FLAGS = ("prompt_differs", "straddles_split", "prompt_after_completion")
 
+#: The column of a pair's flags in ``chatmask tokenize --task preference`` and the adapters.
+FLAGS_COLUMN = "preference_flags"
+
 FIELDS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "chosen_labels", "rejected_labels")
 _BRANCHES = ("chosen", "rejected")
 
@@ -324,4 +327,12 @@ class PreferenceMethods:
         )
 
 
-__all__ = ["FIELDS", "FLAGS", "PREFERENCE_POLICY", "PreferenceBatch", "PreferenceRowError", "PreferenceRowTypeError"]
+__all__ = [
+    "FIELDS",
+    "FLAGS",
+    "FLAGS_COLUMN",
+    "PREFERENCE_POLICY",
+    "PreferenceBatch",
+    "PreferenceRowError",
+    "PreferenceRowTypeError",
+]

@@ -12,6 +12,8 @@
     )
     ds.write_parquet("s3://bucket/tokenized/")
 
+Preference pairs (DPO rows) go through ``TokenizePreferenceBatch`` the same way.
+
 Packing is one more step, per block (rows of different blocks never share a pack; larger
 blocks fill better, see docs/packing.md)::
 
@@ -28,12 +30,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ._adapter import RowTokenizer, TokenizedColumns
+from ._adapter import RowTokenizer, require_columns
 from ._pack_adapter import PackStep
+from ._preference_adapter import PreferenceRows
 from ._tokenizer import EncoderChoice
 from .policy import MaskPolicy
-
-INT32_MAX = 2**31 - 1
 
 
 def _actor_cpus() -> int | None:
@@ -93,7 +94,7 @@ class TokenizeBatch:
     ) -> None:
         if num_threads is None:
             num_threads = _actor_cpus()
-        self.rows = RowTokenizer(
+        self.rows: RowTokenizer | PreferenceRows = RowTokenizer(
             tokenizer,
             mode,
             messages_field=messages_field,
@@ -109,22 +110,12 @@ class TokenizeBatch:
 
     def _kept(self, names: Sequence[str]) -> list[str]:
         if self.keep_columns is None:
-            skip = {self.rows.messages_field, self.rows.tools_field, self.rows.system_field, *self._outputs()}
+            skip = {*self.rows.consumed_columns(), *self.rows.output_names()}
             return [n for n in names if n not in skip]
         missing = [n for n in self.keep_columns if n not in names]
         if missing:
             raise KeyError(f"keep_columns {missing} are not in the batch (columns: {', '.join(names)})")
         return self.keep_columns
-
-    def _outputs(self) -> list[str]:
-        """The columns this adds (an input column of the same name is replaced)."""
-        return ["input_ids", "labels", *self.rows.policy_columns(), "error"]
-
-    def _wanted(self) -> list[str]:
-        rows = self.rows
-        return [
-            n for n in (rows.messages_field, rows.tools_field, rows.system_field, rows.finish_reason_field, "id") if n
-        ]
 
     def __call__(self, batch: Any) -> Any:
         """A ``pyarrow.Table`` in, a ``pyarrow.Table`` out; a mapping of columns in, a dict out."""
@@ -137,53 +128,66 @@ class TokenizeBatch:
         if isinstance(batch, Mapping):
             return self._mapping(batch)
         raise TypeError(
-            f"TokenizeBatch takes a pyarrow.Table (map_batches(..., batch_format='pyarrow')) or a mapping "
-            f"of columns, not {type(batch).__name__}"
+            f"{type(self).__name__} takes a pyarrow.Table (map_batches(..., batch_format='pyarrow')) or a "
+            f"mapping of columns, not {type(batch).__name__}"
         )
 
     def _table(self, table: Any, pa: Any) -> Any:
         names = list(table.column_names)
-        for n in (self.rows.messages_field, self.rows.finish_reason_field):
-            if n is not None and n not in names:
-                raise KeyError(f"the batch has no column {n!r} (columns: {', '.join(names)})")
-        columns = {n: table.column(n).to_pylist() for n in dict.fromkeys(self._wanted()) if n in names}
+        require_columns(names, self.rows.required_columns())
+        columns = {n: table.column(n).to_pylist() for n in self.rows.input_columns() if n in names}
         types = {n: table.schema.field(n).type for n in columns}
         out = self.rows.tokenize(columns, types=types, decode_json=True)
         result = {n: table.column(n) for n in self._kept(names)}
-        result["input_ids"] = _list_array(pa, out.offsets, out.input_ids)
-        result["labels"] = _list_array(pa, out.label_offsets, out.labels)
-        if self.rows.policy is not None:
-            assert out.message_index is not None
-            result["message_index"] = _list_array(pa, out.offsets, out.message_index)
-            result["span_method"] = pa.array(out.span_method, type=pa.string())
-            result["truncated"] = pa.array(out.truncated, type=pa.int32())
-            if self.rows.policy.overflow == "drop":
-                result["dropped"] = pa.array(out.dropped, type=pa.bool_())
-        if self.rows.on_error == "mark":
-            result["error"] = pa.array(out.errors, type=pa.string())
+        result.update(out.arrow_columns(pa, self.rows.policy, self.rows.on_error))
         return pa.table(result)
 
     def _mapping(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         names = list(batch)
+        require_columns(names, self.rows.required_columns())
         columns = {
             n: (batch[n].tolist() if isinstance(batch[n], np.ndarray) else list(batch[n]))
-            for n in dict.fromkeys(self._wanted())
+            for n in self.rows.input_columns()
             if n in batch
         }
-        for n in (self.rows.messages_field, self.rows.finish_reason_field):
-            if n is not None and n not in batch:
-                raise KeyError(f"the batch has no column {n!r} (columns: {', '.join(map(str, names))})")
-        out: TokenizedColumns = self.rows.tokenize(columns)
+        out = self.rows.tokenize(columns)
         result: dict[str, Any] = {n: batch[n] for n in self._kept(names)}
         result.update(out.output_columns(self.rows.policy, self.rows.on_error))
         return result
 
 
-def _list_array(pa: Any, offsets: np.ndarray, values: np.ndarray) -> Any:
-    """A list array over `values` without copying them (large_list past 2**31 - 1 values)."""
-    if int(offsets[-1]) > INT32_MAX:
-        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+class TokenizePreferenceBatch(TokenizeBatch):
+    """Split the preference rows of a Ray Data batch into DPO pairs, as
+    :func:`chatmask.datasets.preference_fn` does (use ``batch_format="pyarrow"``).
+
+    The output has one row per input row, in order: the `keep_columns` (default: every input
+    column except ``prompt``, ``chosen``, ``rejected`` and the policy's tools and system
+    columns), then ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``
+    (``list<int32>``), ``chosen_labels``, ``rejected_labels`` (``list<int64>``) and
+    ``preference_flags`` (``list<string>``), plus ``dropped`` and ``error`` as in
+    :class:`TokenizeBatch`. `tokenizer`, `on_error`, `num_threads` and `encoder` are as there.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        policy: MaskPolicy | None = None,
+        *,
+        on_error: str = "raise",
+        num_threads: int | None = None,
+        keep_columns: Sequence[str] | None = None,
+        encoder: EncoderChoice | None = None,
+        **template_kwargs: Any,
+    ) -> None:
+        self.rows = PreferenceRows(
+            tokenizer,
+            policy=policy,
+            on_error=on_error,
+            num_threads=_actor_cpus() if num_threads is None else num_threads,
+            template_kwargs=template_kwargs,
+            encoder=encoder,
+        )
+        self.keep_columns = None if keep_columns is None else list(keep_columns)
 
 
 class PackBatch(PackStep):
@@ -195,4 +199,4 @@ class PackBatch(PackStep):
         return self.table(self._pack(self.batch_of(batch)))
 
 
-__all__ = ["PackBatch", "TokenizeBatch"]
+__all__ = ["PackBatch", "TokenizeBatch", "TokenizePreferenceBatch"]

@@ -39,6 +39,7 @@ __all__ = [
     "parse_row",
     "parse_policy_row",
     "parse_preference_row",
+    "preference_columns",
     "strip_nulls",
     "type_name",
     "value_reader",
@@ -278,6 +279,12 @@ def parse_policy_row(
 
 #: The fields of a preference row (``chatmask tokenize --task preference``, :mod:`chatmask.preference`).
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def preference_columns(policy: MaskPolicy) -> list[str]:
+    """The input columns a preference row is read from (Parquet reads only these), ``id`` last."""
+    extra = [c for c in (policy.field_tools, policy.field_system) if c]
+    return list(dict.fromkeys([*PREFERENCE_FIELDS, *extra, "id"]))
 
 
 def parse_preference_row(payload: Any, policy: MaskPolicy, *, strip_nulls: bool | None = None) -> ParsedRow:

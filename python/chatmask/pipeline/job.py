@@ -31,11 +31,12 @@ from .._usage import UsageError
 from ..io import sinks
 from ..io.readers import InputFile, InputReadError, RawRow, ReadProgress, iter_raw_rows, pyarrow_modules, resolve_inputs
 from ..io.sinks import DROPPED, ERRORS, MANIFEST, PROGRESS, PartWriter, SideFile
-from ..rows import Fields
+from ..preference import FLAGS_COLUMN
+from ..rows import Fields, preference_columns
 from ..truth import REFERENCE_MODES
 from .options import TokenizeOptions, resolve_tokenize
 from .packing import PackSink, pack_manifest
-from .preference import FLAGS_COLUMN, PreferenceParseStage, PreferenceStage, preference_columns
+from .preference import PreferenceParseStage, PreferenceStage
 from .progress import Progress
 from .stages import DROP_REASON, Batch, FlagStage, ParseStage, Stage, TokenizeStage
 from .state import State, job_config, prepare_outdir, verify_output

@@ -16,18 +16,12 @@ from typing import Any
 
 from .._tokenizer import ChatTokenizer
 from ..policy import MaskPolicy
-from ..rows import PREFERENCE_FIELDS, parse_preference_row
+from ..preference import FLAGS_COLUMN
+from ..rows import parse_preference_row
 from .stages import Batch, Stage
 
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 LABEL_COLUMNS = ("chosen_labels", "rejected_labels")
-FLAGS_COLUMN = "preference_flags"
-
-
-def preference_columns(policy: MaskPolicy) -> list[str]:
-    """The input columns a preference row is read from (Parquet reads only these)."""
-    extra = [c for c in (policy.field_tools, policy.field_system) if c]
-    return list(dict.fromkeys([*PREFERENCE_FIELDS, *extra, "id"]))
 
 
 class PreferenceParseStage(Stage):
