@@ -269,6 +269,20 @@ class Crash(BaseException):
     """Stands in for a SIGKILL at a chosen point of the commit protocol."""
 
 
+def crash_at_commit(monkeypatch: Any, n: int) -> None:
+    """The job's `n`-th commit raises :class:`Crash` (killed there); `monkeypatch.undo()` ends it."""
+    real = pipeline_job.Job._commit
+    calls = {"n": 0}
+
+    def commit(self, next_row):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash
+        return real(self, next_row)
+
+    monkeypatch.setattr(pipeline_job.Job, "_commit", commit)
+
+
 @pytest.mark.parametrize("where", ["errors", "part-rename", "progress"])
 def test_resume_after_crash_at_each_commit_step(tmp_path, monkeypatch, where):
     rows: list[Any] = [r for r in ROWS * 6 for r in (r, "{broken")][:90]  # every other row is bad JSON

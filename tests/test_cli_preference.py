@@ -14,7 +14,7 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from test_cli import read_errors, read_parts, write_jsonl, write_parquet  # noqa: E402
+from test_cli import Crash, crash_at_commit, read_errors, read_parts, write_jsonl, write_parquet  # noqa: E402
 
 from chatmask.cli import main  # noqa: E402
 from chatmask.demo import demo_tokenizer  # noqa: E402
@@ -42,10 +42,6 @@ BAD = [
     ("not an object", "not an object"),
 ]
 COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "chosen_labels", "rejected_labels")
-
-
-class Crash(Exception):
-    pass
 
 
 def tokenize(*args: str) -> int:
@@ -147,16 +143,7 @@ def test_sft_only_options_are_usage_errors(tmp_path, capsys, extra, flag):
 def test_resume_refuses_another_task(tmp_path, monkeypatch, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", GOOD * 3)
     args = [str(src), "-o", str(tmp_path / "out"), "--rows-per-file", "2", "--batch-rows", "2"]
-    real = pipeline_job.Job._commit
-    calls = {"n": 0}
-
-    def commit(self, next_row):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise Crash
-        return real(self, next_row)
-
-    monkeypatch.setattr(pipeline_job.Job, "_commit", commit)
+    crash_at_commit(monkeypatch, 2)
     with pytest.raises(Crash):
         tokenize(*args)
     monkeypatch.undo()

@@ -28,13 +28,21 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from test_cli import check_output, conv, expected_convs, read_parts, write_jsonl, write_parquet  # noqa: E402
+from test_cli import (  # noqa: E402
+    Crash,
+    check_output,
+    conv,
+    crash_at_commit,
+    expected_convs,
+    read_parts,
+    write_jsonl,
+    write_parquet,
+)
 
 import chatmask  # noqa: E402
 from chatmask.cli import main  # noqa: E402
 from chatmask.demo import demo_chat_template, demo_conversations, demo_tokenizer, demo_tokenizer_json  # noqa: E402
 from chatmask.io import readers  # noqa: E402
-from chatmask.pipeline import job as pipeline_job  # noqa: E402
 
 TOK = demo_tokenizer()
 ROWS = demo_conversations()
@@ -83,10 +91,6 @@ def test_options_declared_once_reach_the_help(capsys):
 # (a) the resume fingerprint
 
 
-class Crash(BaseException):
-    pass
-
-
 def demo_dir(path: Path) -> Path:
     path.mkdir()
     (path / "tokenizer.json").write_text(demo_tokenizer_json(), encoding="utf-8")
@@ -113,16 +117,7 @@ def interrupted_job(tmp_path: Path, monkeypatch, tokenizer: Path) -> list[str]:
         "--batch-rows",
         "4",
     ]
-    real = pipeline_job.Job._commit
-    calls = {"n": 0}
-
-    def commit(self, next_row):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise Crash
-        return real(self, next_row)
-
-    monkeypatch.setattr(pipeline_job.Job, "_commit", commit)
+    crash_at_commit(monkeypatch, 2)
     with pytest.raises(Crash):
         main(args)
     monkeypatch.undo()

@@ -175,6 +175,26 @@ def _load_payload(payload: bytes | bytearray | Mapping[str, Any] | list[Any]) ->
     return payload, not isinstance(payload, list), None
 
 
+def _open(payload: Any, strip_nulls: bool | None, *, lists: bool) -> tuple[Any, bool, str | None]:
+    """(the row's value, whether its nulls go (rules 1-3; `strip_nulls` overrides), or the reason
+    it cannot be read): an object, or with `lists` a list of messages too."""
+    obj, columns, error = _load_payload(payload)
+    strip = columns if strip_nulls is None else strip_nulls
+    if error is None and not isinstance(obj, Mapping) and not (lists and isinstance(obj, list)):
+        error = f"row is a JSON {type_name(obj)}, not an object" + (" or a list of messages" if lists else "")
+    return obj, strip, error
+
+
+def _add_tools_and_system(
+    row: dict[str, Any], obj: Mapping[str, Any], tools_field: str, tools: Any, system_field: str | None
+) -> None:
+    """The parsed tools (if any) and the system field (if set and not null) into `row`."""
+    if tools is not None:
+        row[tools_field] = tools
+    if system_field is not None and obj.get(system_field) is not None:
+        row[system_field] = obj[system_field]
+
+
 def _row_id(obj: Mapping[str, Any]) -> str | None:
     raw_id = obj.get("id")
     return None if raw_id is None else raw_id if isinstance(raw_id, str) else json.dumps(raw_id)
@@ -223,13 +243,10 @@ def parse_row(
     Arrow types (rule 2).
     """
     fields = Fields(messages_field, tools_field, finish_reason_field)
-    obj, columns, error = _load_payload(payload)
+    obj, strip, error = _open(payload, strip_nulls, lists=False)
     if error is not None:
         return ParsedRow(None, error=error)
-    if not isinstance(obj, Mapping):
-        return ParsedRow(None, error=f"row is a JSON {type_name(obj)}, not an object")
     row_id = _row_id(obj)
-    strip = columns if strip_nulls is None else strip_nulls
     messages, tools, error = _messages_and_tools(obj, fields, strip)
     if error is not None:
         return ParsedRow(None, id=row_id, error=error)
@@ -257,23 +274,17 @@ def parse_policy_row(
     JSON array of messages). Checks and null rule as in :func:`parse_row`.
     """
     fields = Fields.of_policy(policy)
-    obj, columns, error = _load_payload(payload)
+    obj, strip, error = _open(payload, strip_nulls, lists=True)
     if error is not None:
         return ParsedRow(None, error=error)
-    strip = columns if strip_nulls is None else strip_nulls
     if isinstance(obj, list):
         return ParsedRow({fields.messages: _strip(obj) if strip else obj})
-    if not isinstance(obj, Mapping):
-        return ParsedRow(None, error=f"row is a JSON {type_name(obj)}, not an object or a list of messages")
     row_id = _row_id(obj)
     messages, tools, error = _messages_and_tools(obj, fields, strip)
     if error is not None:
         return ParsedRow(None, id=row_id, error=error)
     conversation: dict[str, Any] = {fields.messages: messages}
-    if tools is not None:
-        conversation[fields.tools] = tools
-    if fields.system is not None and obj.get(fields.system) is not None:
-        conversation[fields.system] = obj[fields.system]
+    _add_tools_and_system(conversation, obj, fields.tools, tools, fields.system)
     return ParsedRow(conversation, None, row_id)
 
 
@@ -291,22 +302,16 @@ def parse_preference_row(payload: Any, policy: MaskPolicy, *, strip_nulls: bool 
     """One preference row for ``tokenize_preference_batch``: its ``prompt`` / ``chosen`` /
     ``rejected`` as they are, the policy's tools and system fields; the null rule as in
     :func:`parse_row`. The shapes are checked by the preference reader (a reason, per row)."""
-    obj, columns, error = _load_payload(payload)
+    obj, strip, error = _open(payload, strip_nulls, lists=False)
     if error is not None:
         return ParsedRow(None, error=error)
-    if not isinstance(obj, Mapping):
-        return ParsedRow(None, error=f"row is a JSON {type_name(obj)}, not an object")
     row_id = _row_id(obj)
-    strip = columns if strip_nulls is None else strip_nulls
     # Absent and null are the same here: a Parquet column has every key (implicit rows: prompt null).
     row = {k: _strip(obj[k]) if strip else obj[k] for k in PREFERENCE_FIELDS if obj.get(k) is not None}
     tools, error = _tools(obj, policy.field_tools, strip)
     if error is not None:
         return ParsedRow(None, id=row_id, error=error)
-    if tools is not None:
-        row[policy.field_tools] = tools
-    if policy.field_system is not None and obj.get(policy.field_system) is not None:
-        row[policy.field_system] = obj[policy.field_system]
+    _add_tools_and_system(row, obj, policy.field_tools, tools, policy.field_system)
     return ParsedRow(row, None, row_id)
 
 
