@@ -21,11 +21,8 @@ Prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from _parity import TOKENIZERS_DIR, fixture_tokenizers  # noqa: E402
 from _preference_pairs import branches, date_kwargs, fixture_pairs, trl_cause, trl_pair  # noqa: E402
+from _timing import geometric_mean, interleaved_medians  # noqa: E402
 
 import chatmask  # noqa: E402
 from chatmask.preference import PREFERENCE_POLICY  # noqa: E402
@@ -58,13 +56,8 @@ def throughput(tok, pairs, repeat: int, threads: int | None) -> tuple[float, flo
         ),
         "ours": lambda: tok.tokenize_preference_batch(pairs, on_error="skip", num_threads=threads, **kwargs),
     }
-    times: dict[str, list[float]] = {"base": [], "ours": []}
-    for _ in range(repeat):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["base"]), statistics.median(times["ours"]), len(rows)
+    medians = interleaved_medians(calls, repeat)
+    return medians["base"], medians["ours"], len(rows)
 
 
 def compare_trl(tok, pairs) -> tuple[int, int, Counter, Counter]:
@@ -104,7 +97,7 @@ def main(argv=None) -> int:
         ratios.append(ours / base)
         print(f"| {name} | {n} | {base:.3f} | {ours:.3f} | {ours / base:.3f} |", flush=True)
         trl_rows.append((name, *compare_trl(tok, pairs)))
-    geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    geomean = geometric_mean(ratios)
     print(f"\ngeometric mean of the ratios: {geomean:.3f}\n")
     print("| tokenizer | pairs | TRL differs | causes | chatmask flags (per branch) |")
     print("|---|---:|---:|---|---|")

@@ -14,11 +14,8 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from _parity import TOKENIZERS_DIR, fixture_tokenizers, oracle  # noqa: E402
 from _rollouts import fixture_rows, regions  # noqa: E402
+from _timing import geometric_mean, interleaved_medians  # noqa: E402
 
 import chatmask  # noqa: E402
 from chatmask.rollout import ROLLOUT_POLICY  # noqa: E402
@@ -58,13 +56,8 @@ def throughput(tok, repeat: int, threads: int | None, bridge: bool) -> tuple[flo
         "base": lambda: tok.tokenize_batch(conversations, policy=ROLLOUT_POLICY, num_threads=threads, **date),
         "ours": lambda: tok.tokenize_rollout_batch(rows, bridge=bridge, num_threads=threads, **date),
     }
-    times: dict[str, list[float]] = {"base": [], "ours": []}
-    for _ in range(repeat):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["base"]), statistics.median(times["ours"]), len(rows), turns
+    medians = interleaved_medians(calls, repeat)
+    return medians["base"], medians["ours"], len(rows), turns
 
 
 def main(argv=None) -> int:
@@ -84,7 +77,7 @@ def main(argv=None) -> int:
         base, ours, n, turns = throughput(tok, args.repeat, args.threads, args.bridge)
         ratios.append(ours / base)
         print(f"| {name} | {n} | {turns} | {base:.3f} | {ours:.3f} | {ours / base:.3f} |", flush=True)
-    geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    geomean = geometric_mean(ratios)
     print(f"\ngeometric mean of the ratios: {geomean:.3f}")
     return 0
 
