@@ -181,6 +181,7 @@ def test_qwen3_history_rewrite_without_and_with_a_bridge(name):
     # The full render has turn 1 without its reasoning: not placed, untrained, and the next
     # prompt does not extend the sampled sequence.
     assert not t1.placed and t3.placed and t3.extends_previous is False
+    assert t1.stop == "consumed"  # read against the render it was sampled after, not "absent"
     assert (out["labels"][out["message_index"] == 1] == -100).all()
     assert out["input_ids"][t3.start : t3.end].tolist() == second + end
 

@@ -13,6 +13,16 @@ pub(super) fn boundary(positions: &[(usize, usize)], at: usize) -> Option<usize>
     (i == 0 || positions[i - 1].1 <= at).then_some(i)
 }
 
+/// The characters from the start of `message`'s first field to the end of its last, in
+/// `render`; None when the template prints none of its fields.
+fn field_range(render: &Labelled, message: usize) -> Option<(usize, usize)> {
+    let mut fields = render.located.spans.iter().filter(|s| s.message == message);
+    let first = fields.next()?;
+    Some(fields.fold((first.start, first.end), |(start, end), s| {
+        (start.min(s.start), end.max(s.end))
+    }))
+}
+
 fn shorten(text: &str) -> String {
     const KEEP: usize = 80;
     if text.chars().count() <= KEEP {
@@ -39,19 +49,15 @@ impl ChatTokenizer {
         message: usize,
         body: &[u32],
     ) -> Result<Option<Range<usize>>> {
-        let spans = &render.located.spans;
-        let Some(first) = spans
-            .iter()
-            .filter(|s| s.message == message)
-            .map(|s| s.start)
-            .min()
-        else {
+        let Some((first, _)) = field_range(render, message) else {
             return Err(Error::Rollout(format!(
                 "message {message}: the template prints none of its fields, so sampled ids have no place"
             )));
         };
         let end = self.text_end(render, message)?;
-        let after_previous = spans
+        let after_previous = render
+            .located
+            .spans
             .iter()
             .filter(|s| s.message < message)
             .map(|s| s.end)
@@ -104,14 +110,7 @@ impl ChatTokenizer {
 
     /// The token index after `message`'s last field in `render`.
     pub(super) fn text_end(&self, render: &Labelled, message: usize) -> Result<usize> {
-        let last = render
-            .located
-            .spans
-            .iter()
-            .filter(|s| s.message == message)
-            .map(|s| s.end)
-            .max()
-            .unwrap_or(0);
+        let last = field_range(render, message).map_or(0, |(_, end)| end);
         boundary(&render.positions, last).ok_or_else(|| {
             Error::Rollout(format!(
                 "message {message}: a token covers both the end of its text and what the template \
@@ -127,13 +126,7 @@ impl ChatTokenizer {
             .text_end(render, message)
             .ok()
             .and_then(|end| {
-                let first = render
-                    .located
-                    .spans
-                    .iter()
-                    .filter(|s| s.message == message)
-                    .map(|s| s.start)
-                    .min()?;
+                let (first, _) = field_range(render, message)?;
                 let start = render.positions.partition_point(|p| p.1 <= first);
                 self.decode(&render.tokenized.input_ids[start.min(end)..end])
                     .ok()

@@ -31,6 +31,17 @@ pub enum Stop {
 }
 
 impl Stop {
+    /// How `sample`'s stop reads against a render's tokens `ids` whose text for it ends at
+    /// token `end` (for a turn not placed, the render it was sampled after).
+    fn of(sample: &Sample<'_>, ids: &[u32], end: usize) -> Stop {
+        match sample.stop {
+            None if sample.length => Stop::Length,
+            None => Stop::Absent,
+            Some(id) if ids.get(end) == Some(&id) => Stop::Consumed,
+            Some(_) => Stop::Kept,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Stop::Absent => "absent",
@@ -220,17 +231,15 @@ impl ChatTokenizer {
         let ids = &render.tokenized.input_ids;
         let start = out.input_ids.len();
         out.push_sampled(sample.body, sample.message);
-        let (stop, next) = match sample.stop {
-            None if sample.length => (Stop::Length, ids.len()),
-            None => (Stop::Absent, text.end),
-            Some(id) => {
-                // Sampled, so trained either way; where the template prints it too, once.
-                out.push_sampled(&[id], sample.message);
-                match ids.get(text.end) == Some(&id) {
-                    true => (Stop::Consumed, text.end + 1),
-                    false => (Stop::Kept, text.end),
-                }
-            }
+        let stop = Stop::of(sample, ids, text.end);
+        if let Some(id) = sample.stop {
+            // Sampled, so trained either way; where the template prints it too, once.
+            out.push_sampled(&[id], sample.message);
+        }
+        let next = match stop {
+            Stop::Length => ids.len(),
+            Stop::Consumed => text.end + 1,
+            Stop::Absent | Stop::Kept => text.end,
         };
         let turn = Turn {
             message: sample.message,
@@ -317,12 +326,8 @@ impl ChatTokenizer {
                     Turn {
                         message: sample.message,
                         tokens: out.input_ids.len()..out.input_ids.len(),
+                        stop: Stop::of(&sample, &alone.tokenized.input_ids, text.end),
                         retokenized_same: alone.tokenized.input_ids[text] == *sample.body,
-                        stop: if sample.length {
-                            Stop::Length
-                        } else {
-                            Stop::Absent
-                        },
                         placed: false,
                         extends_previous: None,
                         bridge_differs: None,
