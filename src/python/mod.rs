@@ -10,6 +10,7 @@
 
 mod batch_call;
 mod convert;
+mod label_call;
 mod pack;
 mod rollout;
 mod rows;
