@@ -260,6 +260,9 @@ fn read_detail(v: &Value, index: usize, field: &str) -> Result<Vec<(usize, usize
     Ok(out)
 }
 
+mod fit;
 mod label;
+mod ranges;
 
-pub use label::{fit_length, label, Labels, SpanRow, Tokenized};
+pub use fit::{fit_length, Tokenized};
+pub use label::{label, Labels, SpanRow};
