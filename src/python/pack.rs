@@ -8,10 +8,17 @@ use pyo3::types::PyDict;
 
 use crate::pack::{self, Long, Piece, Plan, Strategy};
 
+/// The elements of a 1-D numpy array, which must be contiguous (`name` for the error).
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray1<'_, T>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be contiguous")))
+}
+
 fn u64s(a: &PyReadonlyArray1<'_, i64>, name: &str) -> PyResult<Vec<u64>> {
-    let s = a
-        .as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be contiguous")))?;
+    let s = contiguous(a, name)?;
     s.iter()
         .map(|&x| {
             u64::try_from(x)
@@ -37,9 +44,7 @@ pub fn pack_plan<'py>(
     let long = Long::parse(overflow).map_err(PyValueError::new_err)?;
     let offsets = u64s(&offsets, "offsets")?;
     let label_offsets = u64s(&label_offsets, "label_offsets")?;
-    let rows = rows
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("rows must be contiguous"))?;
+    let rows = contiguous(&rows, "rows")?;
     if rows.len() + 1 != offsets.len() {
         return Err(PyValueError::new_err(format!(
             "{} rows but {} offsets",
@@ -124,9 +129,7 @@ fn plan_of(
 macro_rules! gather_as {
     ($py:expr, $src:expr, $t:ty, $start:expr, $len:expr, $po:expr, $max:expr, $pad:expr, $first:expr) => {
         if let Ok(a) = $src.extract::<PyReadonlyArray1<'_, $t>>() {
-            let s = a
-                .as_slice()
-                .map_err(|_| PyValueError::new_err("src must be contiguous"))?;
+            let s = contiguous(&a, "src")?;
             let plan = plan_of($start, $len, $po, s.len(), $max)?;
             let pad = $pad.map(|v| v as $t);
             let first = $first.map(|v| v as $t);
@@ -151,15 +154,9 @@ pub fn pack_gather<'py>(
     pad: Option<i64>,
     first: Option<i64>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let start = piece_start
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("piece_start must be contiguous"))?;
-    let len = piece_len
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("piece_len must be contiguous"))?;
-    let po = pack_offsets
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("pack_offsets must be contiguous"))?;
+    let start = contiguous(&piece_start, "piece_start")?;
+    let len = contiguous(&piece_len, "piece_len")?;
+    let po = contiguous(&pack_offsets, "pack_offsets")?;
     gather_as!(py, src, i32, start, len, po, max_length, pad, first);
     gather_as!(py, src, u32, start, len, po, max_length, pad, first);
     gather_as!(py, src, i64, start, len, po, max_length, pad, first);
@@ -179,12 +176,8 @@ pub fn pack_positions<'py>(
     max_length: u64,
     pad: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let len = piece_len
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("piece_len must be contiguous"))?;
-    let po = pack_offsets
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("pack_offsets must be contiguous"))?;
+    let len = contiguous(&piece_len, "piece_len")?;
+    let po = contiguous(&pack_offsets, "pack_offsets")?;
     let start = vec![0i64; len.len()];
     let plan = plan_of(&start, len, po, usize::MAX, max_length)?;
     let out = py.detach(|| pack::positions(&plan, max_length, pad));
