@@ -331,31 +331,64 @@ pub fn mark_message(msg: &Value, index: usize, marking: Marking) -> Value {
 /// when the markers do not pair up (the template cut a field, so this render cannot be used).
 pub fn strip_field_markers(marked: &str) -> Option<(String, Vec<FieldSpan>)> {
     let mut text = String::with_capacity(marked.len());
+    let spans = walk_markers(marked, |chunk| {
+        text.push_str(chunk);
+        true
+    })?;
+    Some((text, spans))
+}
+
+/// Each marked field's span in code points, when `marked` without its markers is `plain`
+/// (else `None`): [`strip_field_markers`] compared as it goes, building no text.
+pub fn field_spans_in(marked: &str, plain: &str) -> Option<Vec<FieldSpan>> {
+    let mut rest = plain.as_bytes();
+    let spans = walk_markers(marked, |chunk| match rest.strip_prefix(chunk.as_bytes()) {
+        Some(after) => {
+            rest = after;
+            true
+        }
+        None => false,
+    })?;
+    rest.is_empty().then_some(spans)
+}
+
+/// Walks `marked`, handing each run of text between markers to `text` (which may stop the walk
+/// by returning false) and pairing the markers into spans; `None` when stopped or when the
+/// markers do not pair up. The inputs hold no plane-16 character (checked before marking), so
+/// every UTF-8 lead byte 0xF4 starts a marker.
+fn walk_markers(marked: &str, mut text: impl FnMut(&str) -> bool) -> Option<Vec<FieldSpan>> {
+    let bytes = marked.as_bytes();
     let mut open: Vec<(u32, usize)> = Vec::new();
     let mut spans = Vec::new();
-    let mut pos = 0usize;
-    for c in marked.chars() {
+    let (mut at, mut pos) = (0usize, 0usize);
+    loop {
+        let next = memchr::memchr(0xF4, &bytes[at..]).map_or(bytes.len(), |i| at + i);
+        let chunk = &marked[at..next];
+        if !text(chunk) {
+            return None;
+        }
+        // Code points: every byte that is not a UTF-8 continuation byte.
+        pos += chunk.bytes().filter(|&b| b & 0xC0 != 0x80).count();
+        let Some(c) = marked[next..].chars().next() else {
+            break;
+        };
         let code = c as u32;
         if c == FIELD_END {
             let (slot, start) = open.pop()?;
-            let (message, kind) = (
-                slot as usize / KINDS.len(),
-                KINDS[slot as usize % KINDS.len()],
-            );
             spans.push(FieldSpan {
-                message,
-                kind,
+                message: slot as usize / KINDS.len(),
+                kind: KINDS[slot as usize % KINDS.len()],
                 start,
                 end: pos,
             });
         } else if (FIELD_FIRST..FIELD_FIRST + FIELD_SLOTS as u32).contains(&code) {
             open.push((code - FIELD_FIRST, pos));
         } else {
-            text.push(c);
-            pos += 1;
+            return None; // a plane-16 character that is no marker: never in the inputs
         }
+        at = next + c.len_utf8();
     }
-    open.is_empty().then_some((text, spans))
+    open.is_empty().then_some(spans)
 }
 
 /// The character that replaces a field in the diff method: absent from every input.
@@ -543,6 +576,29 @@ mod tests {
         .skip(1)
         .collect();
         assert!(strip_field_markers(&format!("x{cut}")).is_none());
+        assert!(field_spans_in(&format!("x{cut}"), "x").is_none());
+    }
+
+    #[test]
+    fn field_spans_in_compares_as_it_strips() {
+        let (a, b) = (
+            start_char(0, FieldKind::Content),
+            start_char(1, FieldKind::Tool),
+        );
+        let marked = format!("é<{a}ab{b}c{FIELD_END}{FIELD_END}>d{b}{FIELD_END}");
+        let (text, spans) = strip_field_markers(&marked).unwrap();
+        assert_eq!(text, "é<abc>d");
+        assert_eq!(field_spans_in(&marked, &text), Some(spans.clone()));
+        assert_eq!(
+            spans
+                .iter()
+                .map(|s| (s.message, s.start, s.end))
+                .collect::<Vec<_>>(),
+            vec![(1, 4, 5), (0, 2, 5), (1, 7, 7)]
+        );
+        for other in ["é<abc>", "é<abc>dd", "é<abX>d", ""] {
+            assert_eq!(field_spans_in(&marked, other), None, "{other}");
+        }
     }
 
     #[test]

@@ -55,13 +55,12 @@ impl ChatTokenizer {
             Err(e) => return failed(e),
         };
         let located = self.locate(conv, plain.clone(), false, args);
-        let full = match self.encoder.encode_full(plain) {
-            Ok(full) => full,
+        let (full, derived) = match self.encoder.encode_full_with_positions(plain) {
+            Ok(encoded) => encoded,
             Err(e) => return failed(e),
         };
         let spans = located.ok().and_then(|located| {
-            let (positions, positions_derived) = match self.encoder.positions(&full.text, &full.ids)
-            {
+            let (positions, positions_derived) = match derived {
                 Some(p) => (p, true),
                 None => {
                     let (ids, offsets) = self.encoder.encode_with_char_offsets(&full.text).ok()?;

@@ -8,8 +8,8 @@ use crate::chat::Conversation;
 use crate::error::{Error, Result};
 use crate::policy::SpanMethod;
 use crate::spans::{
-    diff_region, dummy_char, for_each_string, has_plane16, mark_message, replace_field,
-    strip_field_markers, FieldKind, FieldSpan, Marking, MAX_MARKED_MESSAGES,
+    diff_region, dummy_char, field_spans_in, for_each_string, has_plane16, mark_message,
+    replace_field, FieldKind, FieldSpan, Marking, MAX_MARKED_MESSAGES,
 };
 
 impl ChatTokenizer {
@@ -68,9 +68,7 @@ impl ChatTokenizer {
             let Ok(text) = self.render(&marked, n, add_generation_prompt, args) else {
                 return Ok(None);
             };
-            Ok(strip_field_markers(&text)
-                .filter(|(stripped, _)| *stripped == plain)
-                .map(|(_, spans)| spans))
+            Ok(field_spans_in(&text, &plain))
         };
         let content_lead = |m: &Value, inner: bool| -> Option<usize> {
             let content = m.get_attr("content").ok()?;

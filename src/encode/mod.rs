@@ -359,32 +359,35 @@ impl Encoder {
 
     /// Each token's `(start, end)` in code points, laid along `text`; `None` unless the
     /// tokens' pieces spell it exactly.
-    pub fn positions(&self, text: &str, ids: &[u32]) -> Option<Vec<(usize, usize)>> {
-        let bytes = text.as_bytes();
+    pub fn positions(&self, text: &str, ids: &[u32]) -> Option<CharSpans> {
         let mut out = Vec::with_capacity(ids.len());
-        // The code points that start before the cursor (UTF-8 lead bytes).
-        let mut chars_before = 0usize;
+        let mut chars = CharCounter::default();
         let spelled = self.lay_pieces(text, ids, |_, _, at, len| {
-            // A token that starts inside a code point (byte fallback splits one) owns that
-            // code point from its start; one that ends inside it owns it to its end.
-            let mid_start = at < bytes.len() && bytes[at] & 0xC0 == 0x80;
-            let start = chars_before - usize::from(mid_start);
-            chars_before += bytes[at..at + len]
-                .iter()
-                .filter(|&&b| b & 0xC0 != 0x80)
-                .count();
-            let end = at + len;
-            let mid_end = end < bytes.len() && bytes[end] & 0xC0 == 0x80;
-            out.push((
-                start,
-                if len == 0 {
-                    start.max(chars_before - usize::from(mid_end))
-                } else {
-                    chars_before
-                },
-            ));
+            out.push(chars.span(text.as_bytes(), at, len));
         });
         spelled.then_some(out)
+    }
+
+    /// [`Self::encode_full`] and the tokens' [`Self::positions`] (None when not derived), laid
+    /// along the text in one pass where the fast engine encoded it.
+    pub fn encode_full_with_positions(&self, text: String) -> Result<(Encoded, Option<CharSpans>)> {
+        if self.gate.fast.is_some() {
+            let ids = self.encode(&text)?;
+            let (mut anchors, mut positions) = (Vec::new(), Vec::with_capacity(ids.len()));
+            let mut chars = CharCounter::default();
+            let spelled = self.lay_pieces(&text, &ids, |idx, id, at, len| {
+                if matches!(self.added_content.get(id as usize), Some(Some(_))) {
+                    anchors.push((at, idx));
+                }
+                positions.push(chars.span(text.as_bytes(), at, len));
+            });
+            if spelled {
+                return Ok((Encoded { text, ids, anchors }, Some(positions)));
+            }
+        }
+        let full = self.encode_full(text)?;
+        let positions = self.positions(&full.text, &full.ids);
+        Ok((full, positions))
     }
 
     /// Encodes `text` and records where its added tokens are.
@@ -455,6 +458,35 @@ impl Encoder {
         };
         let tail = self.encode(&other[byte..])?;
         Ok(PrefixTokens { full, shared, tail })
+    }
+}
+
+/// Code points counted along a text as tokens are laid on it, for [`Encoder::positions`].
+#[derive(Default)]
+struct CharCounter {
+    /// The code points that start before the cursor (UTF-8 lead bytes).
+    before: usize,
+}
+
+impl CharCounter {
+    /// The `(start, end)` in code points of the token at bytes `at..at + len` of `bytes`. A token
+    /// that starts inside a code point (byte fallback splits one) owns that code point from its
+    /// start; one that ends inside it owns it to its end.
+    fn span(&mut self, bytes: &[u8], at: usize, len: usize) -> (usize, usize) {
+        let mid_start = at < bytes.len() && bytes[at] & 0xC0 == 0x80;
+        let start = self.before - usize::from(mid_start);
+        self.before += bytes[at..at + len]
+            .iter()
+            .filter(|&&b| b & 0xC0 != 0x80)
+            .count();
+        let end = at + len;
+        let mid_end = end < bytes.len() && bytes[end] & 0xC0 == 0x80;
+        let stop = if len == 0 {
+            start.max(self.before - usize::from(mid_end))
+        } else {
+            self.before
+        };
+        (start, stop)
     }
 }
 
