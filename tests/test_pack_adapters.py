@@ -5,29 +5,17 @@ within max_length, and the efficiency lost at batch / block edges is printed."""
 
 from __future__ import annotations
 
-import importlib
-import os
 from collections import Counter
-from typing import Any
 
 import numpy as np
 import pytest
-from conftest import IN_CI
+from conftest import need
 
 import chatmask
 from chatmask.demo import demo_conversations, demo_tokenizer
 
 TOK = demo_tokenizer()
 MAX = 256
-
-
-def need(module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        if IN_CI:
-            pytest.fail(f"{module} is not importable under CI=true ({e})")
-        pytest.skip(f"{module} is not installed")
 
 
 def tokenized(n: int) -> chatmask.TokenizedBatch:
@@ -106,25 +94,6 @@ def test_pack_fn_pickles_and_rejects_bad_options():
 def _table_without_ids():
     pa = need("pyarrow")
     return pa.table({"text": ["a"]})
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray = need("ray")
-    need("ray.data")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        object_store_memory=512 * 1024 * 1024,
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def test_ray_data_pack_per_block(ray_cluster, capsys):

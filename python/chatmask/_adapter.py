@@ -121,10 +121,34 @@ class TokenizedColumns:
 _ROW_PREFIX = re.compile(r"^row (\d+): (?:row \d+: )*")  # tokenize_batch(policy) may name the row twice
 
 
-class RowTokenizer:
+class AdapterRows:
+    """What every adapter task configures: the tokenizer, the error mode, threads, template
+    arguments (checked here, once)."""
+
+    factory = ""  # the chatmask.datasets function that builds it (for repr)
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        on_error: str,
+        num_threads: int | None,
+        template_kwargs: Mapping[str, Any] | None,
+        encoder: EncoderChoice | None,
+    ) -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be 'raise' or 'mark', not {on_error!r}")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int or None, not {num_threads!r}")
+        self.tokenizer = resolve_tokenizer(tokenizer, encoder)
+        self.on_error = on_error
+        self.num_threads = num_threads
+        self.template_kwargs = dict(template_kwargs or {})
+
+
+class RowTokenizer(AdapterRows):
     """The configuration of an adapter and the call that tokenizes one batch of columns."""
 
-    factory = "map_fn"  # the chatmask.datasets function that builds it (for repr)
+    factory = "map_fn"
 
     def __init__(
         self,
@@ -168,20 +192,13 @@ class RowTokenizer:
                 raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
             messages_field = "messages" if messages_field is None else messages_field
             tools_field = "tools" if tools_field is None else tools_field
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be 'raise' or 'mark', not {on_error!r}")
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-            raise ValueError(f"num_threads must be a positive int or None, not {num_threads!r}")
-        self.tokenizer = resolve_tokenizer(tokenizer, encoder)
+        super().__init__(tokenizer, on_error, num_threads, template_kwargs, encoder)
         self.policy = policy
         self.mode = mode
         self.messages_field = messages_field
         self.tools_field = tools_field
         self.system_field = None if policy is None else policy.field_system
         self.finish_reason_field = finish_reason_field
-        self.on_error = on_error
-        self.num_threads = num_threads
-        self.template_kwargs = dict(template_kwargs or {})
 
     def tokenize(
         self,

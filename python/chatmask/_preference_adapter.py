@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ._adapter import ON_ERROR, list_array, name_row, require_columns, resolve_tokenizer, spread
+from ._adapter import AdapterRows, list_array, name_row, require_columns, spread
 from ._tokenizer import EncoderChoice
 from .errors import ChatMaskError, ConversationTypeError
 from .preference import FIELDS, FLAGS_COLUMN, PREFERENCE_POLICY
@@ -71,7 +71,7 @@ class PreferenceColumns:
         return result
 
 
-class PreferenceRows:
+class PreferenceRows(AdapterRows):
     """The configuration of a preference adapter and the call for one batch of columns."""
 
     factory = "preference_fn"
@@ -90,15 +90,8 @@ class PreferenceRows:
 
         if policy is not None and not isinstance(policy, MaskPolicy):
             raise TypeError(f"policy must be a chatmask.MaskPolicy or None, not {type(policy).__name__}")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be 'raise' or 'mark', not {on_error!r}")
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-            raise ValueError(f"num_threads must be a positive int or None, not {num_threads!r}")
-        self.tokenizer = resolve_tokenizer(tokenizer, encoder)
+        super().__init__(tokenizer, on_error, num_threads, template_kwargs, encoder)
         self.policy = policy or PREFERENCE_POLICY
-        self.on_error = on_error
-        self.num_threads = num_threads
-        self.template_kwargs = dict(template_kwargs or {})
 
     def consumed_columns(self) -> list[str]:
         return [c for c in preference_columns(self.policy) if c != "id"]
