@@ -54,21 +54,25 @@ class PreferenceColumns:
         # As numpy str arrays: `datasets` types a column from its first batch, and plain empty
         # lists would make it list<null>, which a later batch's flag cannot be cast to.
         result[FLAGS_COLUMN] = [np.array(flags, dtype=np.str_) for flags in self.flags]
-        return self._tail(result, policy, on_error, lambda values, _: values)
+        return {**result, **self._optional(policy, on_error)}
 
     def arrow_columns(self, pa: Any, policy: Any, on_error: str) -> dict[str, Any]:
         result: dict[str, Any] = {
             name: list_array(pa, self.offsets[_OFFSETS[name]], self.values[name]) for name in FIELDS
         }
         result[FLAGS_COLUMN] = pa.array(self.flags, type=pa.list_(pa.string()))
-        return self._tail(result, policy, on_error, lambda values, kind: pa.array(values, type=kind(pa)))
-
-    def _tail(self, result: dict[str, Any], policy: Any, on_error: str, array: Any) -> dict[str, Any]:
-        if policy.overflow == "drop":
-            result["dropped"] = array(self.dropped, lambda pa: pa.bool_())
-        if on_error == "mark":
-            result["error"] = array(self.errors, lambda pa: pa.string())
+        for name, values in self._optional(policy, on_error).items():
+            result[name] = pa.array(values, type=pa.bool_() if name == "dropped" else pa.string())
         return result
+
+    def _optional(self, policy: Any, on_error: str) -> dict[str, Any]:
+        """``dropped`` under ``overflow="drop"``, ``error`` with ``on_error="mark"``."""
+        out: dict[str, Any] = {}
+        if policy.overflow == "drop":
+            out["dropped"] = self.dropped
+        if on_error == "mark":
+            out["error"] = self.errors
+        return out
 
 
 class PreferenceRows(AdapterRows):
