@@ -516,7 +516,7 @@ def check_policy_against_batch(
         if name != "message_index":
             TOTALS["values"] += len(values)
     assert out.schema.field("message_index").type == pa.list_(pa.int32())
-    span = [None] * n
+    span = [""] * n
     truncated = [0] * n
     for k, i in enumerate(ref.rows.tolist()):
         span[i], truncated[i] = ref.span_methods[k], int(ref.truncated[k])
@@ -573,6 +573,21 @@ def test_datasets_map_with_policy_equals_batch_api(hf):
     assert twice._fingerprint == out._fingerprint
 
 
+def test_datasets_first_batch_without_tokens(hf):
+    """A first batch whose rows are all dropped (no tokens, so no span method) must not type
+    span_method null: `datasets` would refuse every later batch's strings."""
+    policy = drop_policy()
+    lengths = [len(TOK.tokenize(r, chatmask.MaskPolicy())["input_ids"]) for r in ROWS]
+    long_first = [ROWS[i] for i in sorted(range(len(ROWS)), key=lambda i: -lengths[i])]
+    rows = repeated(long_first[:2], 4) + repeated(ROWS, 16)
+    assert all(TOK.tokenize(r, policy) is None for r in rows[:4])
+    ds = hf.Dataset.from_dict(columns(rows))
+    out = ds.map(chatmask.datasets.map_fn(TOK, policy=policy), batched=True, batch_size=4)
+    assert out.data.schema.field("span_method").type == pa.string()
+    assert out["span_method"][:4] == [""] * 4 and "one_render" in out["span_method"]
+    check_policy_against_batch(TOK, rows, out.data.table, policy)
+
+
 def test_datasets_policy_sharegpt_and_errors(hf):
     names = {"user": "human", "assistant": "gpt"}
     rows = [
@@ -604,7 +619,7 @@ def test_datasets_policy_sharegpt_and_errors(hf):
     assert str(info.value) == "dataset row 5 (row 1 of the batch, id 'demo-5'): message 1 is a str, not a dict"
     marked = chatmask.datasets.map_fn(TOK, policy=policy, on_error="mark")(bad, [4, 5, 6, 7])
     assert marked["error"] == ["", "message 1 is a str, not a dict", "", ""]
-    assert len(marked["input_ids"][1]) == len(marked["message_index"][1]) == 0 and marked["span_method"][1] is None
+    assert len(marked["input_ids"][1]) == len(marked["message_index"][1]) == 0 and marked["span_method"][1] == ""
     with pytest.raises(ValueError, match="cannot be combined with policy"):
         chatmask.datasets.map_fn(TOK, "all", policy=policy)
     with pytest.raises(ValueError, match="messages_field"):

@@ -65,9 +65,9 @@ class TokenizedColumns:
     label_offsets: np.ndarray
     errors: list[str]
     # Under a policy: message_index along input_ids (same offsets); per row the span method
-    # (None for a row without tokens), the tokens truncated, and whether the policy dropped it.
+    # ("" for a row without tokens), the tokens truncated, and whether the policy dropped it.
     message_index: np.ndarray | None = None
-    span_method: list[str | None] | None = None
+    span_method: list[str] | None = None
     truncated: np.ndarray | None = None
     dropped: np.ndarray | None = None
 
@@ -301,7 +301,9 @@ class RowTokenizer(AdapterRows):
             errors=errors,
         )
         if policy is not None:
-            span_method: list[str | None] = [None] * n
+            # "" (not None) for a row without tokens: `datasets` types a column from its first
+            # batch and refuses to write one whose first values were all None.
+            span_method: list[str] = [""] * n
             assert batch.span_methods is not None
             for k, i in enumerate(done.tolist()):
                 span_method[i] = batch.span_methods[k]

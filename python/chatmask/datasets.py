@@ -97,8 +97,8 @@ def map_fn(
       `finish_reason_field`: a column of finish reasons (``"length"`` drops a trailing eos), or None.
     * `policy`: a :class:`chatmask.MaskPolicy`: rows are read and labelled as
       ``tokenize_batch(policy=...)`` does, and the output also has ``message_index``
-      (``List(int32)``, -1 for template text), ``span_method`` (string; None for a row without
-      tokens) and ``truncated`` (int32), plus ``dropped`` (bool) when ``overflow="drop"``: a
+      (``List(int32)``, -1 for template text), ``span_method`` (string; ``""`` for a row without
+      tokens, failed or dropped) and ``truncated`` (int32), plus ``dropped`` (bool) when ``overflow="drop"``: a
       dropped row keeps empty ``input_ids`` / ``labels``, so rows stay one to one (filter them
       with ``ds.filter(lambda r: not r["dropped"])``). The policy's ``field_messages`` /
       ``field_tools`` / ``field_system`` name the columns, so `mode`, `messages_field`,

@@ -66,7 +66,7 @@ class TokenizeBatch:
     The output has one row per input row, in order: the `keep_columns` (default: every input
     column except the messages and tools columns, and the policy's ``field_system`` column),
     then ``input_ids`` (``list<int32>``) and ``labels`` (``list<int64>``, ``-100`` masked); with
-    a `policy`, then ``message_index`` (``list<int32>``), ``span_method`` (string),
+    a `policy`, then ``message_index`` (``list<int32>``), ``span_method`` (string, ``""`` for a row without tokens),
     ``truncated`` (int32) and, under ``overflow="drop"``, ``dropped`` (bool; a dropped row has
     empty lists). ``on_error="raise"`` (default) fails the
     batch on the first bad row, naming it by its position in the batch and its ``id``;
