@@ -114,7 +114,12 @@ def ray_cluster():
         configure_logging=False,
         object_store_memory=512 * 1024 * 1024,
     )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Ray starts a pool's actors asynchronously and hands out batches as soon as one is ready;
+    # on 2 busy CPUs the second actor was once still starting when the last batch was done (CI),
+    # and run_ray's "two actors" check failed. Waiting for the whole pool makes it a fact.
+    context.wait_for_min_actors_s = 300
     try:
         yield ray
     finally:
