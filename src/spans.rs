@@ -28,9 +28,12 @@ pub fn for_each_string(v: &Value, f: &mut dyn FnMut(&str)) {
             }
         }
         ValueKind::Map => {
-            for (k, x) in map_pairs(v) {
-                for_each_string(&k, f);
-                for_each_string(&x, f);
+            // Walked in place: this runs over every input of every row.
+            if let Some(pairs) = v.as_object().and_then(|o| o.try_iter_pairs()) {
+                for (k, x) in pairs {
+                    for_each_string(&k, f);
+                    for_each_string(&x, f);
+                }
             }
         }
         _ => {}

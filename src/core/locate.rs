@@ -35,9 +35,8 @@ impl ChatTokenizer {
         args: &TemplateArgs,
     ) -> Result<MessageSpans> {
         let n = conv.len();
-        let mut collides =
-            has_plane16(&args.template.source) || args.template.source.contains("\\U0010");
-        for value in conv.messages.iter().chain(args.base.iter().map(|(_, v)| v)) {
+        let mut collides = args.holds_span_markers();
+        for value in &conv.messages {
             for_each_string(value, &mut |s| collides |= has_plane16(s));
         }
         if collides {

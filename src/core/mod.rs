@@ -13,7 +13,7 @@ use crate::encode::{Encoder, EncoderChoice};
 use crate::error::{Error, Result};
 use crate::label::{self, Labeled, Mode};
 use crate::sanitize::ControlTokens;
-use crate::spans::{for_each_string, strip_markers, token_mask, MarkerPicker};
+use crate::spans::{for_each_string, has_plane16, strip_markers, token_mask, MarkerPicker};
 use crate::template::{render_context, ChatTemplate, RenderLimits, MARKERS_VAR};
 
 mod locate;
@@ -46,6 +46,32 @@ pub struct TemplateArgs {
     pub base: Vec<(String, Value)>,
     /// [`ChatTokenizer::generation_prompt`] for these arguments and its special tokens, found once.
     generation_prompt: std::sync::OnceLock<Option<(String, Vec<u32>)>>,
+    /// [`TemplateArgs::holds_span_markers`], found once: shared arguments serve a whole batch.
+    holds_span_markers: std::sync::OnceLock<bool>,
+}
+
+impl TemplateArgs {
+    pub fn new(template: Arc<ChatTemplate>, base: Vec<(String, Value)>) -> Self {
+        TemplateArgs {
+            template,
+            base,
+            generation_prompt: Default::default(),
+            holds_span_markers: Default::default(),
+        }
+    }
+
+    /// Whether the template (literally or as a `\U0010` escape) or a base value holds a
+    /// plane-16 character, which chatmask reserves as field span markers.
+    pub fn holds_span_markers(&self) -> bool {
+        *self.holds_span_markers.get_or_init(|| {
+            let source = &self.template.source;
+            let mut found = has_plane16(source) || source.contains("\\U0010");
+            for (_, value) in &self.base {
+                for_each_string(value, &mut |s| found |= has_plane16(s));
+            }
+            found
+        })
+    }
 }
 
 pub struct ChatTokenizer {
@@ -329,11 +355,7 @@ impl ChatTokenizer {
                 base.push((name.to_string(), Value::from(())));
             }
         }
-        Ok(TemplateArgs {
-            template,
-            base,
-            generation_prompt: Default::default(),
-        })
+        Ok(TemplateArgs::new(template, base))
     }
 
     /// Renders `conversation[:n]`.

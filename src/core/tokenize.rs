@@ -87,11 +87,7 @@ impl ChatTokenizer {
                 messages,
                 roles: conv.roles.clone(),
             },
-            TemplateArgs {
-                template: args.template.clone(),
-                base,
-                generation_prompt: Default::default(),
-            },
+            TemplateArgs::new(args.template.clone(), base),
         ))
     }
 
