@@ -6,7 +6,7 @@
 //! assignment rules in all-turns mode.
 
 use crate::chat::Role;
-use crate::encode::{Encoded, Encoder};
+use crate::encode::{Encoded, Encoder, PrefixTokens};
 use crate::error::{Error, Result};
 
 pub const IGNORE: i64 = -100;
@@ -69,8 +69,9 @@ pub fn label(
     label_encoded(encoder, full, render, roles, mode, finish_length, eos)
 }
 
-/// [`label`] with the whole conversation's render already encoded (`full`), so a caller that
-/// also needs those tokens (the run-time judge, `crate::truth`) encodes it once.
+/// [`label`] with the whole conversation's render already encoded (`full`: `render(n, false)`,
+/// never rendered again), so a caller that also needs those tokens (the run-time judge,
+/// `crate::truth`) encodes it once.
 pub fn label_encoded(
     encoder: &Encoder,
     full: Encoded,
@@ -84,6 +85,13 @@ pub fn label_encoded(
     let prefix = |m: usize, add_generation_prompt: bool| {
         if m == 0 {
             return Err(Error::EmptyConversation);
+        }
+        // `full` is the render of `chat[:n]` without the generation prompt, and a render is a
+        // function of its inputs (`strftime_now` aside, which could only differ across a
+        // change of date between two back-to-back renders): the reference's second render of
+        // it (the end of a last assistant turn in `all` and `multistep`) is not repeated.
+        if m == n && !add_generation_prompt {
+            return Ok(PrefixTokens::whole(&full));
         }
         encoder.prefix_tokens(&full, &render(m, add_generation_prompt)?)
     };
@@ -248,6 +256,32 @@ mod tests {
         ];
         let err = run(&texts, &[U, A, U], Mode::All).unwrap_err();
         assert_eq!(err, Error::Broadcast { from: 2, into: 1 });
+    }
+
+    #[test]
+    fn the_whole_conversation_is_rendered_once() {
+        let tok = demo::chat_tokenizer(DemoKind::ByteLevel).unwrap();
+        let calls = std::cell::RefCell::new(Vec::new());
+        let render = |n: usize, g: bool| {
+            calls.borrow_mut().push((n, g));
+            Ok(if n == 2 && !g {
+                "<|im_start|>q<|im_end|>a"
+            } else {
+                "<|im_start|>q<|im_end|>"
+            }
+            .to_string())
+        };
+        for mode in [Mode::Last, Mode::All, Mode::Multistep] {
+            calls.borrow_mut().clear();
+            let out = label(&tok.encoder, &render, &[U, A], mode, false, None).unwrap();
+            assert_eq!(
+                out.masks.iter().filter(|&&m| m != IGNORE).count(),
+                1,
+                "{mode:?}"
+            );
+            let whole = calls.borrow().iter().filter(|&&c| c == (2, false)).count();
+            assert_eq!(whole, 1, "{mode:?}: {:?}", calls.borrow());
+        }
     }
 
     #[test]

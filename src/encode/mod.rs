@@ -63,7 +63,16 @@ pub struct PrefixTokens<'a> {
     tail: Vec<u32>,
 }
 
-impl PrefixTokens<'_> {
+impl<'a> PrefixTokens<'a> {
+    /// The tokens of `full`'s own text.
+    pub fn whole(full: &'a Encoded) -> Self {
+        PrefixTokens {
+            full,
+            shared: full.ids.len(),
+            tail: Vec::new(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.shared + self.tail.len()
     }
@@ -441,11 +450,7 @@ impl Encoder {
     /// The tokens of `other`, reusing `full`'s tokens up to an added token both texts share.
     pub fn prefix_tokens<'a>(&self, full: &'a Encoded, other: &str) -> Result<PrefixTokens<'a>> {
         if other == full.text {
-            return Ok(PrefixTokens {
-                full,
-                shared: full.ids.len(),
-                tail: Vec::new(),
-            });
+            return Ok(PrefixTokens::whole(full));
         }
         let common = common_prefix_len(&full.text, other);
         let safe_end = common.saturating_sub(self.max_added_len);
